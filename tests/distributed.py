@@ -1,0 +1,88 @@
+"""Run a function on several CPU ranks joined by a gloo process group.
+
+Tests call :func:`run_ranks` with a module-level function; it is executed as
+``fn(rank, world_size, *args)`` in ``world_size`` spawned processes and the
+per-rank return values come back as a list ordered by rank. Spawning costs a
+torch import per process, so tests should run a whole matrix of cases inside
+one call rather than one call per case.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    init_file: str,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    results: Any,
+) -> None:
+    import torch
+    import torch.distributed as dist
+
+    # One intra-op thread per rank: 2 cores are shared by up to 4 ranks.
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=120),
+        )
+        try:
+            results.put((rank, True, fn(rank, world_size, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks.
+
+    Returns the ranks' return values ordered by rank. Raises ``RuntimeError``
+    with the failing rank's traceback if any rank raised or timed out.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [
+            ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, results))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        collected: dict[int, Any] = {}
+        errors: list[str] = []
+        try:
+            for _ in range(world_size):
+                rank, ok, value = results.get(timeout=timeout)
+                if ok:
+                    collected[rank] = value
+                else:
+                    errors.append(f"rank {rank} failed:\n{value}")
+                    break
+        except Exception as exc:  # queue.Empty: a rank hung or died silently
+            errors.append(f"ranks did not report within {timeout}s: {exc!r}")
+        finally:
+            for p in procs:
+                p.join(timeout=5 if errors else 60)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [collected[r] for r in range(world_size)]
