@@ -1,0 +1,38 @@
+"""CPU demo on the embedded synthetic faces (``make demo``): tiny MobileFaceNet, 2 ranks."""
+
+from configs.schema import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    HeadConfig,
+    LogConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainConfig,
+)
+
+
+def get_config() -> Config:
+    """Return the demo preset (sized for 2 CPU cores, a few minutes)."""
+    return Config(
+        name="demo",
+        model=ModelConfig(network="mbf_tiny", embedding_size=128),
+        head=HeadConfig(loss="arcface", scale=32.0, margin=0.3, sample_rate=1.0),
+        data=DataConfig(
+            root="data/synthetic",
+            num_classes=200,
+            num_images=4000,
+            batch_size=64,
+            num_workers=1,
+            image_size=112,
+            random_flip=True,
+        ),
+        optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4),
+        scheduler=SchedulerConfig(warmup_epochs=0.5, warmup_start_factor=0.05, power=2.0),
+        train=TrainConfig(epochs=4, amp="none", clip_grad_norm=5.0, output="work_dirs/demo"),
+        checkpoint=CheckpointConfig(every_steps=50, keep_last=2, resume="auto"),
+        eval=EvalConfig(targets=["heldout"], every_steps=0, at_start=True, batch_size=128),
+        log=LogConfig(every_steps=10, tensorboard=True, progress_bar=True),
+    )

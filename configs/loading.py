@@ -1,0 +1,119 @@
+"""Load a configuration from a preset or a file, apply overrides, save it resolved.
+
+A *spec* names a preset module (``ms1mv2_r50``, ``configs/demo``, ``configs/demo.py``)
+exposing ``get_config() -> Config``, or a ``.json``/``.toml`` file whose nested
+tables override the defaults (a resolved ``config.json`` written by a run loads back
+unchanged). Optional ``base = "<preset>"`` at the top of a file starts from a preset.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib
+import inspect
+import itertools
+import json
+import os
+import pkgutil
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import configs
+from configs.overrides import apply_overrides, update_from_mapping
+from configs.schema import Config, ConfigError
+
+_NOT_PRESETS = {"schema", "overrides", "loading", "base"}
+
+
+def preset_names() -> list[str]:
+    """Names of the preset modules shipped in ``configs/``."""
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules(configs.__path__)
+        if not m.name.startswith("_") and m.name not in _NOT_PRESETS
+    )
+
+
+def load_preset(name: str) -> Config:
+    """Return a fresh :class:`Config` from the preset module ``configs.<name>``."""
+    names = preset_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.0)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown config preset '{name}'{hint} (presets: {', '.join(names)})")
+    module = importlib.import_module(f"configs.{name}")
+    cfg = module.get_config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"configs.{name}.get_config() must return a Config")
+    return cfg
+
+
+def _preset_name(spec: str) -> str | None:
+    path = Path(spec)
+    if path.suffix in ("", ".py") and (len(path.parts) == 1 or path.parent.name == "configs"):
+        return path.stem
+    return None
+
+
+def load_config(spec: str, overrides: Iterable[str] = ()) -> Config:
+    """Resolve ``spec`` (preset or file), apply ``key=value`` overrides and validate."""
+    path = Path(spec)
+    if path.suffix in (".json", ".toml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {spec!r} does not exist")
+        with open(path, "rb") as fh:
+            data: dict[str, Any] = json.load(fh) if path.suffix == ".json" else tomllib.load(fh)
+        base = data.pop("base", None)
+        cfg = load_preset(base) if base else Config()
+        update_from_mapping(cfg, data)
+    else:
+        name = _preset_name(spec)
+        if name is None:
+            raise ConfigError(
+                f"config {spec!r} is neither a preset ({', '.join(preset_names())}) "
+                "nor a .json/.toml file"
+            )
+        cfg = load_preset(name)
+    return apply_overrides(cfg, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of ``cfg`` (tuples become lists), suitable for JSON."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def save_config(cfg: Config, directory: str | os.PathLike[str]) -> Path:
+    """Write the resolved configuration to ``<directory>/config.json`` atomically."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "config.json"
+    tmp = out / f".config.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str]]:
+    """``(dotted key, docstring)`` for every field, read from the schema's source."""
+
+    src = inspect.getsource(cls)
+    tree = ast.parse(src)
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    out: list[tuple[str, str]] = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(describe(tp, f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", docs.get(f.name, "")))
+    return out

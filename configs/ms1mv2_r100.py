@@ -1,0 +1,9 @@
+"""MS1MV2 + IResNet-100, ArcFace (s=64, m=0.5), full softmax, SGD 20 epochs."""
+
+from configs.base import arcface, sgd_recipe
+from configs.schema import Config
+
+
+def get_config() -> Config:
+    """Return the ms1mv2_r100 preset."""
+    return sgd_recipe("ms1mv2_r100", "ms1mv2", "r100", arcface(0.5))

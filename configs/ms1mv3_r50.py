@@ -1,0 +1,9 @@
+"""MS1MV3 + IResNet-50, ArcFace (s=64, m=0.5), full softmax, SGD 20 epochs."""
+
+from configs.base import arcface, sgd_recipe
+from configs.schema import Config
+
+
+def get_config() -> Config:
+    """Return the ms1mv3_r50 preset."""
+    return sgd_recipe("ms1mv3_r50", "ms1mv3", "r50", arcface(0.5))

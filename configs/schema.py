@@ -1,0 +1,304 @@
+"""Typed training configuration: one dataclass per concern, validated as a whole.
+
+Every field carries a docstring (the string literal under it); ``configs.describe``
+prints them. Values are only ever *set* here or by overrides; quantities derived
+from them (total steps, warm-up steps, per-rank class ranges) are computed by the
+trainer and never written back into the configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the option."""
+
+
+def _check(condition: bool, key: str, message: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message} (got {value!r})")
+
+
+@dataclass
+class ModelConfig:
+    """The backbone network."""
+
+    network: str = "r50"
+    """Backbone name passed to ``backbones.get_model`` (e.g. ``r50``, ``r100``, ``mbf``)."""
+    embedding_size: int = 512
+    """Dimension of the face embedding produced by the backbone."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for ``backbones.get_model`` (e.g. ``model.kwargs.dropout=0.1``)."""
+
+    def validate(self) -> None:
+        _check(bool(self.network), "model.network", "must be a non-empty name", self.network)
+        _check(self.embedding_size > 0, "model.embedding_size", "must be > 0", self.embedding_size)
+
+
+@dataclass
+class HeadConfig:
+    """The Partial-FC classification head and its margin."""
+
+    loss: Literal["arcface", "cosface", "sphereface", "combined"] = "arcface"
+    """Margin type: additive angular (arcface), additive cosine (cosface),
+    multiplicative angular (sphereface) or the combined ``cos(m1*t + m2) - m3``."""
+    scale: float = 64.0
+    """Logit scale ``s`` applied to the cosines."""
+    margin: float = 0.5
+    """Margin of arcface (radians), cosface (cosine) or sphereface (angle multiplier);
+    ignored by ``combined``."""
+    m1: float = 1.0
+    """Combined margin: multiplicative angular margin (used only by ``loss=combined``)."""
+    m2: float = 0.0
+    """Combined margin: additive angular margin (used only by ``loss=combined``)."""
+    m3: float = 0.0
+    """Combined margin: additive cosine margin (used only by ``loss=combined``)."""
+    sample_rate: float = 1.0
+    """Fraction of negative class centres sampled per step (Partial FC); 1.0 = full softmax."""
+    num_subcenters: int = 1
+    """Sub-centres per class (sub-center ArcFace); 1 disables them."""
+    chunk_size: int | None = None
+    """Rows per chunk for the head's memory-bounded logits; ``None`` keeps its default."""
+
+    def validate(self) -> None:
+        _check(self.scale > 0, "head.scale", "must be > 0", self.scale)
+        _check(
+            0.0 < self.sample_rate <= 1.0, "head.sample_rate", "must be in (0, 1]", self.sample_rate
+        )
+        _check(self.num_subcenters >= 1, "head.num_subcenters", "must be >= 1", self.num_subcenters)
+        _check(
+            self.chunk_size is None or self.chunk_size > 0,
+            "head.chunk_size",
+            "must be > 0 or null",
+            self.chunk_size,
+        )
+        if self.loss in ("arcface", "cosface"):
+            _check(self.margin >= 0, "head.margin", "must be >= 0", self.margin)
+        if self.loss == "sphereface":
+            _check(self.margin >= 1, "head.margin", "must be >= 1 for sphereface", self.margin)
+        if self.loss == "combined":
+            _check(self.m1 >= 1.0, "head.m1", "must be >= 1", self.m1)
+            _check(self.m2 >= 0.0, "head.m2", "must be >= 0", self.m2)
+            _check(self.m3 >= 0.0, "head.m3", "must be >= 0", self.m3)
+
+
+@dataclass
+class DataConfig:
+    """Training data and its loader."""
+
+    root: str = ""
+    """Directory holding ``train.rec``, ``train.idx``, ``property`` and the ``.bin`` targets."""
+    num_classes: int = 0
+    """Number of identities; checked against the dataset's ``property``/header."""
+    num_images: int = 0
+    """Number of training images; checked against the dataset."""
+    batch_size: int = 128
+    """Per-rank micro-batch size (the global batch is ``batch_size * world_size``)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 loads in the training process)."""
+    image_size: int = 112
+    """Side of the square input images fed to the backbone."""
+    random_flip: bool = True
+    """Horizontal-flip augmentation during training."""
+
+    def validate(self) -> None:
+        _check(bool(self.root), "data.root", "must name the dataset directory", self.root)
+        _check(self.num_classes > 0, "data.num_classes", "must be > 0", self.num_classes)
+        _check(self.num_images > 0, "data.num_images", "must be > 0", self.num_images)
+        _check(self.batch_size > 0, "data.batch_size", "must be > 0", self.batch_size)
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
+        _check(self.image_size > 0, "data.image_size", "must be > 0", self.image_size)
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer shared by the backbone (torch) and the head (row-sparse Partial-FC)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    """``sgd`` (momentum, L2 weight decay) or ``adamw`` (decoupled weight decay)."""
+    lr: float = 0.1
+    """Peak learning rate, reached at the end of warm-up."""
+    momentum: float = 0.9
+    """SGD momentum (``sgd`` only)."""
+    weight_decay: float = 5e-4
+    """Weight decay for backbone and head."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW moment decay rates (``adamw`` only)."""
+    eps: float = 1e-8
+    """AdamW denominator epsilon (``adamw`` only)."""
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optimizer.lr", "must be > 0", self.lr)
+        _check(0.0 <= self.momentum < 1.0, "optimizer.momentum", "must be in [0, 1)", self.momentum)
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0", self.weight_decay)
+        _check(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            "optimizer.betas",
+            "must be two values in [0, 1)",
+            self.betas,
+        )
+        _check(self.eps > 0, "optimizer.eps", "must be > 0", self.eps)
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule: linear warm-up, then polynomial decay to zero."""
+
+    warmup_epochs: float = 0.0
+    """Length of the linear warm-up in epochs (converted to optimizer steps at start-up)."""
+    warmup_start_factor: float = 0.01
+    """LR at step 0 as a fraction of ``optimizer.lr`` (small but non-zero)."""
+    power: float = 2.0
+    """Exponent of the polynomial decay ``(1 - progress) ** power``."""
+
+    def validate(self) -> None:
+        _check(
+            self.warmup_epochs >= 0, "scheduler.warmup_epochs", "must be >= 0", self.warmup_epochs
+        )
+        _check(
+            0.0 < self.warmup_start_factor <= 1.0,
+            "scheduler.warmup_start_factor",
+            "must be in (0, 1]",
+            self.warmup_start_factor,
+        )
+        _check(self.power > 0, "scheduler.power", "must be > 0", self.power)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    epochs: int = 20
+    """Number of passes over the training set; fixes the schedule's length."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (loss averaged over them)."""
+    clip_grad_norm: float | None = 5.0
+    """Max global L2 norm of backbone and head gradients together; ``null`` disables."""
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    """Backbone autocast dtype on CUDA (``fp16`` adds a grad scaler); ignored on CPU.
+    The head always runs in fp32."""
+    seed: int = 0
+    """Seed for initialisation, sampling and data order."""
+    max_steps: int | None = None
+    """Stop after this optimizer step (the schedule still spans ``epochs``); ``null`` = end."""
+    output: str = "work_dirs/run"
+    """Output directory: resolved config, logs, TensorBoard, checkpoints, exported weights."""
+
+    def validate(self) -> None:
+        _check(self.epochs > 0, "train.epochs", "must be > 0", self.epochs)
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1", self.grad_accum)
+        _check(
+            self.clip_grad_norm is None or self.clip_grad_norm > 0,
+            "train.clip_grad_norm",
+            "must be > 0 or null",
+            self.clip_grad_norm,
+        )
+        _check(
+            self.max_steps is None or self.max_steps > 0,
+            "train.max_steps",
+            "must be > 0 or null",
+            self.max_steps,
+        )
+        _check(bool(self.output), "train.output", "must be a directory path", self.output)
+
+
+@dataclass
+class CheckpointConfig:
+    """Periodic, atomic, resharding-capable checkpoints."""
+
+    every_steps: int = 2000
+    """Save every this many optimizer steps (and always at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Number of most recent complete checkpoints kept; older ones are deleted."""
+    resume: str = "auto"
+    """``auto`` (latest complete checkpoint in the output dir, if any), ``none``,
+    or the path of a checkpoint directory."""
+
+    def validate(self) -> None:
+        _check(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0", self.every_steps)
+        _check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1", self.keep_last)
+        _check(bool(self.resume), "checkpoint.resume", "must be auto, none or a path", self.resume)
+
+
+@dataclass
+class EvalConfig:
+    """Periodic verification on ``.bin`` pair files."""
+
+    targets: list[str] = field(default_factory=lambda: ["lfw", "cfp_fp", "agedb_30"])
+    """Names of ``<data.root>/<name>.bin`` files (or paths) to verify on."""
+    every_steps: int = 2000
+    """Verify every this many optimizer steps (and at the end); 0 = only at the end."""
+    at_start: bool = False
+    """Also verify before the first step (shows the untrained baseline)."""
+    batch_size: int = 256
+    """Per-rank batch size for embedding extraction."""
+
+    def validate(self) -> None:
+        _check(self.every_steps >= 0, "eval.every_steps", "must be >= 0", self.every_steps)
+        _check(self.batch_size > 0, "eval.batch_size", "must be > 0", self.batch_size)
+
+
+@dataclass
+class LogConfig:
+    """Rank-0 logging."""
+
+    every_steps: int = 50
+    """Log a line (and TensorBoard scalars) every this many optimizer steps."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars under ``<train.output>/tensorboard``."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar, only when stderr is a terminal."""
+
+    def validate(self) -> None:
+        _check(self.every_steps > 0, "log.every_steps", "must be > 0", self.every_steps)
+
+
+@dataclass
+class Config:
+    """A complete training run."""
+
+    name: str = "run"
+    """Short name of the recipe (used in logs)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone."""
+    head: HeadConfig = field(default_factory=HeadConfig)
+    """Partial-FC head and margin."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizers."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resume."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Verification."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging."""
+
+    def validate(self) -> Config:
+        """Check every section; raise :class:`ConfigError` naming the first bad option."""
+        for section in (
+            self.model,
+            self.head,
+            self.data,
+            self.optimizer,
+            self.scheduler,
+            self.train,
+            self.checkpoint,
+            self.eval,
+            self.log,
+        ):
+            section.validate()
+        _check(
+            math.isfinite(self.optimizer.lr),
+            "optimizer.lr",
+            "must be finite",
+            self.optimizer.lr,
+        )
+        return self
