@@ -1,0 +1,67 @@
+"""Name -> constructor registry behind :func:`get_model`.
+
+The table below is static (nothing is registered at import time). Every
+constructor accepts ``embedding_size`` and ``checkpoint`` keyword arguments;
+further keywords are those of the model class (see ``docs/backbones.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from torch import nn
+
+from backbones.iresnet import iresnet
+from backbones.mobilefacenet import MobileFaceNet
+from backbones.norm import freeze_batchnorm
+from backbones.vit import VisionTransformer
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "r18": partial(iresnet, 18),
+    "r34": partial(iresnet, 34),
+    "r50": partial(iresnet, 50),
+    "r100": partial(iresnet, 100),
+    "r200": partial(iresnet, 200),
+    "mbf": partial(MobileFaceNet, blocks=(1, 4, 6, 2), scale=2),
+    "mbf_large": partial(MobileFaceNet, blocks=(2, 8, 12, 4), scale=4),
+    # the CPU demo model: mbf at a quarter of the width (~0.2M params, ~31M MACs)
+    "mbf_tiny": partial(MobileFaceNet, blocks=(1, 4, 6, 2), scale=2, width_mult=0.25),
+    "vit_t": partial(VisionTransformer, dim=256, depth=12, num_heads=8),
+    "vit_s": partial(VisionTransformer, dim=512, depth=12, num_heads=8),
+    "vit_b": partial(VisionTransformer, dim=512, depth=24, num_heads=8),
+    "vit_l": partial(VisionTransformer, dim=768, depth=24, num_heads=8),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`get_model`, in registry order."""
+    return list(_MODELS)
+
+
+def get_model(name: str, *, freeze_bn: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a backbone by name.
+
+    Every model maps ``(B, 3, 112, 112)`` float images in [-1, 1] to
+    ``(B, embedding_size)`` float32 embeddings (default 512, not normalised).
+
+    Args:
+        name: one of :func:`list_models`.
+        freeze_bn: replace all BatchNorm layers by frozen ones that always use
+            their running statistics (see :mod:`backbones.norm`).
+        **kwargs: constructor arguments, e.g. ``embedding_size=512``,
+            ``checkpoint=True`` (activation checkpointing), ``dropout`` (IResNet),
+            ``width_mult`` (MobileFaceNet), ``mask_ratio``/``drop_path_rate`` (ViT).
+            These override the registry's defaults for ``name``.
+
+    Raises:
+        ValueError: for an unknown ``name``.
+        TypeError: for a keyword the model does not accept.
+    """
+    try:
+        builder = _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(_MODELS)}") from None
+    model = builder(**kwargs)
+    return freeze_batchnorm(model) if freeze_bn else model
