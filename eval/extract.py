@@ -1,0 +1,164 @@
+"""Batched flip-test embedding extraction, optionally shared across ranks.
+
+An *embedder* is any callable mapping a float32 ``(B, 3, H, W)`` tensor of RGB
+pixels in ``[-1, 1]`` to a ``(B, D)`` tensor. :func:`module_embedder` wraps a
+backbone (eval mode, no grad, DDP unwrapped); ``eval.onnx_infer`` provides one
+for ONNX models.
+
+Under ``torch.distributed`` every rank embeds one contiguous slice of the
+images and the slices are ``all_gather``-ed, so all ranks end up with the full
+result. Without an initialised process group everything runs locally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+Embedder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, 3, H, W)`` RGB -> float32 in ``[-1, 1]`` via ``(x / 255 - 0.5) / 0.5``."""
+    return ((images.float() / 255.0) - 0.5) / 0.5
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the module inside DDP / DataParallel wrappers (their forward may do collectives)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU if it has none)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def module_embedder(model: nn.Module) -> Embedder:
+    """Wrap a backbone as an embedder: inputs moved to its device, float32 outputs.
+
+    The caller is responsible for eval mode (see :func:`eval_mode`); this does
+    not change the module's state.
+    """
+    inner = unwrap_model(model)
+    device = model_device(inner)
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return inner(x.to(device, non_blocking=True)).float()
+
+    return embed
+
+
+def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous ``[start, stop)`` of ``n`` items for ``rank``; earlier ranks get the remainder."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _gather_device(group: dist.ProcessGroup | None) -> torch.device:
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_rows(local: torch.Tensor, n: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Concatenate every rank's :func:`rank_slice` rows ``(n_r, ...)`` into ``(n, ...)``."""
+    _, world = _world(group)
+    sizes = [rank_slice(n, r, world) for r in range(world)]
+    max_rows = max(stop - start for start, stop in sizes)
+    device = _gather_device(group)
+    padded = torch.zeros((max_rows, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local.to(device)
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded, group=group)
+    parts = [o[: stop - start].cpu() for o, (start, stop) in zip(out, sizes, strict=True)]
+    return torch.cat(parts, 0)
+
+
+def _embed_local(
+    embed: Embedder, images: torch.Tensor, batch_size: int, flip: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    outs: list[torch.Tensor] = []
+    flips: list[torch.Tensor] = []
+    for start in range(0, images.shape[0], batch_size):
+        x = normalize_pixels(images[start : start + batch_size])
+        outs.append(embed(x).detach().float().cpu())
+        if flip:
+            flips.append(embed(torch.flip(x, dims=[3])).detach().float().cpu())
+    if not outs:
+        return torch.zeros((0, 0)), (torch.zeros((0, 0)) if flip else None)
+    return torch.cat(outs), (torch.cat(flips) if flip else None)
+
+
+def extract_embeddings(
+    embed: Embedder,
+    images: torch.Tensor,
+    batch_size: int = 128,
+    *,
+    flip: bool = True,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Raw embeddings of ``images`` and of their horizontal mirrors, rank-shared.
+
+    Args:
+        embed: an :data:`Embedder` (see :func:`module_embedder`).
+        images: ``(N, 3, H, W)`` uint8 RGB.
+        batch_size: images per forward pass (per rank).
+        flip: also embed the mirrored images.
+        group: process group to share the work in; ``None`` means the default
+            group if ``torch.distributed`` is initialised, else local work.
+            Every rank of the group must call this with the same ``images``.
+    Returns:
+        ``(emb, emb_flip)``: float32 ``(N, D)`` arrays, identical on every rank
+        (``emb_flip`` is ``None`` when ``flip`` is False).
+    """
+    if images.ndim != 4 or images.dtype != torch.uint8:
+        got = f"{images.dtype}{tuple(images.shape)}"
+        raise ValueError(f"images must be uint8 (N, 3, H, W), got {got}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = images.shape[0]
+    rank, world = _world(group)
+    start, stop = rank_slice(n, rank, world)
+    emb, emb_flip = _embed_local(embed, images[start:stop], batch_size, flip)
+    if world > 1:
+        # Ranks with an empty slice do not know D: agree on it first.
+        dim = torch.tensor([emb.shape[1] if emb.numel() else 0], device=_gather_device(group))
+        dist.all_reduce(dim, op=dist.ReduceOp.MAX, group=group)
+        d = int(dim.item())
+        if emb.numel() == 0:
+            emb = torch.zeros((0, d))
+            emb_flip = torch.zeros((0, d)) if flip else None
+        emb = _all_gather_rows(emb, n, group)
+        if flip:
+            assert emb_flip is not None
+            emb_flip = _all_gather_rows(emb_flip, n, group)
+    return emb.numpy(), (emb_flip.numpy() if emb_flip is not None else None)
