@@ -1,0 +1,11 @@
+"""The training loop around a DDP backbone and a Partial-FC head.
+
+``trainer.build.build_trainer(cfg, ctx)`` assembles everything from a configuration;
+:class:`trainer.loop.Trainer` can also be built from your own backbone, head and
+loader. See ``docs/training.md``.
+"""
+
+from trainer.distributed import DistContext
+from trainer.loop import StepResult, Trainer, TrainLoader
+
+__all__ = ["DistContext", "StepResult", "TrainLoader", "Trainer"]

@@ -1,0 +1,302 @@
+"""Atomic, world-size-independent checkpoints.
+
+Layout of ``<output>/checkpoints/step-00001234/``::
+
+    meta.json            written last; lists every file with its size
+    trainer.pt           rank 0: backbone, its optimizer, schedulers, grad scaler,
+                         loop position, loader position (replicated state)
+    head-00000.pt ...    one per saving rank: its head rows and the head optimizer's
+                         row state, with the rank's global class range
+    rank-00000.pt ...    one per saving rank: RNG states
+
+Atomicity: every rank writes into ``.tmp-step-XXXXXXXX/``; after a barrier rank 0
+writes ``meta.json`` (fsynced) and renames the directory to its final name, which is
+atomic on POSIX file systems. A crash at any point leaves either no new directory or a
+``.tmp-*`` one, which :meth:`CheckpointManager.latest` never picks (it also checks
+that each file listed in ``meta.json`` exists with its recorded size). Old
+checkpoints are first renamed to ``.trash-*`` and then deleted, so a crash while
+pruning cannot leave a half-deleted directory that looks complete.
+
+Resharding: head rows are stored with their global class offsets. On load each rank
+computes its new class range and copies the overlapping rows out of every saved shard
+(memory-mapped, so only the needed rows are read). Tensors of the head's state dict
+and of the head optimizer's per-parameter state whose first dimension is the shard's
+row count are re-sliced this way; other entries (step counters, hyper-parameters) are
+replicated and taken from shard 0. Multi-node jobs need ``<output>`` on a shared file
+system.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.distributed import DistContext
+
+FORMAT_VERSION = 1
+_FINAL = re.compile(r"^step-(\d{8})$")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_file(obj: Any, path: Path) -> None:
+    """``torch.save`` then fsync, so the bytes are durable before the rename."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _row_keys(tensors: dict[str, Any], rows: int) -> list[str]:
+    return [
+        k
+        for k, v in tensors.items()
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows
+    ]
+
+
+def head_shard_state(
+    head: torch.nn.Module,
+    head_optimizer: torch.optim.Optimizer,
+    class_start: int,
+    num_local: int,
+    num_subcenters: int,
+) -> dict[str, Any]:
+    """This rank's head and head-optimizer state, tagged with its global row range."""
+    rows = num_local * num_subcenters
+    model_state = {
+        k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+        for k, v in head.state_dict().items()
+    }
+    optim = head_optimizer.state_dict()
+    if len(optim["state"]) > 1 or len(optim["param_groups"]) != 1:
+        raise ValueError("the head optimizer must hold exactly one parameter (head.weight)")
+    param_state = {
+        k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+        for k, v in next(iter(optim["state"].values()), {}).items()
+    }
+    return {
+        "class_start": class_start,
+        "num_local": num_local,
+        "num_subcenters": num_subcenters,
+        "row_start": class_start * num_subcenters,
+        "rows": rows,
+        "model": model_state,
+        # Only the centres are sharded; margins and counters are replicated.
+        "model_row_keys": ["weight"],
+        "optim_state": param_state,
+        "optim_row_keys": _row_keys(param_state, rows),
+        "param_groups": optim["param_groups"],
+    }
+
+
+class CheckpointManager:
+    """Save, find and load checkpoints under ``directory`` (shared by all ranks)."""
+
+    def __init__(self, directory: str | os.PathLike[str], ctx: DistContext, keep_last: int) -> None:
+        self.directory = Path(directory)
+        self.ctx = ctx
+        self.keep_last = keep_last
+
+    # ------------------------------------------------------------------ saving
+    def save(
+        self,
+        step: int,
+        shared: dict[str, Any],
+        head_shard: dict[str, Any],
+        rank_state: dict[str, Any],
+        extra_meta: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write a checkpoint for ``step`` from every rank (a collective call).
+
+        Args:
+            step: optimizer steps done.
+            shared: replicated state, written by rank 0 only.
+            head_shard: this rank's :func:`head_shard_state`.
+            rank_state: this rank's private state (RNG).
+            extra_meta: JSON-able facts recorded in ``meta.json``.
+        Returns:
+            the final checkpoint directory.
+        """
+        ctx = self.ctx
+        final = self.directory / f"step-{step:08d}"
+        tmp = self.directory / f".tmp-step-{step:08d}"
+        if ctx.is_main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left over by a crashed save of the same step
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        ctx.barrier()
+        rank = ctx.rank
+        save_file(head_shard, tmp / f"head-{rank:05d}.pt")
+        save_file(rank_state, tmp / f"rank-{rank:05d}.pt")
+        if ctx.is_main:
+            save_file(shared, tmp / "trainer.pt")
+        ranges = ctx.all_gather_object(
+            (head_shard["class_start"], head_shard["num_local"], head_shard["num_subcenters"])
+        )
+        ctx.barrier()  # every rank's files are written (and fsynced)
+        if ctx.is_main:
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            meta = {
+                "format": FORMAT_VERSION,
+                "step": step,
+                "world_size": ctx.world_size,
+                "time": time.time(),
+                "shards": [
+                    {"file": f"head-{r:05d}.pt", "class_start": cs, "num_local": nl, "K": k}
+                    for r, (cs, nl, k) in enumerate(ranges)
+                ],
+                "files": files,
+                **(extra_meta or {}),
+            }
+            meta_path = tmp / "meta.json"
+            with open(meta_path, "w") as fh:
+                json.dump(meta, fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if final.exists():  # re-saving a step (e.g. a resumed run): replace it
+                self._discard(final)
+            os.rename(tmp, final)
+            _fsync_path(self.directory)
+            self._prune()
+        ctx.barrier()
+        return final
+
+    def _discard(self, path: Path) -> None:
+        trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _prune(self) -> None:
+        done = self.complete()
+        for path in done[: max(len(done) - self.keep_last, 0)]:
+            self._discard(path)
+        for stale in self.directory.glob(".trash-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # ----------------------------------------------------------------- finding
+    @staticmethod
+    def is_complete(path: Path) -> bool:
+        """True if ``path`` has a readable ``meta.json`` and every listed file at its size."""
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            return all((path / name).stat().st_size == size for name, size in meta["files"].items())
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first (temporary and trash directories excluded)."""
+        if not self.directory.is_dir():
+            return []
+        found = [
+            p for p in self.directory.iterdir() if _FINAL.match(p.name) and self.is_complete(p)
+        ]
+        return sorted(found, key=lambda p: int(_FINAL.match(p.name).group(1)))  # type: ignore[union-attr]
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or ``None``."""
+        done = self.complete()
+        return done[-1] if done else None
+
+    # ----------------------------------------------------------------- loading
+    @staticmethod
+    def read_meta(path: Path) -> dict[str, Any]:
+        """Parse ``meta.json`` of a complete checkpoint (raise if incomplete)."""
+        if not CheckpointManager.is_complete(path):
+            raise FileNotFoundError(
+                f"{path} is not a complete checkpoint (missing meta.json/files)"
+            )
+        return json.loads((path / "meta.json").read_text())
+
+    @staticmethod
+    def load_shared(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """The replicated state written by rank 0."""
+        return torch.load(path / "trainer.pt", map_location=device, weights_only=True)
+
+    @staticmethod
+    def load_rank_state(path: Path, rank: int) -> dict[str, Any] | None:
+        """The private state saved by ``rank``, or ``None`` if that rank did not exist."""
+        file = path / f"rank-{rank:05d}.pt"
+        if not file.exists():
+            return None
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+    @staticmethod
+    def load_head_shard(
+        path: Path, class_start: int, num_local: int, num_subcenters: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Assemble the head state for classes ``[class_start, class_start + num_local)``.
+
+        Returns ``(head_state_dict, head_optimizer_state_dict)`` ready for
+        ``load_state_dict``, whatever world size wrote the checkpoint.
+        """
+        meta = CheckpointManager.read_meta(path)
+        K = num_subcenters
+        lo, hi = class_start * K, (class_start + num_local) * K
+        shards = []
+        for info in meta["shards"]:
+            if info["K"] != K:
+                raise ValueError(
+                    f"checkpoint {path} has {info['K']} sub-centres per class, the head has {K}"
+                )
+            shards.append(
+                torch.load(path / info["file"], map_location="cpu", weights_only=True, mmap=True)
+            )
+        first = shards[0]
+        model_rows = sorted({k for s in shards for k in s["model_row_keys"]})
+        optim_rows = sorted({k for s in shards for k in s["optim_row_keys"]})
+        model_state = {
+            k: (v.clone() if isinstance(v, torch.Tensor) else v)
+            for k, v in first["model"].items()
+            if k not in model_rows
+        }
+        optim_state = {k: v for k, v in first["optim_state"].items() if k not in optim_rows}
+        templates = {}
+        for s in shards:  # a shard with rows tells the trailing shape and dtype
+            for k in model_rows:
+                templates.setdefault(("m", k), s["model"].get(k))
+            for k in optim_rows:
+                if k in s["optim_state"]:
+                    templates.setdefault(("o", k), s["optim_state"][k])
+        out: dict[tuple[str, str], torch.Tensor] = {}
+        for (kind, k), tmpl in templates.items():
+            if tmpl is None:
+                continue
+            out[(kind, k)] = torch.zeros((hi - lo, *tmpl.shape[1:]), dtype=tmpl.dtype)
+        covered = 0
+        for s in shards:
+            s_lo, s_hi = s["row_start"], s["row_start"] + s["rows"]
+            a, b = max(lo, s_lo), min(hi, s_hi)
+            if a >= b:
+                continue
+            covered += b - a
+            for (kind, k), dst in out.items():
+                src = (s["model"] if kind == "m" else s["optim_state"]).get(k)
+                if src is None:
+                    raise ValueError(f"{path}: shard at row {s_lo} lacks '{k}'")
+                dst[a - lo : b - lo].copy_(src[a - s_lo : b - s_lo])
+        if covered != hi - lo:
+            raise ValueError(
+                f"{path} covers {covered} of rows [{lo}, {hi}): saved for another num_classes?"
+            )
+        for (kind, k), t in out.items():
+            (model_state if kind == "m" else optim_state)[k] = t
+        optim = {
+            "state": {0: optim_state} if optim_state else {},
+            "param_groups": first["param_groups"],
+        }
+        return model_state, optim

@@ -1,0 +1,457 @@
+"""The training loop: backbone in DDP, Partial-FC head outside it, two optimizers.
+
+One optimizer step (:meth:`Trainer.train_step`) takes ``train.grad_accum`` micro-batches:
+
+1. for each micro-batch: backbone forward under autocast (CUDA only), embeddings cast to
+   fp32, their backward gradient multiplied by the world size
+   (:func:`trainer.gradients.scale_backbone_grad`, the one place that cancels DDP's
+   averaging), head loss (global-batch mean, fp32), backward of ``loss / k`` — so the
+   step's gradient is that of the loss averaged over the micro-batches. DDP's
+   all-reduce runs only on the last micro-batch (``no_sync`` before it);
+2. fp16 only: unscale both gradient sets and skip the step on every rank if any is
+   non-finite;
+3. clip the joint backbone + head gradient norm (``train.clip_grad_norm``);
+4. step both optimizers, then both LR schedulers, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configs import Config, ConfigError, config_to_dict
+from trainer.amp import AmpPolicy
+from trainer.checkpoint import CheckpointManager, head_shard_state
+from trainer.distributed import DistContext
+from trainer.gradients import clip_, global_grad_norm, scale_backbone_grad
+from trainer.monitor import Monitor
+from trainer.optim import build_backbone_optimizer, build_head_optimizer
+from trainer.rng import rng_state, set_rng_state
+from trainer.schedule import WarmupPoly, build_schedulers
+
+log = logging.getLogger("trainer")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+#: Collective verification: ``evaluator(backbone) -> {target: {"accuracy": ..., ...}}``,
+#: called on every rank (extraction is shared across ranks).
+Evaluator = Callable[[nn.Module], dict[str, dict[str, float]]]
+
+
+class TrainLoader(Protocol):
+    """What the trainer needs from a loader (``datasets.loader.FaceLoader`` fits).
+
+    ``len()`` before any iteration is the number of per-rank batches in a full epoch;
+    ``state_dict()`` is the position after the batches yielded so far.
+    """
+
+    def set_epoch(self, epoch: int) -> None: ...
+    def __iter__(self) -> Iterator[Batch]: ...
+    def __len__(self) -> int: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class StepResult:
+    """Outcome of one optimizer step (tensors stay on the device: no host sync)."""
+
+    loss: torch.Tensor
+    """Loss averaged over the micro-batches (global-batch mean each)."""
+    accuracy: torch.Tensor
+    """Top-1 training accuracy averaged over the micro-batches."""
+    grad_norm: torch.Tensor | None
+    """Joint gradient norm before clipping, if it was computed."""
+    samples: int
+    """Samples in this step on this rank."""
+
+
+class Trainer:
+    """Owns the model, head, optimizers, schedulers, scaler, loader position and checkpoints.
+
+    Args:
+        cfg: validated configuration (read-only here; derived values live on the trainer).
+        backbone: the embedding network (moved to ``ctx.device``, wrapped in DDP when a
+            process group is initialised).
+        head: a :class:`partial_fc.PartialFC` built for this rank.
+        loader: the training loader (see :class:`TrainLoader`).
+        ctx: this process's rank layout and device.
+        evaluator: optional verification callable (see :data:`Evaluator`).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        backbone: nn.Module,
+        head: nn.Module,
+        loader: TrainLoader,
+        ctx: DistContext,
+        evaluator: Evaluator | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.output = Path(cfg.train.output)
+        self.backbone = backbone.to(ctx.device)
+        self.head = head.to(ctx.device)
+        if ctx.distributed:
+            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.model: nn.Module = DDP(self.backbone, device_ids=device_ids)
+        else:
+            self.model = self.backbone
+        self.loader = loader
+        self.evaluator = evaluator
+        self.opt_backbone = build_backbone_optimizer(cfg.optimizer, self.backbone.parameters())
+        self.opt_head = build_head_optimizer(cfg.optimizer, self.head)
+        self.amp = AmpPolicy(cfg.train.amp, ctx.device)
+        self.scaler = self.amp.scaler
+
+        # Derived quantities: computed here, never written back into ``cfg``.
+        k = cfg.train.grad_accum
+        self.batches_per_epoch = len(loader)
+        self.steps_per_epoch = self.batches_per_epoch // k
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"data.batch_size={cfg.data.batch_size} x train.grad_accum={k} x "
+                f"{ctx.world_size} ranks leaves no full step per epoch; lower them"
+            )
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.warmup_steps = round(cfg.scheduler.warmup_epochs * self.steps_per_epoch)
+        self.schedule = WarmupPoly(
+            self.total_steps,
+            self.warmup_steps,
+            cfg.scheduler.warmup_start_factor,
+            cfg.scheduler.power,
+        )
+        self.schedulers = build_schedulers([self.opt_backbone, self.opt_head], self.schedule)
+        self.checkpoints = CheckpointManager(
+            self.output / "checkpoints", ctx, cfg.checkpoint.keep_last
+        )
+
+        self.step = 0
+        self.epoch = 0
+        self.last_lr = self.opt_backbone.param_groups[0]["lr"]
+        self.history: list[dict[str, Any]] = []  # verification results by step
+        self._last_saved = -1
+        self._last_verified = -1
+        self._loss_sum = torch.zeros((), device=ctx.device)
+        self._acc_sum = torch.zeros((), device=ctx.device)
+        self._since_log = 0
+
+    # ------------------------------------------------------------------ one step
+    def _params(self) -> list[nn.Parameter]:
+        return [p for p in self.backbone.parameters() if p.requires_grad] + [self.head.weight]
+
+    def train_step(self, micro_batches: Sequence[Batch]) -> StepResult:
+        """One optimizer step over ``micro_batches`` (gradient accumulation if > 1)."""
+        k = len(micro_batches)
+        if k < 1:
+            raise ValueError("train_step needs at least one micro-batch")
+        self.model.train()
+        self.head.train()
+        self.opt_backbone.zero_grad(set_to_none=True)
+        self.opt_head.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.ctx.device)
+        acc_sum = torch.zeros((), device=self.ctx.device)
+        samples = 0
+        ddp = isinstance(self.model, DDP)
+        for i, (images, labels) in enumerate(micro_batches):
+            images = images.to(self.ctx.device, non_blocking=True)
+            labels = labels.to(self.ctx.device, non_blocking=True)
+            last = i == k - 1
+            sync = contextlib.nullcontext() if (last or not ddp) else self.model.no_sync()
+            with sync:
+                with self.amp.autocast():
+                    embeddings = self.model(images)
+                embeddings = scale_backbone_grad(embeddings.float(), self.ctx.world_size)
+                loss = self.head(embeddings, labels)
+                scaled = loss / k
+                if self.amp.scaling:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            loss_sum += loss.detach()
+            acc_sum += self.head.accuracy.detach()
+            samples += labels.shape[0]
+        grad_norm = self._optimizer_step()
+        self.last_lr = self.opt_backbone.param_groups[0]["lr"]  # the LR this step used
+        for scheduler in self.schedulers:
+            scheduler.step()
+        self.step += 1
+        return StepResult(loss_sum / k, acc_sum / k, grad_norm, samples)
+
+    def _optimizer_step(self) -> torch.Tensor | None:
+        clip = self.cfg.train.clip_grad_norm
+        if self.amp.scaling:
+            # Unscale the head by hand and fold its overflow into the backbone's, so the
+            # scaler skips (and backs off) identically on every rank.
+            grad = self.head.weight.grad
+            if grad is not None:
+                grad.mul_(1.0 / self.scaler.get_scale())
+                bad = (~torch.isfinite(grad)).any().float()
+            else:
+                bad = torch.zeros((), device=self.ctx.device)
+            self.ctx.all_reduce_(bad)
+            if bad.item() > 0:
+                first = next(p for p in self.backbone.parameters() if p.grad is not None)
+                first.grad.fill_(float("inf"))
+            self.scaler.unscale_(self.opt_backbone)
+        grad_norm = None
+        if clip is not None or self.amp.scaling:
+            grad_norm = global_grad_norm(self.backbone.parameters(), [self.head.weight], self.ctx)
+        if clip is not None:
+            clip_(self._params(), grad_norm, clip)
+        if self.amp.scaling:
+            self.scaler.step(self.opt_backbone)
+            if torch.isfinite(grad_norm).item():
+                self.opt_head.step()
+            self.scaler.update()
+        else:
+            self.opt_backbone.step()
+            self.opt_head.step()
+        return grad_norm
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> None:
+        """Train until the schedule's end (or ``train.max_steps``), verifying, logging and
+        checkpointing as configured; finish with a checkpoint, a verification and the
+        exported backbone weights."""
+        cfg = self.cfg
+        stop = self.total_steps
+        if cfg.train.max_steps is not None:
+            stop = min(stop, cfg.train.max_steps)
+        monitor = Monitor(
+            self.ctx.is_main,
+            self.total_steps,
+            self.step,
+            self.output / "tensorboard" if cfg.log.tensorboard else None,
+            cfg.log.progress_bar,
+        )
+        self.monitor = monitor
+        log.info(
+            "training %s: %d ranks, %d steps/epoch, %d steps (warm-up %d), starting at step %d",
+            cfg.name,
+            self.ctx.world_size,
+            self.steps_per_epoch,
+            self.total_steps,
+            self.warmup_steps,
+            self.step,
+        )
+        if cfg.eval.at_start and self.step == 0:
+            self.verify()
+        k = cfg.train.grad_accum
+        try:
+            while self.step < stop and self.epoch < cfg.train.epochs:
+                self.loader.set_epoch(self.epoch)
+                batches = iter(self.loader)
+                epoch_done = False
+                while self.step < stop:
+                    micro = list(itertools.islice(batches, k))
+                    if len(micro) < k:  # end of epoch (a partial accumulation is dropped)
+                        epoch_done = True
+                        break
+                    result = self.train_step(micro)
+                    self._after_step(result, monitor)
+                if epoch_done:
+                    self.epoch += 1
+                else:
+                    with contextlib.suppress(Exception):
+                        batches.close()  # type: ignore[attr-defined]
+            if self._last_saved != self.step:
+                self.save_checkpoint()
+            if self.evaluator is not None and self._last_verified != self.step:
+                self.verify()
+            self.export_backbone()
+        finally:
+            monitor.close()
+
+    def _after_step(self, result: StepResult, monitor: Monitor) -> None:
+        cfg = self.cfg
+        self._loss_sum += result.loss
+        self._acc_sum += result.accuracy
+        self._since_log += 1
+        monitor.count(result.samples * self.ctx.world_size)
+        if self.step % cfg.log.every_steps == 0 and self.ctx.is_main:
+            n = self._since_log
+            scale = self.scaler.get_scale() if self.amp.scaling else None
+            monitor.log_step(
+                self.step,
+                self.epoch,
+                (self._loss_sum / n).item(),
+                (self._acc_sum / n).item(),
+                self.last_lr,
+                scale,
+            )
+        if self.step % cfg.log.every_steps == 0:
+            self._loss_sum.zero_()
+            self._acc_sum.zero_()
+            self._since_log = 0
+        if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+            self.verify()
+        if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+            self.save_checkpoint()
+
+    # -------------------------------------------------------------- verification
+    def verify(self) -> dict[str, dict[str, float]]:
+        """Run the evaluator on every rank; log, record and return its results."""
+        if self.evaluator is None:
+            return {}
+        results = self.evaluator(self.model)
+        self._last_verified = self.step
+        self.history.append({"step": self.step, "results": results})
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.log_verification(self.step, results)
+        elif self.ctx.is_main:
+            for name, r in results.items():
+                log.info("verify step %d [%s] accuracy %.5f", self.step, name, r["accuracy"])
+        if self.ctx.is_main:
+            self._write_json(self.output / "verification.json", self.history)
+        return results
+
+    # --------------------------------------------------------------- checkpoints
+    def state_shared(self) -> dict[str, Any]:
+        """Replicated state (identical on every rank), saved by rank 0."""
+        schedulers = []
+        for s in self.schedulers:
+            state = s.state_dict()
+            # The rule is rebuilt from the config and data at start-up, not restored.
+            state["lr_lambdas"] = [None] * len(state.get("lr_lambdas", [None]))
+            schedulers.append(state)
+        return {
+            "backbone": {k: v.detach().cpu() for k, v in self.backbone.state_dict().items()},
+            "backbone_optimizer": self.opt_backbone.state_dict(),
+            "schedulers": schedulers,
+            "scaler": self.scaler.state_dict(),
+            "progress": {"step": self.step, "epoch": self.epoch},
+            "loader": self.loader.state_dict(),
+            "history": json.dumps(self.history),
+            "config": json.dumps(config_to_dict(self.cfg)),
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write an atomic checkpoint of the current step (collective: all ranks call it)."""
+        head = self.head
+        path = self.checkpoints.save(
+            self.step,
+            self.state_shared(),
+            head_shard_state(
+                head, self.opt_head, head.class_start, head.num_local, head.num_subcenters
+            ),
+            {"rng": rng_state()},
+            extra_meta={
+                "num_classes": head.num_classes,
+                "embedding_size": head.embedding_size,
+                "epoch": self.epoch,
+            },
+        )
+        self._last_saved = self.step
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def resolve_resume(self) -> Path | None:
+        """The checkpoint ``checkpoint.resume`` asks for (``auto``: latest complete one)."""
+        spec = self.cfg.checkpoint.resume
+        if spec == "none":
+            return None
+        if spec == "auto":
+            return self.checkpoints.latest()
+        path = Path(spec)
+        if not CheckpointManager.is_complete(path):
+            raise ConfigError(f"checkpoint.resume: {spec!r} is not a complete checkpoint directory")
+        return path
+
+    def maybe_resume(self) -> Path | None:
+        """Resume from :meth:`resolve_resume` if it names a checkpoint; return it."""
+        path = self.resolve_resume()
+        if path is not None:
+            self.load_checkpoint(path)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore everything from ``path``, whatever world size saved it."""
+        meta = CheckpointManager.read_meta(path)
+        head = self.head
+        if meta["num_classes"] != head.num_classes:
+            raise ConfigError(
+                f"data.num_classes={head.num_classes} but checkpoint {path} has "
+                f"{meta['num_classes']} classes"
+            )
+        shared = CheckpointManager.load_shared(path, self.ctx.device)
+        self.backbone.load_state_dict(shared["backbone"])
+        self.opt_backbone.load_state_dict(shared["backbone_optimizer"])
+        for s, state in zip(self.schedulers, shared["schedulers"], strict=True):
+            s.load_state_dict(state)
+        if shared["scaler"]:
+            self.scaler.load_state_dict(shared["scaler"])
+        self.step = int(shared["progress"]["step"])
+        self.epoch = int(shared["progress"]["epoch"])
+        self.loader.load_state_dict(shared["loader"])
+        self.history = json.loads(shared["history"])
+        head_state, optim_state = CheckpointManager.load_head_shard(
+            path, head.class_start, head.num_local, head.num_subcenters
+        )
+        head.load_state_dict(head_state)
+        self.opt_head.load_state_dict(optim_state)
+        for state in self.opt_head.state.values():  # load_state_dict keeps "step" on the CPU
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    state[name] = value.to(head.weight.device)
+        rank_state = CheckpointManager.load_rank_state(path, self.ctx.rank)
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+        self._last_saved = self.step
+        log.info(
+            "resumed from %s (step %d, epoch %d, saved on %d ranks, now %d)",
+            path,
+            self.step,
+            self.epoch,
+            meta["world_size"],
+            self.ctx.world_size,
+        )
+        if meta["world_size"] != self.ctx.world_size and self.ctx.is_main:
+            log.warning(
+                "world size changed %d -> %d: the global batch and steps per epoch change "
+                "with it; the LR schedule now spans %d steps",
+                meta["world_size"],
+                self.ctx.world_size,
+                self.total_steps,
+            )
+
+    # -------------------------------------------------------------------- export
+    def export_backbone(self, path: Path | None = None) -> Path:
+        """Save the backbone weights alone (rank 0), loadable with
+        ``torch.load(path, weights_only=True)``; returns the path."""
+        path = path or self.output / "backbone.pt"
+        if self.ctx.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            weights = {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
+            torch.save(weights, tmp)
+            os.replace(tmp, path)
+            log.info("exported backbone weights to %s", path)
+        self.ctx.barrier()
+        return path
+
+    def _write_json(self, path: Path, obj: Any) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+        os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return str(value)

@@ -1,0 +1,138 @@
+"""Rank-0 observability: log lines, TensorBoard scalars and a TTY-only progress bar."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("trainer")
+
+
+def setup_logging(output: str | Path | None, rank: int) -> None:
+    """Rank 0 logs INFO to stdout and ``<output>/train.log``; other ranks only warnings."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    if rank == 0 and output is not None:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(Path(output) / "train.log")
+        file.setFormatter(fmt)
+        root.addHandler(file)
+
+
+class Monitor:
+    """Collects per-step metrics on rank 0; silent on other ranks.
+
+    Args:
+        enabled: True on rank 0.
+        total_steps: optimizer steps in the run (for the ETA and the bar).
+        start_step: first step of this process (after a resume).
+        tensorboard_dir: where to write scalars, or ``None``.
+        progress_bar: allow a tqdm bar (shown only if stderr is a terminal).
+    """
+
+    def __init__(
+        self,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        tensorboard_dir: Path | None,
+        progress_bar: bool,
+    ) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.writer: Any = None
+        self.bar: Any = None
+        self._t0 = time.perf_counter()
+        self._last_time = self._t0
+        self._last_step = start_step
+        self._samples = 0
+        if not enabled:
+            return
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(tensorboard_dir))
+        if progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def count(self, samples: int) -> None:
+        """Record ``samples`` global samples trained since the last log line."""
+        self._samples += samples
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log_step(
+        self, step: int, epoch: int, loss: float, acc: float, lr: float, scale: float | None
+    ) -> None:
+        """Emit one log line and the matching TensorBoard scalars."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        speed = self._samples / elapsed
+        steps_done = max(step - self._last_step, 1)
+        eta_s = (self.total_steps - step) * elapsed / steps_done
+        eta = str(datetime.timedelta(seconds=round(eta_s)))
+        scale_txt = f"{scale:.0f}" if scale is not None else "-"
+        log.info(
+            "step %d/%d epoch %d loss %.4f acc %.4f lr %.6f samples/s %.1f scale %s eta %s",
+            step,
+            self.total_steps,
+            epoch,
+            loss,
+            acc,
+            lr,
+            speed,
+            scale_txt,
+            eta,
+        )
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", lr=f"{lr:.4g}")
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/accuracy", acc, step)
+            self.writer.add_scalar("train/lr", lr, step)
+            self.writer.add_scalar("train/samples_per_s", speed, step)
+            self.writer.add_scalar("train/epoch", epoch, step)
+            if scale is not None:
+                self.writer.add_scalar("train/grad_scale", scale, step)
+        self._last_time, self._last_step, self._samples = now, step, 0
+
+    def log_verification(self, step: int, results: dict[str, dict[str, float]]) -> None:
+        """Log and record verification results (one line per target)."""
+        if not self.enabled:
+            return
+        for name, r in results.items():
+            log.info(
+                "verify step %d [%s] accuracy %.5f +- %.5f xnorm %.3f",
+                step,
+                name,
+                r["accuracy"],
+                r.get("accuracy_std", 0.0),
+                r.get("xnorm", 0.0),
+            )
+            if self.writer is not None:
+                self.writer.add_scalar(f"verify/{name}/accuracy", r["accuracy"], step)
+                if "xnorm" in r:
+                    self.writer.add_scalar(f"verify/{name}/xnorm", r["xnorm"], step)
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the writer and the bar."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
