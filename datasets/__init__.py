@@ -1,0 +1,39 @@
+"""Face-recognition training data: RecordIO, Arrow shards, synthetic faces, sampler, loader.
+
+Importing the package imports nothing heavy; import the submodule you need.
+
+Modules (one concern each):
+
+* :mod:`datasets.recordio` — MXNet RecordIO without MXNet, byte-compatible with MXNet 1.9.1:
+  ``IndexedRecordIO(idx, rec, "r"|"w")``, ``read_idx(key) -> bytes``, ``write_idx(key, bytes)``,
+  ``IRHeader``, ``pack``, ``unpack``, ``pack_img``, ``unpack_img``.
+* :mod:`datasets.face_layout` — the MS1M/Glint360K/WebFace layout (header record 0, identity
+  records) and the im2rec layout; ``FaceRecWriter`` writes the face layout.
+* :mod:`datasets.transforms` — OpenCV decode (RGB), flip, normalise to ``[-1, 1]``.
+* :mod:`datasets.dataset` — ``RecordIODataset``, ``ImageFolderDataset`` (and
+  ``datasets.arrow_shards.ArrowDataset``): ``ds[i] -> (float32 (3, 112, 112), int label)``.
+* :mod:`datasets.sampler` — ``DistributedFaceSampler``: per-rank shards of a seeded global
+  shuffle, ``state_dict``/``load_state_dict`` for mid-epoch resume at any world size.
+* :mod:`datasets.loader` — ``FaceLoader``: workers + sampler + normalisation on the device.
+* :mod:`datasets.arrow_shards` — Arrow IPC shards, conversion commands (``python -m
+  datasets.arrow_shards --help``).
+* :mod:`datasets.synthetic` — the embedded procedural face dataset (``python -m
+  datasets.synthetic OUT_DIR``), writes ``train.rec/.idx``, ``property``, ``heldout.bin``.
+
+What a trainer calls::
+
+    from datasets.dataset import open_dataset
+    from datasets.loader import FaceLoader
+
+    ds = open_dataset("data/synthetic")            # dir with train.rec, or *.arrow shards
+    loader = FaceLoader(ds, batch_size=64, seed=0, num_workers=2, device="cpu")
+    # rank / world_size default to torch.distributed's
+    for epoch in range(start_epoch, num_epochs):
+        loader.set_epoch(epoch)
+        for images, labels in loader:     # float32 (B, 3, 112, 112) in [-1, 1], int64 (B,)
+            ...
+            state = loader.state_dict()    # save in the checkpoint
+    loader.load_state_dict(state)          # on resume, before set_epoch(state["epoch"])
+
+``ds.num_classes`` is the identity count; ``len(ds)`` the image count.
+"""

@@ -1,0 +1,162 @@
+"""The face-dataset layout of MS1M / Glint360K / WebFace RecordIO files, and the im2rec layout.
+
+Face layout (insightface releases): images at keys ``1..N`` with the class id as label
+(scalar, or an array whose first element is the class); key 0 holds ``label = [N+1, N+1+C]``
+(``flag > 0``, empty payload); keys ``N+1..N+C`` hold each identity's ``[first_key, end_key)``.
+im2rec layout: every key is an image with a scalar label, no header record.
+
+float32 labels are exact only up to 2**24, so image keys are derived from the ``.idx``, never
+from header arithmetic alone: the boundary between images and identity records is located
+by reading the few records near the (possibly inexact) header value.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from datasets.recordio import IndexedRecordIO, IRHeader, RecordIOError, pack, unpack
+
+_EXACT_FLOAT = 1 << 24
+
+
+@dataclass
+class RecordLayout:
+    """What a ``.rec``/``.idx`` pair holds.
+
+    Attributes:
+        image_keys: int64 array ``(N,)`` of image keys, ascending.
+        num_classes: number of identities, or ``None`` if unknown (im2rec without property).
+        face_layout: True for the face-dataset layout (header record 0 present).
+        identity_keys: int64 array ``(C,)`` of identity-record keys (empty for im2rec).
+    """
+
+    image_keys: np.ndarray
+    num_classes: int | None
+    face_layout: bool
+    identity_keys: np.ndarray
+
+
+def read_property(directory: str | os.PathLike) -> tuple[int, int, int] | None:
+    """Parse ``directory/property`` (``num_classes,112,112``); ``None`` if absent."""
+    path = Path(directory) / "property"
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise RecordIOError(f"{path}: expected 'num_classes,height,width', got {text!r}") from None
+    return c, h, w
+
+
+def _is_identity_record(reader: IndexedRecordIO, key: int) -> bool:
+    header, payload = unpack(reader.read_idx(key))
+    return header.flag == 2 and len(payload) == 0
+
+
+def inspect_layout(reader: IndexedRecordIO) -> RecordLayout:
+    """Work out which keys are images and how many classes a RecordIO file holds."""
+    keys = np.asarray(sorted(reader.keys), dtype=np.int64)
+    prop = read_property(reader.uri.parent)
+    if 0 in reader.idx:
+        header, payload = unpack(reader.read_idx(0))
+        if header.flag > 0 and len(payload) == 0 and len(header.label) >= 2:
+            lo, hi = float(header.label[0]), float(header.label[1])
+            if lo < _EXACT_FLOAT:
+                boundary = int(lo)
+            else:  # inexact float32: probe the records around the announced boundary
+                near = keys[(keys >= lo - 16) & (keys <= lo + 16)]
+                ident = [int(k) for k in near if _is_identity_record(reader, int(k))]
+                if not ident:
+                    raise RecordIOError(
+                        f"{reader.uri} key 0: header announces identity records from about "
+                        f"{lo:.0f}, but none were found near that key"
+                    )
+                boundary = min(ident)
+            image_keys = keys[(keys > 0) & (keys < boundary)]
+            identity_keys = keys[keys >= boundary]
+            num_classes = len(identity_keys)
+            if hi < _EXACT_FLOAT and int(hi) - boundary != num_classes:
+                raise RecordIOError(
+                    f"{reader.uri} key 0: header announces {int(hi) - boundary} identities, "
+                    f"{reader.idx_path} holds {num_classes} keys from {boundary} on"
+                )
+            if prop is not None and prop[0] != num_classes:
+                raise RecordIOError(
+                    f"{reader.uri.parent / 'property'} says {prop[0]} classes, "
+                    f"{reader.uri} holds {num_classes} identity records"
+                )
+            return RecordLayout(image_keys, num_classes, True, identity_keys)
+    return RecordLayout(keys, prop[0] if prop else None, False, np.zeros(0, np.int64))
+
+
+def image_label(header: IRHeader) -> int:
+    """The class id of an image record: the scalar label or the first array element."""
+    label = header.label
+    if header.flag > 0:
+        label = label[0]
+    return round(float(label))
+
+
+def scan_num_classes(reader: IndexedRecordIO, image_keys: np.ndarray) -> int:
+    """``max(label) + 1`` over all images (reads every header; for small im2rec files)."""
+    top = -1
+    for k in image_keys:
+        top = max(top, image_label(unpack(reader.read_idx(int(k)))[0]))
+    return top + 1
+
+
+class FaceRecWriter:
+    """Write a face-layout ``train.rec``/``train.idx`` (+ ``property``) as insightface does.
+
+    Call :meth:`add` for every image in class order (labels ``0..C-1``, non-decreasing,
+    each class contiguous), then :meth:`close`, which appends header record 0 and one
+    identity record per class. Files appear atomically at close.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, prefix: str = "train") -> None:
+        self.out_dir = Path(out_dir)
+        self._w = IndexedRecordIO(
+            self.out_dir / f"{prefix}.idx", self.out_dir / f"{prefix}.rec", "w"
+        )
+        self._next_key = 1
+        self._ranges: list[list[int]] = []
+        self.image_size = (112, 112)
+
+    def add(self, label: int, encoded_image: bytes) -> int:
+        """Append one encoded image of class ``label``; returns its key."""
+        label = int(label)
+        expected = len(self._ranges)
+        if label == expected - 1:
+            self._ranges[-1][1] = self._next_key + 1
+        elif label == expected:
+            self._ranges.append([self._next_key, self._next_key + 1])
+        else:
+            raise ValueError(
+                f"face-layout writer needs labels in order 0, 1, 2, ...: got {label} after "
+                f"{expected - 1}"
+            )
+        key = self._next_key
+        self._w.write_idx(key, pack(IRHeader(0, float(label), key, 0), encoded_image))
+        self._next_key += 1
+        return key
+
+    def close(self) -> tuple[int, int]:
+        """Write header and identity records and the property file; ``(N images, C classes)``."""
+        n, c = self._next_key - 1, len(self._ranges)
+        self._w.write_idx(0, pack(IRHeader(0, [n + 1, n + 1 + c], 0, 1), b""))
+        for i, (first, end) in enumerate(self._ranges):
+            self._w.write_idx(n + 1 + i, pack(IRHeader(0, [first, end], n + 1 + i, 0), b""))
+        self._w.close()
+        h, w = self.image_size
+        tmp = self.out_dir / "property.tmp"
+        tmp.write_text(f"{c},{h},{w}\n")
+        os.replace(tmp, self.out_dir / "property")
+        return n, c
+
+    def abort(self) -> None:
+        self._w.abort()

@@ -1,0 +1,138 @@
+"""The training loader: sampler + DataLoader workers + batched normalisation on the device.
+
+Workers decode and flip to uint8 ``(B, 112, 112, 3)`` batches (a quarter of the bytes of
+float32 to move between processes and to the GPU); the main process moves each batch to the
+device (pinned memory and ``non_blocking`` on CUDA) and normalises it there. Usage::
+
+    loader = FaceLoader(dataset, batch_size=128, seed=cfg.seed, device="cuda:0")
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)
+        for images, labels in loader:            # (B, 3, 112, 112) float32, (B,) int64
+            ...
+            ckpt["loader"] = loader.state_dict()  # position after the batches yielded
+    loader.load_state_dict(ckpt["loader"])        # resume mid-epoch, any world size
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from datasets.dataset import FaceDataset
+from datasets.sampler import DistributedFaceSampler
+from datasets.transforms import normalize_batch
+
+
+def collate_uint8(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[(uint8 (H, W, 3), label), ...]`` → ``(uint8 (B, H, W, 3), int64 (B,))``."""
+    images = torch.stack([b[0] for b in batch])
+    labels = torch.tensor([b[1] for b in batch], dtype=torch.int64)
+    return images, labels
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: one thread per worker, RNGs seeded per worker."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    seed = torch.initial_seed() % 2**32  # base_seed + worker_id, set by the DataLoader
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 -- third-party code in workers may use it
+    info = torch.utils.data.get_worker_info()
+    if info is not None and isinstance(info.dataset, FaceDataset):
+        info.dataset.seed_worker(seed)
+
+
+class FaceLoader:
+    """Distributed, resumable loader yielding normalised batches on ``device``.
+
+    Args:
+        dataset: any :class:`datasets.dataset.FaceDataset` (its ``output`` is overridden).
+        batch_size: per-rank batch size.
+        rank, world_size: default to the process group (else 0 / 1).
+        seed: shuffle seed, identical on all ranks.
+        num_workers: decoding processes (0 decodes in the main process).
+        device: where batches are delivered; pinned memory is used when it is CUDA.
+        drop_last, shuffle: see :class:`datasets.sampler.DistributedFaceSampler`.
+        prefetch_factor: batches each worker keeps ready.
+    """
+
+    def __init__(
+        self,
+        dataset: FaceDataset,
+        batch_size: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        num_workers: int = 2,
+        device: str | torch.device = "cpu",
+        drop_last: bool = True,
+        shuffle: bool = True,
+        prefetch_factor: int = 4,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dataset = copy.copy(dataset)
+        self.dataset.output = "uint8"
+        self.sampler = DistributedFaceSampler(
+            len(dataset), batch_size, rank, world_size, seed, shuffle=shuffle, drop_last=drop_last
+        )
+        self.batch_size = batch_size
+        self._batches_done = 0
+        kwargs: dict[str, Any] = {}
+        if num_workers > 0:
+            kwargs = {
+                "prefetch_factor": prefetch_factor,
+                "persistent_workers": True,
+                "worker_init_fn": seed_worker,
+            }
+        generator = torch.Generator()
+        generator.manual_seed(seed * 7919 + self.sampler.rank)
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            collate_fn=collate_uint8,
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,  # the sampler already yields whole batches only
+            generator=generator,
+            **kwargs,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before each epoch (resumes within the epoch loaded by load_state_dict)."""
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields on this rank."""
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._batches_done = 0
+        non_blocking = self.device.type == "cuda"
+        for images, labels in self.loader:
+            images = normalize_batch(images.to(self.device, non_blocking=non_blocking))
+            labels = labels.to(self.device, non_blocking=non_blocking)
+            self._batches_done += 1
+            yield images, labels
+        # the epoch is finished: a checkpoint taken now resumes at the next epoch
+        self.sampler.consumed = self.sampler.num_samples
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the batches yielded so far in the current iteration."""
+        return self.sampler.state_dict(batches_done=self._batches_done)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+        self._batches_done = 0
