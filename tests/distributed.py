@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -40,7 +41,9 @@ def _worker(
             timeout=timedelta(seconds=120),
         )
         try:
-            results.put((rank, True, fn(rank, world_size, *args)))
+            # Plain pickle: torch's queue reducers would share tensor memory that
+            # vanishes when this process exits before the parent reads it.
+            results.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
         finally:
             dist.destroy_process_group()
     except BaseException:
@@ -69,14 +72,16 @@ def run_ranks(
         errors: list[str] = []
         try:
             for _ in range(world_size):
-                rank, ok, value = results.get(timeout=timeout)
+                # Once a rank failed the others fail soon or hang: wait briefly for
+                # their reports, which often hold the root cause.
+                rank, ok, value = results.get(timeout=10 if errors else timeout)
                 if ok:
-                    collected[rank] = value
+                    collected[rank] = pickle.loads(value)
                 else:
                     errors.append(f"rank {rank} failed:\n{value}")
-                    break
         except Exception as exc:  # queue.Empty: a rank hung or died silently
-            errors.append(f"ranks did not report within {timeout}s: {exc!r}")
+            missing = sorted(set(range(world_size)) - set(collected))
+            errors.append(f"ranks {missing} did not report in time: {exc!r}")
         finally:
             for p in procs:
                 p.join(timeout=5 if errors else 60)

@@ -1,0 +1,24 @@
+"""Partial-FC: a class-centre matrix sharded over ranks, with the exact
+margin-softmax cross-entropy over all classes (see README, "Using the head")."""
+
+from partial_fc.head import PartialFC
+from partial_fc.margins import (
+    ArcFace,
+    CombinedMargin,
+    CosFace,
+    SphereFace,
+    adaptive_margins,
+    load_margins,
+)
+from partial_fc.sharding import class_range
+
+__all__ = [
+    "ArcFace",
+    "CombinedMargin",
+    "CosFace",
+    "PartialFC",
+    "SphereFace",
+    "adaptive_margins",
+    "class_range",
+    "load_margins",
+]

@@ -1,0 +1,111 @@
+"""Collectives the head needs, usable with or without an initialised process group.
+
+With ``torch.distributed`` not initialised (plain single-process use) every
+function here degrades to the identity, so the head runs the same code on one
+process as on many.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+# torch 2.13 renamed the tensor-to-tensor collectives; keep older releases working.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def is_distributed(group: ProcessGroup | None) -> bool:
+    """True when collectives must run: a process group exists and spans more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def rank_and_world_size(group: ProcessGroup | None) -> tuple[int, int]:
+    """This process's rank in ``group`` and the group's size; ``(0, 1)`` without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def all_reduce_(
+    tensor: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | None
+) -> torch.Tensor:
+    """All-reduce ``tensor`` in place (a no-op on one rank) and return it."""
+    if is_distributed(group):
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather row blocks of different lengths; the backward sums the gradient
+    over ranks and returns to each rank exactly its own rows (one reduce-scatter).
+
+    Input ``(b_r, F)`` on rank r, output ``(sum_r b_r, F)`` in rank order.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, sizes: list[int], group: ProcessGroup | None):
+        rank, world_size = rank_and_world_size(group)
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        max_rows = max(sizes)
+        padded = rows.new_zeros((max_rows, rows.shape[1]))
+        padded[: rows.shape[0]] = rows
+        gathered = rows.new_empty((world_size * max_rows, rows.shape[1]))
+        _all_gather_single(gathered, padded, group=group)
+        if all(s == max_rows for s in sizes):
+            return gathered
+        blocks = gathered.view(world_size, max_rows, -1)
+        return torch.cat([blocks[r, :s] for r, s in enumerate(sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sizes, world_size = ctx.sizes, len(ctx.sizes)
+        max_rows = max(sizes)
+        padded = grad.new_zeros((world_size, max_rows, grad.shape[1]))
+        for r, block in enumerate(torch.split(grad, sizes)):
+            padded[r, : sizes[r]] = block
+        mine = grad.new_empty((max_rows, grad.shape[1]))
+        _reduce_scatter_single(mine, padded.view(world_size * max_rows, -1), group=ctx.group)
+        return mine[: sizes[ctx.rank]], None, None
+
+
+def gather_batch(
+    embeddings: torch.Tensor, labels: torch.Tensor, group: ProcessGroup | None
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Gather every rank's embeddings and labels, in rank order.
+
+    Args:
+        embeddings: ``(b_local, D)`` floating tensor; ranks may hold different ``b_local``.
+        labels: ``(b_local,)`` int64.
+        group: the process group (``None``: the default group, or no group at all).
+
+    Returns:
+        ``(embeddings (B, D), labels (B,), sizes)`` where ``B = sum(sizes)`` and
+        ``sizes[r]`` is rank r's batch size. The embeddings keep autograd: the
+        gradient of the gathered rows flows back to the rank that owns them.
+
+    Labels travel bit-for-bit inside the embedding gather (reinterpreted as
+    floating columns), so one step costs a size exchange plus one all-gather.
+    """
+    if embeddings.dim() != 2 or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            "expected embeddings (B, D) and labels (B,), got "
+            f"{tuple(embeddings.shape)} and {tuple(labels.shape)}"
+        )
+    if not is_distributed(group):
+        return embeddings, labels, [embeddings.shape[0]]
+    _, world_size = rank_and_world_size(group)
+    local_size = torch.tensor([embeddings.shape[0]], dtype=torch.int64, device=embeddings.device)
+    all_sizes = local_size.new_empty(world_size)
+    _all_gather_single(all_sizes, local_size, group=group)
+    sizes = all_sizes.tolist()
+
+    width = embeddings.shape[1]
+    columns = torch.empty((), dtype=torch.int64).element_size() // embeddings.element_size()
+    label_columns = labels.to(torch.int64).contiguous().view(embeddings.dtype)
+    label_columns = label_columns.view(labels.shape[0], columns)
+    packed = torch.cat([embeddings, label_columns], dim=1)
+    gathered = _GatherRows.apply(packed, sizes, group)
+    all_labels = gathered[:, width:].detach().contiguous().view(torch.int64).view(-1)
+    return gathered[:, :width], all_labels, sizes

@@ -1,0 +1,255 @@
+"""The Partial-FC head: this rank's shard of the class centres and the exact
+distributed margin-softmax loss over all of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from partial_fc.collectives import gather_batch, rank_and_world_size
+from partial_fc.margins import CombinedMargin, MarginSpec
+from partial_fc.sampling import sample_classes, sampling_generator
+from partial_fc.sharding import class_range
+from partial_fc.softmax_ce import MarginSoftmaxCE
+
+# Weights are drawn in fixed blocks of global classes, each from its own seed, so
+# a class's initial centre is the same whatever the world size.
+_INIT_BLOCK_CLASSES = 65536
+_INIT_STD = 0.01
+
+
+class PartialFC(nn.Module):
+    """This rank's shard of a ``num_classes``-way margin-softmax classifier.
+
+    Rank r of ``group`` owns classes ``[class_start, class_start + num_local)``
+    (:func:`partial_fc.sharding.class_range`) with ``num_subcenters`` (K) centres
+    each: ``weight`` is ``(num_local * K, D)`` and row ``(c - class_start) * K + k``
+    is sub-centre k of class c.
+
+    ``forward(local_embeddings (b, D), local_labels (b,) int64) -> loss`` gathers
+    the whole group's batch (ranks may hold different ``b``; B = sum of them),
+    and returns the exact cross-entropy over all ``num_classes`` classes, averaged
+    over the B samples (those not equal to ``ignore_index``); the value is the
+    same on every rank. The gradient reaching ``local_embeddings`` is the exact
+    gradient of that loss with respect to this rank's rows; ``weight.grad`` is the
+    exact gradient of its shard. (A DDP backbone averages its gradients over the
+    ranks, so a trainer multiplies the embedding gradient by the world size once.)
+
+    Args:
+        num_classes: C, the number of identities over all ranks.
+        embedding_size: D.
+        margin: the target-logit function (:class:`ArcFace`, :class:`CosFace`, ...).
+        num_subcenters: K; a class's cosine is the max over its K sub-centres.
+        sample_rate: Partial-FC rate. Below 1, each training step uses all positive
+            classes plus random negatives, ``max(num_positive, round(rate * num_local))``
+            classes per rank; use :mod:`partial_fc.optim` so that unsampled centres
+            are left untouched by the optimizer. Evaluation (``eval()`` or no grad)
+            always uses every class.
+        group: the process group the classes are sharded over (None: the default
+            group, or a single process when ``torch.distributed`` is not initialised).
+        chunk_classes: classes per logits block; peak extra memory is about one
+            ``(B, chunk_classes * K)`` block of cosines. With all local classes in one chunk the
+            block is reused by the backward (3 matrix products instead of 4).
+        seed: seeds the initial centres (identical for any world size) and the
+            negative sampling.
+        ignore_index: a label value whose samples are skipped (must lie outside
+            ``[0, num_classes)``), or None.
+        validate_labels: check every label lies in ``[0, num_classes)`` (one host
+            sync per step on GPU); out-of-range labels raise ``ValueError``.
+        device, dtype: of the weight (fp32 by default; the head computes in at
+            least fp32 even under autocast).
+
+    Attributes:
+        accuracy: 0-dim tensor, top-1 accuracy (target cosine is the largest, over
+            the classes in use) of the last forward's valid samples, computed
+            across shards without a host sync.
+        num_steps: training forwards so far (drives sampling seeds and margin schedules).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: CombinedMargin,
+        num_subcenters: int = 1,
+        sample_rate: float = 1.0,
+        group: ProcessGroup | None = None,
+        *,
+        chunk_classes: int = 16384,
+        seed: int = 0,
+        ignore_index: int | None = None,
+        validate_labels: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if embedding_size < 1:
+            raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+        if num_subcenters < 1:
+            raise ValueError(f"num_subcenters must be >= 1, got {num_subcenters}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if chunk_classes < 1:
+            raise ValueError(f"chunk_classes must be >= 1, got {chunk_classes}")
+        if ignore_index is not None and 0 <= ignore_index < num_classes:
+            raise ValueError(
+                f"ignore_index={ignore_index} is a real class id; use a value outside "
+                f"[0, {num_classes})"
+            )
+        if not isinstance(margin, CombinedMargin):
+            raise TypeError(
+                f"margin must be a CombinedMargin (ArcFace, CosFace, ...), got {margin!r}"
+            )
+        self.group = group
+        self.rank, self.world_size = rank_and_world_size(group)
+        self.num_classes = num_classes
+        self.class_start, self.num_local = class_range(num_classes, self.rank, self.world_size)
+        self.embedding_size = embedding_size
+        self.num_subcenters = num_subcenters
+        self.sample_rate = float(sample_rate)
+        self.chunk_classes = chunk_classes
+        self.seed = seed
+        self.ignore_index = ignore_index
+        self.validate_labels = validate_labels
+        margin.check_num_classes(num_classes)
+        self.margin = margin
+        self.num_steps = 0
+        self.weight = nn.Parameter(
+            torch.empty(self.num_local * num_subcenters, embedding_size, device=device, dtype=dtype)
+        )
+        # Classes that took part in a training step since the optimizer last stepped.
+        self.register_buffer(
+            "touched",
+            torch.zeros(self.num_local, dtype=torch.bool, device=device),
+            persistent=False,
+        )
+        self.accuracy = torch.zeros((), device=device)
+        self.last_sampled: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the centres from N(0, 0.01^2), a class's centre depending only on
+        ``(seed, class id)``, so every world size starts from the same global matrix."""
+        k, d = self.num_subcenters, self.embedding_size
+        stop = self.class_start + self.num_local
+        first_block = self.class_start // _INIT_BLOCK_CLASSES
+        with torch.no_grad():
+            for block in range(first_block, -(-stop // _INIT_BLOCK_CLASSES)):
+                block_start = block * _INIT_BLOCK_CLASSES
+                block_rows = min(_INIT_BLOCK_CLASSES, self.num_classes - block_start)
+                seed = np.random.SeedSequence([self.seed, block]).generate_state(1)[0]
+                generator = torch.Generator().manual_seed(int(seed))
+                values = torch.randn(block_rows * k, d, generator=generator) * _INIT_STD
+                lo, hi = max(self.class_start, block_start), min(stop, block_start + block_rows)
+                self.weight[(lo - self.class_start) * k : (hi - self.class_start) * k] = values[
+                    (lo - block_start) * k : (hi - block_start) * k
+                ]
+
+    def set_margins(self, margins: MarginSpec, which: str | None = None) -> None:
+        """Replace the margin (one value, one per class, or a ``.txt`` file) at run time."""
+        self.margin.set_margins(margins, which)
+
+    def touched_rows(self) -> torch.Tensor | None:
+        """Rows of ``weight`` used since :meth:`clear_touched`, or None when every
+        step uses every class (``sample_rate == 1``)."""
+        if self.sample_rate >= 1.0:
+            return None
+        classes = self.touched.nonzero().squeeze(1)
+        k = self.num_subcenters
+        return (classes[:, None] * k + torch.arange(k, device=classes.device)).reshape(-1)
+
+    def clear_touched(self) -> None:
+        self.touched.zero_()
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if self.ignore_index is not None:
+            bad &= labels != self.ignore_index
+        if bool(bad.any()):
+            first = labels[bad][0].item()
+            raise ValueError(
+                f"label {first} is outside [0, num_classes={self.num_classes})"
+                + (
+                    ""
+                    if self.ignore_index is None
+                    else f" and is not ignore_index={self.ignore_index}"
+                )
+            )
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"expected embeddings of shape (batch, {self.embedding_size}), got "
+                f"{tuple(local_embeddings.shape)}"
+            )
+        compute_dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
+            embeddings, labels, _ = gather_batch(
+                local_embeddings.to(compute_dtype), local_labels.to(torch.int64), self.group
+            )
+            if self.validate_labels:
+                self._check_labels(labels)
+            valid = torch.ones_like(labels, dtype=torch.bool)
+            if self.ignore_index is not None:
+                valid = labels != self.ignore_index
+            local = labels - self.class_start
+            owned = valid & (local >= 0) & (local < self.num_local)
+            local = torch.where(owned, local, torch.zeros_like(local))
+            training = self.training and torch.is_grad_enabled()
+            sampled = None
+            target_col = torch.where(owned, local, torch.full_like(local, -1))
+            if training and self.sample_rate < 1.0 and self.num_local > 0:
+                sampled, target_col = self._sample(local, owned)
+            if training:
+                if sampled is None:
+                    self.touched.fill_(True)
+                else:
+                    self.touched[sampled] = True
+            self.last_sampled = sampled
+            loss, correct = MarginSoftmaxCE.apply(
+                embeddings,
+                self.weight.to(compute_dtype),
+                sampled,
+                target_col,
+                torch.where(valid, labels, torch.zeros_like(labels)),
+                valid,
+                self.margin,
+                self.num_steps,
+                self.num_subcenters,
+                self.chunk_classes,
+                self.group,
+            )
+            self.accuracy = correct.sum() / valid.sum().clamp(min=1)
+            if training:
+                self.num_steps += 1
+        return loss
+
+    def _sample(
+        self, local: torch.Tensor, owned: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classes of this step and each sample's column among them (-1: not here)."""
+        hits = torch.zeros(self.num_local, dtype=torch.int64, device=local.device)
+        hits.index_add_(0, local, owned.to(torch.int64))
+        generator = sampling_generator(self.seed, self.num_steps, self.class_start, local.device)
+        sampled = sample_classes(hits > 0, self.sample_rate, generator)
+        column_of = torch.full((self.num_local,), -1, dtype=torch.int64, device=local.device)
+        column_of[sampled] = torch.arange(sampled.shape[0], device=local.device)
+        return sampled, torch.where(owned, column_of[local], torch.full_like(local, -1))
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"num_steps": self.num_steps}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.num_steps = int(state["num_steps"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, class_start={self.class_start}, "
+            f"num_local={self.num_local}, embedding_size={self.embedding_size}, "
+            f"num_subcenters={self.num_subcenters}, sample_rate={self.sample_rate}, "
+            f"chunk_classes={self.chunk_classes}"
+        )

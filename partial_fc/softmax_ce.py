@@ -1,0 +1,237 @@
+"""Exact margin-softmax cross-entropy over classes sharded across ranks.
+
+Shapes: B global batch, D embedding size, K sub-centres per class, and this
+rank's classes in use: S (all ``num_local`` classes, or the sampled ones).
+
+Forward. The classes in use are visited in chunks of at most ``chunk_classes``.
+For each chunk the cosines ``(B, chunk)`` are formed (max over sub-centres),
+the target entries replaced by the margin's target logit, and an online
+log-sum-exp keeps one running ``(max, sum)`` pair per sample. Two all-reduces
+then make the statistics global: MAX of ``[local max logit, max cosine]`` and
+SUM of ``[rescaled exp-sum, target logit, target cosine]``. The loss is the mean
+over valid samples of ``logsumexp - target_logit``, computed in the log domain:
+no probability is clamped, so no per-sample loss is capped.
+
+Backward needs no collective: ``d loss / d logit = (softmax - onehot) / n``
+uses only the local logits and the global log-sum-exp. With one chunk the
+forward keeps its exponentiated block for the backward (three matrix products
+in all); with several, each block is recomputed (four), so at most one
+``(B, chunk)`` logits block is alive at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from partial_fc.collectives import all_reduce_
+from partial_fc.margins import CombinedMargin
+
+_NORM_EPS = 1e-12
+
+
+def _chunk_weight(
+    weight: torch.Tensor, sampled: torch.Tensor | None, start: int, stop: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of classes ``[start, stop)`` of the classes in use: ``((stop-start)*K, D)``
+    and, under sampling, their row indices into ``weight``."""
+    if sampled is None:
+        return weight[start * k : stop * k], None
+    rows = (sampled[start:stop, None] * k + torch.arange(k, device=weight.device)).reshape(-1)
+    return weight.index_select(0, rows), rows
+
+
+def _class_cosines(
+    xn: torch.Tensor, wn: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cosines ``(B, w)`` of each class (max over its K sub-centres) and the
+    winning sub-centre ``(B, w)`` (None for K = 1)."""
+    cos = xn @ wn.t()
+    if k == 1:
+        return cos, None
+    best = cos.view(cos.shape[0], -1, k).max(dim=2)
+    return best.values, best.indices
+
+
+def _normalise(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    norms = rows.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+    return rows / norms, norms
+
+
+def _normalise_backward(grad_unit: torch.Tensor, unit: torch.Tensor, norms: torch.Tensor):
+    """Gradient through ``unit = rows / |rows|``: ``(g - unit * <unit, g>) / |rows|``."""
+    return (grad_unit - unit * (unit * grad_unit).sum(dim=1, keepdim=True)) / norms
+
+
+class MarginSoftmaxCE(torch.autograd.Function):
+    """``loss, correct = MarginSoftmaxCE.apply(embeddings, weight, sampled, target_col,
+    labels, valid, margin, step, num_subcenters, chunk_classes, group)``
+
+    Args:
+        embeddings: ``(B, D)`` gathered embeddings of the whole group (not normalised).
+        weight: ``(num_local * K, D)`` this rank's class centres.
+        sampled: ``(S,)`` local class indices in use, or None for all classes.
+        target_col: ``(B,)`` int64, the column (index into the classes in use) of
+            each sample's class where this rank owns it and the sample is valid, else -1.
+        labels: ``(B,)`` global class ids (for per-class margins).
+        valid: ``(B,)`` bool, False for ignored samples.
+        margin, step: the target-logit function and the step it is evaluated at.
+
+    Returns:
+        ``loss``: 0-dim, mean over valid samples of the exact cross-entropy over
+        all classes of all ranks (the same value on every rank); ``correct``:
+        ``(B,)`` bool, the target's cosine is the largest (top-1), non-differentiable.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        embeddings: torch.Tensor,
+        weight: torch.Tensor,
+        sampled: torch.Tensor | None,
+        target_col: torch.Tensor,
+        labels: torch.Tensor,
+        valid: torch.Tensor,
+        margin: CombinedMargin,
+        step: int,
+        num_subcenters: int,
+        chunk_classes: int,
+        group: ProcessGroup | None,
+    ):
+        k = num_subcenters
+        xn, x_norms = _normalise(embeddings)
+        batch = xn.shape[0]
+        num_used = sampled.shape[0] if sampled is not None else weight.shape[0] // k
+        owned = target_col >= 0
+        neg_inf = float("-inf")
+        local_max = xn.new_full((batch,), neg_inf)
+        local_sum = xn.new_zeros(batch)
+        max_cos = xn.new_full((batch,), neg_inf)
+        target_cos = xn.new_zeros(batch)
+        target_logit = xn.new_zeros(batch)
+        target_slope = xn.new_zeros(batch)
+        kept_block = kept_choice = None
+        single_chunk = num_used <= chunk_classes
+
+        for start in range(0, num_used, chunk_classes):
+            stop = min(num_used, start + chunk_classes)
+            w_rows, _ = _chunk_weight(weight, sampled, start, stop, k)
+            wn, _ = _normalise(w_rows)
+            cos, choice = _class_cosines(xn, wn, k)
+            del wn, w_rows
+            max_cos = torch.maximum(max_cos, cos.max(dim=1).values)
+
+            in_chunk = owned & (target_col >= start) & (target_col < stop)
+            col = (target_col - start).clamp(0, stop - start - 1).unsqueeze(1)
+            chunk_target_cos = cos.gather(1, col).squeeze(1)
+            logit, slope = margin.target_logit(chunk_target_cos, labels, step)
+            target_cos = torch.where(in_chunk, chunk_target_cos, target_cos)
+            target_logit = torch.where(in_chunk, logit, target_logit)
+            target_slope = torch.where(in_chunk, slope, target_slope)
+
+            logits = cos.mul_(margin.scale)
+            logits.scatter_(
+                1, col, torch.where(in_chunk, logit, logits.gather(1, col).squeeze(1))[:, None]
+            )
+            new_max = torch.maximum(local_max, logits.max(dim=1).values)
+            exps = logits.sub_(new_max[:, None]).exp_()
+            local_sum = local_sum * torch.exp(local_max - new_max) + exps.sum(dim=1)
+            local_max = new_max
+            if single_chunk:
+                kept_block, kept_choice = exps, choice
+            del cos, logits, exps
+
+        stats_max = all_reduce_(torch.stack([local_max, max_cos]), dist.ReduceOp.MAX, group)
+        global_max, max_cos = stats_max[0], stats_max[1]
+        # A rank with no classes has local_max = -inf and local_sum = 0: it adds 0.
+        rescaled = torch.where(
+            local_sum > 0, local_sum * torch.exp(local_max - global_max), local_sum
+        )
+        stats_sum = all_reduce_(
+            torch.stack([rescaled, target_logit, target_cos]), dist.ReduceOp.SUM, group
+        )
+        log_sum_exp = global_max + torch.log(stats_sum[0])
+        per_sample = torch.where(valid, log_sum_exp - stats_sum[1], torch.zeros_like(log_sum_exp))
+        num_valid = valid.sum().clamp(min=1).to(per_sample.dtype)
+        loss = per_sample.sum() / num_valid
+        correct = valid & (stats_sum[2] >= max_cos)
+
+        ctx.mark_non_differentiable(correct)
+        ctx.save_for_backward(
+            xn, x_norms, weight, target_col, target_logit, target_slope, log_sum_exp,
+            local_max, valid, num_valid,
+            *(t for t in (sampled, kept_block, kept_choice) if t is not None),
+        )  # fmt: skip
+        ctx.has_sampled = sampled is not None
+        ctx.has_kept = kept_block is not None
+        ctx.has_choice = kept_choice is not None
+        ctx.kept_consumed = False
+        ctx.scale, ctx.k, ctx.chunk_classes, ctx.num_used = margin.scale, k, chunk_classes, num_used
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor | None):
+        (xn, x_norms, weight, target_col, target_logit, target_slope, log_sum_exp,
+         local_max, valid, num_valid, *rest) = ctx.saved_tensors  # fmt: skip
+        sampled = rest.pop(0) if ctx.has_sampled else None
+        kept_block = rest.pop(0) if ctx.has_kept else None
+        kept_choice = rest.pop(0) if ctx.has_choice else None
+        k, scale, chunk_classes, num_used = ctx.k, ctx.scale, ctx.chunk_classes, ctx.num_used
+        need_embeddings, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+
+        # d loss / d logit_ij = row_scale_i * (p_ij - [j == target_i])
+        row_scale = (grad_loss / num_valid) * valid.to(xn.dtype)
+        owned = target_col >= 0
+        grad_xn = torch.zeros_like(xn)
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+
+        for start in range(0, num_used, chunk_classes):
+            stop = min(num_used, start + chunk_classes)
+            w_rows, row_index = _chunk_weight(weight, sampled, start, stop, k)
+            wn, w_norms = _normalise(w_rows)
+            del w_rows
+            in_chunk = owned & (target_col >= start) & (target_col < stop)
+            col = (target_col - start).clamp(0, stop - start - 1).unsqueeze(1)
+            if kept_block is not None and not ctx.kept_consumed:
+                # p = exp(logit - local_max) * exp(local_max - lse), reusing the block in place;
+                # a second backward (retain_graph) recomputes instead.
+                probs = kept_block.mul_(torch.exp(local_max - log_sum_exp)[:, None])
+                choice = kept_choice
+                ctx.kept_consumed = True
+            else:
+                cos, choice = _class_cosines(xn, wn, k)
+                logits = cos.mul_(scale)
+                logits.scatter_(
+                    1,
+                    col,
+                    torch.where(in_chunk, target_logit, logits.gather(1, col).squeeze(1))[:, None],
+                )
+                probs = logits.sub_(log_sum_exp[:, None]).exp_()
+            target_prob = probs.gather(1, col).squeeze(1)
+            # Off-target entries: d loss / d cos = scale * row_scale * p.
+            grad_cos = probs.mul_((row_scale * scale)[:, None])
+            # The target entry goes through the margin: slope = d logit / d cos.
+            grad_target = row_scale * (target_prob - 1.0) * target_slope
+            grad_cos.scatter_(
+                1,
+                col,
+                torch.where(in_chunk, grad_target, grad_cos.gather(1, col).squeeze(1))[:, None],
+            )
+            if k > 1:
+                # Only the winning sub-centre of each class receives the gradient.
+                spread = grad_cos.new_zeros((grad_cos.shape[0], grad_cos.shape[1], k))
+                spread.scatter_(2, choice.unsqueeze(2), grad_cos.unsqueeze(2))
+                grad_cos = spread.view(grad_cos.shape[0], -1)
+            if need_embeddings:
+                grad_xn.addmm_(grad_cos, wn)
+            if need_weight:
+                grad_w = _normalise_backward(grad_cos.t() @ xn, wn, w_norms)
+                if row_index is None:
+                    grad_weight[start * k : stop * k] = grad_w
+                else:
+                    grad_weight.index_copy_(0, row_index, grad_w)
+            del grad_cos, probs, wn
+
+        grad_embeddings = _normalise_backward(grad_xn, xn, x_norms) if need_embeddings else None
+        return grad_embeddings, grad_weight, None, None, None, None, None, None, None, None, None

@@ -1,0 +1,345 @@
+"""The sharded head equals a plain single-process dense computation (loss,
+gradients to the embeddings and to every weight shard, accuracy) on 1 to 4
+gloo ranks, for every margin kind, sub-centres, chunking and ragged batches."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from partial_fc import ArcFace, CombinedMargin, CosFace, PartialFC, SphereFace, adaptive_margins
+from partial_fc.sharding import class_range
+from tests.distributed import run_ranks
+from tests.head_reference import MarginSpec, dense_loss
+
+EMBEDDING_SIZE = 6
+BATCH_SIZES = {1: [6], 2: [5, 2], 3: [4, 0, 3], 4: [3, 1, 5, 2]}
+SAMPLE_RATE = 0.5
+
+
+def _per_class(num_classes: int) -> list[float]:
+    return [0.1 + 0.5 * ((7 * c) % num_classes) / num_classes for c in range(num_classes)]
+
+
+def _counts(num_classes: int) -> list[int]:
+    return [1 + (c * 13) % 9 for c in range(num_classes)]
+
+
+# name -> (builder of the head's margin, the reference's MarginSpec), both given C.
+MARGINS = {
+    "arcface": (lambda c: ArcFace(64.0, 0.5), lambda c: MarginSpec(64.0, m2=0.5)),
+    "arcface_easy": (
+        lambda c: ArcFace(64.0, 0.5, easy_margin=True),
+        lambda c: MarginSpec(64.0, m2=0.5, easy_margin=True),
+    ),
+    "arcface_straight_through": (
+        lambda c: ArcFace(64.0, 0.5, straight_through=True),
+        lambda c: MarginSpec(64.0, m2=0.5, straight_through=True),
+    ),
+    "cosface": (lambda c: CosFace(64.0, 0.35), lambda c: MarginSpec(64.0, m2=0.0, m3=0.35)),
+    "sphereface": (lambda c: SphereFace(30.0, 4), lambda c: MarginSpec(30.0, m1=4.0, m2=0.0)),
+    "sphereface_annealed": (
+        # At step 0 the A-Softmax lambda is lambda_base.
+        lambda c: SphereFace(30.0, 3, annealing=True, lambda_base=2.0, lambda_min=0.5),
+        lambda c: MarginSpec(30.0, m1=3.0, m2=0.0, sphere_lambda=2.0),
+    ),
+    "combined": (
+        lambda c: CombinedMargin(32.0, 1.2, 0.3, 0.2),
+        lambda c: MarginSpec(32.0, m1=1.2, m2=0.3, m3=0.2),
+    ),
+    "combined_unit_m1": (
+        lambda c: CombinedMargin(64.0, 1.0, 0.3, 0.2),
+        lambda c: MarginSpec(64.0, m1=1.0, m2=0.3, m3=0.2),
+    ),
+    "per_class_arcface": (
+        lambda c: ArcFace(64.0, _per_class(c)),
+        lambda c: MarginSpec(64.0, m2=_per_class(c)),
+    ),
+    "adaptive_cosface": (
+        lambda c: CosFace(64.0, adaptive_margins(_counts(c))),
+        lambda c: MarginSpec(64.0, m2=0.0, m3=adaptive_margins(_counts(c)).tolist()),
+    ),
+}
+
+
+def _case_data(
+    seed: int, num_classes: int, k: int, world_size: int, few_classes: bool, ignore: bool
+):
+    """Global float64 data of one case: embeddings near, far from and opposite
+    their centres, so every margin branch (incl. theta + m > pi) is taken."""
+    g = torch.Generator().manual_seed(seed)
+    batch = sum(BATCH_SIZES[world_size])
+    weight = torch.randn(num_classes * k, EMBEDDING_SIZE, generator=g, dtype=torch.float64)
+    high = max(1, num_classes // 2) if few_classes else num_classes
+    labels = torch.randint(0, high, (batch,), generator=g)
+    pull = torch.tensor([1.0, 0.0, -1.0, 0.6, -0.8])[torch.arange(batch) % 5].to(torch.float64)
+    centre = weight[labels * k] / weight[labels * k].norm(dim=1, keepdim=True)
+    noise = 0.3 * torch.randn(batch, EMBEDDING_SIZE, generator=g, dtype=torch.float64)
+    embeddings = 2.0 * (pull[:, None] * centre + noise)
+    if ignore:
+        labels[1] = -1
+    return embeddings, weight, labels
+
+
+def _cases(world_size: int) -> list[dict]:
+    cases = []
+    seed = 0
+    for name in MARGINS:
+        for num_classes in (7, 10, 37):
+            for k in (1, 3):
+                seed += 1
+                cases.append(
+                    dict(
+                        name=name,
+                        seed=seed,
+                        num_classes=num_classes,
+                        k=k,
+                        few_classes=num_classes == 37,  # some ranks own no positive
+                        ignore=name == "arcface" and k == 3,
+                        world_size=world_size,
+                    )
+                )
+    return cases
+
+
+def _run_head(rank: int, world_size: int, case: dict, chunk: int, sample_rate: float = 1.0):
+    embeddings, weight, labels = _case_data(
+        case["seed"],
+        case["num_classes"],
+        case["k"],
+        world_size,
+        case["few_classes"],
+        case["ignore"],
+    )
+    sizes = BATCH_SIZES[world_size]
+    lo = sum(sizes[:rank])
+    head = PartialFC(
+        case["num_classes"],
+        EMBEDDING_SIZE,
+        MARGINS[case["name"]][0](case["num_classes"]),
+        num_subcenters=case["k"],
+        sample_rate=sample_rate,
+        chunk_classes=chunk,
+        ignore_index=-1 if case["ignore"] else None,
+        dtype=torch.float64,
+    )
+    k = case["k"]
+    with torch.no_grad():
+        head.weight.copy_(weight[head.class_start * k : (head.class_start + head.num_local) * k])
+    local = embeddings[lo : lo + sizes[rank]].clone().requires_grad_(True)
+    loss = head(local, labels[lo : lo + sizes[rank]])
+    loss.backward()
+    sampled = None if head.last_sampled is None else (head.last_sampled + head.class_start)
+    return dict(
+        loss=loss.detach(),
+        grad_embeddings=local.grad,
+        grad_weight=head.weight.grad,
+        class_start=head.class_start,
+        num_local=head.num_local,
+        accuracy=float(head.accuracy),
+        sampled=sampled,
+    )
+
+
+def _run_matrix(rank: int, world_size: int) -> list[list[dict]]:
+    torch.set_default_dtype(torch.float64)
+    out = []
+    for case in _cases(world_size):
+        out.append([_run_head(rank, world_size, case, chunk) for chunk in (2, 1 << 20)])
+    return out
+
+
+def _check(case: dict, per_rank: list[dict], classes: torch.Tensor | None = None) -> None:
+    world_size = case["world_size"]
+    embeddings, weight, labels = _case_data(
+        case["seed"],
+        case["num_classes"],
+        case["k"],
+        world_size,
+        case["few_classes"],
+        case["ignore"],
+    )
+    embeddings.requires_grad_(True)
+    weight.requires_grad_(True)
+    spec = MARGINS[case["name"]][1](case["num_classes"])
+    loss, correct = dense_loss(
+        embeddings, weight, labels, spec, case["k"], -1 if case["ignore"] else None, classes
+    )
+    loss.backward()
+    keep = labels != -1
+    expected_accuracy = float(correct[keep].double().mean())
+    sizes = BATCH_SIZES[world_size]
+    k = case["k"]
+    where = f"{case['name']} C={case['num_classes']} K={k} W={world_size}"
+    for rank, got in enumerate(per_rank):
+        start, count = class_range(case["num_classes"], rank, world_size)
+        assert (got["class_start"], got["num_local"]) == (start, count), where
+        torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-7, atol=1e-5, msg=where)
+        lo = sum(sizes[:rank])
+        torch.testing.assert_close(
+            got["grad_embeddings"], embeddings.grad[lo : lo + sizes[rank]], rtol=1e-6, atol=1e-5,
+            msg=f"embedding grad, rank {rank}, {where}",
+        )  # fmt: skip
+        torch.testing.assert_close(
+            got["grad_weight"], weight.grad[start * k : (start + count) * k], rtol=1e-6, atol=1e-5,
+            msg=f"weight grad, rank {rank}, {where}",
+        )  # fmt: skip
+        assert got["accuracy"] == pytest.approx(expected_accuracy), where
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_head_matches_dense_reference(world_size: int) -> None:
+    results = run_ranks(_run_matrix, world_size)
+    torch.set_default_dtype(torch.float32)
+    for i, case in enumerate(_cases(world_size)):
+        for chunk_index in range(2):  # chunked and unchunked both equal the reference
+            _check(case, [results[r][i][chunk_index] for r in range(world_size)])
+
+
+def _run_sampled(rank: int, world_size: int) -> list[dict]:
+    out = []
+    for case in _cases(world_size):
+        if (
+            case["name"] in ("arcface", "per_class_arcface", "combined")
+            and case["num_classes"] == 37
+        ):
+            out.append(_run_head(rank, world_size, case, chunk=3, sample_rate=SAMPLE_RATE))
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_sampled_head_matches_dense_reference_on_the_sampled_classes(world_size: int) -> None:
+    results = run_ranks(_run_sampled, world_size)
+    cases = [
+        c
+        for c in _cases(world_size)
+        if c["name"] in ("arcface", "per_class_arcface", "combined") and c["num_classes"] == 37
+    ]
+    assert len(results[0]) == len(cases)
+    for i, case in enumerate(cases):
+        per_rank = [results[r][i] for r in range(world_size)]
+        _, _, labels = _case_data(case["seed"], 37, case["k"], world_size, True, case["ignore"])
+        positives = set(labels[labels >= 0].tolist())
+        for got in per_rank:
+            own = {
+                c
+                for c in positives
+                if got["class_start"] <= c < got["class_start"] + got["num_local"]
+            }
+            expected = min(got["num_local"], max(len(own), round(SAMPLE_RATE * got["num_local"])))
+            assert got["sampled"].numel() == expected
+            assert own <= set(got["sampled"].tolist())
+        classes = torch.cat([got["sampled"] for got in per_rank])
+        _check(case, per_rank, classes)
+
+
+def test_adaptive_margins_formula_and_equal_counts() -> None:
+    counts = torch.tensor([1, 16, 81, 0])
+    margins = adaptive_margins(counts, m_min=0.05, m_max=0.5, power=-0.25)
+    f = torch.tensor([1.0, 0.5, 1 / 3, 1.0])  # n ** -0.25, zero counted as one
+    expected = 0.45 * (f - f.min()) / (f.max() - f.min()) + 0.05
+    torch.testing.assert_close(margins, expected.double())
+    same = adaptive_margins([5, 5, 5])
+    assert torch.isfinite(same).all() and torch.equal(
+        same, torch.full((3,), 0.5, dtype=torch.float64)
+    )
+
+
+def test_margin_derivative_matches_autograd_of_its_value() -> None:
+    torch.manual_seed(0)
+    cos = torch.linspace(-0.999, 0.999, 301, dtype=torch.float64)
+    classes = torch.zeros_like(cos, dtype=torch.int64)
+    for margin in (
+        ArcFace(64.0, 0.5),
+        ArcFace(64.0, 0.5, easy_margin=True),
+        CosFace(64.0, 0.35),
+        SphereFace(30.0, 4),
+        SphereFace(30.0, 2.5, annealing=True),
+        CombinedMargin(32.0, 1.3, 0.2, 0.1),
+    ):
+        x = cos.clone().requires_grad_(True)
+        value, slope = margin.target_logit(x, classes, step=3)
+        (grad,) = torch.autograd.grad(value.sum(), x)
+        torch.testing.assert_close(slope, grad, msg=repr(margin))
+        if not margin.easy_margin:  # easy_margin jumps back up at 90 degrees by design
+            # The target logit never increases with the angle (cosine falling).
+            assert bool((value[1:] >= value[:-1] - 1e-9).all()), repr(margin)
+
+
+def test_sphereface_lambda_schedule() -> None:
+    margin = SphereFace(annealing=True)
+    assert margin.annealing_lambda(0) == 1000.0
+    assert margin.annealing_lambda(100) == pytest.approx(1000.0 / (1 + 0.12 * 100))
+    assert margin.annealing_lambda(10**6) == 5.0
+    assert SphereFace().annealing_lambda(10) == 0.0
+
+
+def test_per_class_margins_from_file_and_set_margins(tmp_path) -> None:
+    path = tmp_path / "margins.txt"
+    path.write_text("# one per class\n0.1\n0.2\n\n0.3\n")
+    head = PartialFC(3, 4, ArcFace(64.0, str(path)), dtype=torch.float64)
+    torch.testing.assert_close(head.margin.m2, torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+    head.set_margins([0.4, 0.5, 0.6])
+    torch.testing.assert_close(head.margin.m2, torch.tensor([0.4, 0.5, 0.6], dtype=torch.float64))
+    with pytest.raises(ValueError, match="expected 1 or num_classes=3"):
+        head.set_margins([0.1, 0.2])
+    path.write_text("0.1\nabc\n")
+    with pytest.raises(ValueError, match=r"margins.txt:2: not a margin value"):
+        ArcFace(64.0, str(path))
+    with pytest.raises(ValueError, match="2 per-class margins but num_classes=3"):
+        PartialFC(3, 4, ArcFace(64.0, [0.1, 0.2]))
+
+
+@pytest.mark.parametrize("bad", [-2, 10, 123])
+def test_out_of_range_labels_raise(bad: int) -> None:
+    head = PartialFC(10, 4, ArcFace())
+    labels = torch.tensor([1, bad, 3])
+    with pytest.raises(ValueError, match=rf"label {bad} is outside \[0, num_classes=10\)"):
+        head(torch.randn(3, 4), labels)
+
+
+def test_ignore_index_must_not_be_a_class() -> None:
+    with pytest.raises(ValueError, match="ignore_index=3 is a real class id"):
+        PartialFC(10, 4, ArcFace(), ignore_index=3)
+
+
+def test_loss_is_not_capped() -> None:
+    # A sample pointing away from its centre with a large scale: arcface_torch's
+    # clamped probability would cap this loss at 69.08.
+    head = PartialFC(2, 2, CosFace(scale=100.0, margin=0.0), dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64))
+    loss = head(torch.tensor([[-1.0, 0.0]], dtype=torch.float64), torch.tensor([0]))
+    assert loss.item() == pytest.approx(200.0 + math.log1p(math.exp(-200.0)))
+
+
+def test_head_computes_in_fp32_under_autocast() -> None:
+    torch.manual_seed(0)
+    head = PartialFC(20, 8, ArcFace())
+    x = torch.randn(6, 8)
+    y = torch.randint(0, 20, (6,))
+    plain = head(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head(x.to(torch.bfloat16), y)
+    assert mixed.dtype == torch.float32
+    # Only the bf16 rounding of the input embeddings differs.
+    reference = head(x.to(torch.bfloat16).float(), y)
+    torch.testing.assert_close(mixed, reference)
+    assert plain.dtype == torch.float32
+
+
+def test_initial_centres_do_not_depend_on_world_size() -> None:
+    full = PartialFC(37, 5, ArcFace(), num_subcenters=2, seed=3).weight
+    for world_size in (2, 3, 4):
+        for rank in range(world_size):
+            start, count = class_range(37, rank, world_size)
+            shard = torch.empty(count * 2, 5)
+            head = PartialFC.__new__(PartialFC)
+            torch.nn.Module.__init__(head)
+            head.num_classes, head.class_start, head.num_local = 37, start, count
+            head.num_subcenters, head.embedding_size, head.seed = 2, 5, 3
+            head.weight = torch.nn.Parameter(shard)
+            head.reset_parameters()
+            torch.testing.assert_close(head.weight, full[start * 2 : (start + count) * 2])
