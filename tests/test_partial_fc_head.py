@@ -343,3 +343,22 @@ def test_initial_centres_do_not_depend_on_world_size() -> None:
             head.weight = torch.nn.Parameter(shard)
             head.reset_parameters()
             torch.testing.assert_close(head.weight, full[start * 2 : (start + count) * 2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_head_on_cuda_matches_cpu_under_autocast() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 32)
+    y = torch.randint(0, 100, (16,))
+    results = []
+    for device in ("cpu", "cuda"):
+        head = PartialFC(100, 32, ArcFace(), num_subcenters=2, sample_rate=0.5, device=device)
+        xi = x.to(device).requires_grad_(True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = head(xi, y.to(device))
+        assert loss.dtype == torch.float32
+        loss.backward()
+        results.append((loss.detach().cpu(), xi.grad.cpu(), head.weight.grad.cpu()))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
