@@ -1,0 +1,55 @@
+"""ROC plots as PNG files (matplotlib's Agg canvas; no global backend change)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from eval.atomic import atomic_open
+
+
+def save_roc_png(
+    path: str | os.PathLike[str],
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    title: str = "ROC",
+    tar_at_far: Mapping[float, float] | None = None,
+) -> None:
+    """Write a log-FAR ROC plot of ``{label: (fpr, tpr)}`` curves to ``path`` (atomically).
+
+    ``tar_at_far`` (``{far: tar}``, from the first curve) is marked on the plot.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, (fpr, tpr) in curves.items():
+        fpr = np.asarray(fpr, dtype=np.float64)
+        keep = fpr > 0
+        ax.plot(fpr[keep], np.asarray(tpr)[keep], lw=1.2, label=label)
+    if tar_at_far:
+        xs = list(tar_at_far)
+        ax.scatter(xs, [tar_at_far[x] for x in xs], s=12, color="k", zorder=3)
+        for x in xs:
+            ax.annotate(
+                f"{100 * tar_at_far[x]:.2f}",
+                (x, tar_at_far[x]),
+                fontsize=7,
+                xytext=(2, -10),
+                textcoords="offset points",
+            )
+    ax.set_xscale("log")
+    ax.set_xlim(1e-6, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("False Positive Rate")
+    ax.set_ylabel("True Positive Rate")
+    ax.set_title(title)
+    ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
