@@ -185,8 +185,11 @@ class CheckpointManager:
         done = self.complete()
         for path in done[: max(len(done) - self.keep_last, 0)]:
             self._discard(path)
-        for stale in self.directory.glob(".trash-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        # Called after the rename, when no save of this job is in flight: leftovers of
+        # crashed saves (any step) and of interrupted deletions go.
+        for pattern in (".trash-*", ".tmp-step-*"):
+            for stale in self.directory.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
 
     # ----------------------------------------------------------------- finding
     @staticmethod
