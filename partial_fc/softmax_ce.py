@@ -42,12 +42,19 @@ def _chunk_weight(
     return weight.index_select(0, rows), rows
 
 
+def _inverse_norms(rows: torch.Tensor) -> torch.Tensor:
+    """``1 / |row|`` per row ``(n,)``, without materialising normalised rows."""
+    return torch.linalg.vector_norm(rows, dim=1).clamp_min(_NORM_EPS).reciprocal()
+
+
 def _class_cosines(
-    xn: torch.Tensor, wn: torch.Tensor, k: int
+    xn: torch.Tensor, w_rows: torch.Tensor, inv_norms: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cosines ``(B, w)`` of each class (max over its K sub-centres) and the
-    winning sub-centre ``(B, w)`` (None for K = 1)."""
-    cos = xn @ wn.t()
+    winning sub-centre ``(B, w)`` (None for K = 1). The weight rows are not
+    normalised; the ``(B, w*K)`` product is scaled by their inverse norms instead,
+    which touches B*w*K numbers rather than copying w*K*D."""
+    cos = (xn @ w_rows.t()).mul_(inv_norms)
     if k == 1:
         return cos, None
     best = cos.view(cos.shape[0], -1, k).max(dim=2)
@@ -62,6 +69,13 @@ def _normalise(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _normalise_backward(grad_unit: torch.Tensor, unit: torch.Tensor, norms: torch.Tensor):
     """Gradient through ``unit = rows / |rows|``: ``(g - unit * <unit, g>) / |rows|``."""
     return (grad_unit - unit * (unit * grad_unit).sum(dim=1, keepdim=True)) / norms
+
+
+def _weight_grad_(scaled_grad: torch.Tensor, w_rows: torch.Tensor, inv_norms: torch.Tensor):
+    """Turn ``A = (G / |w|)^T x_hat`` into the gradient through ``w / |w|`` in place:
+    ``A - w * <w, A> / |w|^2``."""
+    coef = torch.linalg.vecdot(w_rows, scaled_grad, dim=1) * inv_norms * inv_norms
+    return scaled_grad.addcmul_(w_rows, coef.unsqueeze(1), value=-1.0)
 
 
 class MarginSoftmaxCE(torch.autograd.Function):
@@ -117,9 +131,8 @@ class MarginSoftmaxCE(torch.autograd.Function):
         for start in range(0, num_used, chunk_classes):
             stop = min(num_used, start + chunk_classes)
             w_rows, _ = _chunk_weight(weight, sampled, start, stop, k)
-            wn, _ = _normalise(w_rows)
-            cos, choice = _class_cosines(xn, wn, k)
-            del wn, w_rows
+            cos, choice = _class_cosines(xn, w_rows, _inverse_norms(w_rows), k)
+            del w_rows
             max_cos = torch.maximum(max_cos, cos.max(dim=1).values)
 
             in_chunk = owned & (target_col >= start) & (target_col < stop)
@@ -184,13 +197,17 @@ class MarginSoftmaxCE(torch.autograd.Function):
         row_scale = (grad_loss / num_valid) * valid.to(xn.dtype)
         owned = target_col >= 0
         grad_xn = torch.zeros_like(xn)
-        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_weight = None
+        if need_weight:
+            # Every row is written below unless sampling leaves some out.
+            grad_weight = (
+                torch.zeros_like(weight) if sampled is not None else torch.empty_like(weight)
+            )
 
         for start in range(0, num_used, chunk_classes):
             stop = min(num_used, start + chunk_classes)
             w_rows, row_index = _chunk_weight(weight, sampled, start, stop, k)
-            wn, w_norms = _normalise(w_rows)
-            del w_rows
+            inv_norms = _inverse_norms(w_rows)
             in_chunk = owned & (target_col >= start) & (target_col < stop)
             col = (target_col - start).clamp(0, stop - start - 1).unsqueeze(1)
             if kept_block is not None and not ctx.kept_consumed:
@@ -200,7 +217,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
                 choice = kept_choice
                 ctx.kept_consumed = True
             else:
-                cos, choice = _class_cosines(xn, wn, k)
+                cos, choice = _class_cosines(xn, w_rows, inv_norms, k)
                 logits = cos.mul_(scale)
                 logits.scatter_(
                     1,
@@ -223,15 +240,20 @@ class MarginSoftmaxCE(torch.autograd.Function):
                 spread = grad_cos.new_zeros((grad_cos.shape[0], grad_cos.shape[1], k))
                 spread.scatter_(2, choice.unsqueeze(2), grad_cos.unsqueeze(2))
                 grad_cos = spread.view(grad_cos.shape[0], -1)
+            # d cos_ij / d x_hat_i = w_j / |w_j|: fold 1/|w_j| into the gradient block.
+            grad_cos.mul_(inv_norms)
             if need_embeddings:
-                grad_xn.addmm_(grad_cos, wn)
+                grad_xn.addmm_(grad_cos, w_rows)
             if need_weight:
-                grad_w = _normalise_backward(grad_cos.t() @ xn, wn, w_norms)
                 if row_index is None:
-                    grad_weight[start * k : stop * k] = grad_w
+                    target = grad_weight[start * k : stop * k]
+                    torch.mm(grad_cos.t(), xn, out=target)
+                    _weight_grad_(target, w_rows, inv_norms)
                 else:
-                    grad_weight.index_copy_(0, row_index, grad_w)
-            del grad_cos, probs, wn
+                    grad_weight.index_copy_(
+                        0, row_index, _weight_grad_(grad_cos.t() @ xn, w_rows, inv_norms)
+                    )
+            del grad_cos, probs, w_rows
 
         grad_embeddings = _normalise_backward(grad_xn, xn, x_norms) if need_embeddings else None
         return grad_embeddings, grad_weight, None, None, None, None, None, None, None, None, None
