@@ -23,10 +23,10 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     A leading ``module.`` (DDP) prefix is stripped from every key.
     """
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
     except Exception as exc:
         raise ValueError(f"{path}: not a loadable weights-only checkpoint: {exc}") from exc
     if not isinstance(state, Mapping):
