@@ -18,12 +18,12 @@ def get_config() -> Config:
     """Return the demo preset (sized for 2 CPU cores, a few minutes)."""
     return Config(
         name="demo",
-        model=ModelConfig(network="mbf_tiny", embedding_size=128),
+        model=ModelConfig(network="mbf_tiny", embedding_size=512),
         head=HeadConfig(loss="arcface", scale=32.0, margin=0.3, sample_rate=1.0),
         data=DataConfig(
             root="data/synthetic",
-            num_classes=200,
-            num_images=4000,
+            num_classes=400,
+            num_images=12000,
             batch_size=64,
             num_workers=1,
             image_size=112,

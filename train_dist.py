@@ -1,0 +1,107 @@
+"""Train a face-recognition model with a Partial-FC head.
+
+::
+
+    python train_dist.py CONFIG [key=value ...]                      # one process
+    torchrun --nproc_per_node=8 train_dist.py CONFIG [key=value ...]  # one node
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 \\
+        --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train_dist.py CONFIG
+
+CONFIG is a preset (``ms1mv2_r50``, ``configs/demo``, ...) or a ``.json``/``.toml``
+file; ``key=value`` overrides any field (``optimizer.lr=0.05``). The backend is
+``nccl`` on CUDA and ``gloo`` on CPU. This is the only place that initialises the
+process group; the loop lives in :class:`trainer.loop.Trainer` (see docs/training.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command line: a config spec and ``key=value`` overrides."""
+    parser = argparse.ArgumentParser(
+        description="Partial-FC face-recognition training (run under torchrun for >1 rank).",
+        epilog="Fields: python train_dist.py CONFIG --list-keys",
+    )
+    parser.add_argument("config", help="preset name, configs/<preset>, or a .json/.toml file")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    parser.add_argument("--list-keys", action="store_true", help="print every field and exit")
+    return parser.parse_args(argv)
+
+
+def init_distributed() -> tuple[int, int, int, str]:
+    """Join the job started by torchrun (if any): ``(rank, world, local_rank, device)``."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = f"cuda:{local_rank}", "nccl"
+    else:
+        device, backend = "cpu", "gloo"
+    if world > 1:
+        kwargs = {"device_id": torch.device(device)} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=timedelta(minutes=30), **kwargs)
+    return rank, world, local_rank, device
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = parse_args(argv)
+    from configs import ConfigError, describe, load_config, save_config
+
+    if args.list_keys:
+        for key, doc in describe():
+            print(f"{key:32s} {doc}")
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+    import torch
+    import torch.distributed as dist
+
+    from trainer.build import build_trainer
+    from trainer.distributed import DistContext
+    from trainer.monitor import setup_logging
+
+    rank, world, local_rank, device = init_distributed()
+    try:
+        if not torch.cuda.is_available():
+            # ranks share the CPU cores: do not oversubscribe them
+            torch.set_num_threads(
+                max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+            )
+        setup_logging(cfg.train.output, rank)
+        if rank == 0:
+            save_config(cfg, cfg.train.output)
+        ctx = DistContext(rank, world, local_rank, torch.device(device))
+        try:
+            trainer = build_trainer(cfg, ctx)
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
+        trainer.fit()
+        if rank == 0:
+            print(
+                f"outputs in {cfg.train.output}: config.json, train.log, tensorboard/, "
+                f"checkpoints/, backbone.pt"
+            )
+        return 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Assemble a :class:`~trainer.loop.Trainer` from a configuration: backbone, head, data,
+verification targets. Checks the configuration against the data before training."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from configs import Config, ConfigError, HeadConfig
+from trainer.distributed import DistContext
+from trainer.loop import Evaluator, Trainer
+from trainer.rng import seed_everything
+
+log = logging.getLogger("trainer")
+
+
+def build_margin(cfg: HeadConfig) -> torch.nn.Module:
+    """The margin object of ``head.loss``."""
+    from partial_fc import ArcFace, CombinedMargin, CosFace, SphereFace
+
+    if cfg.loss == "arcface":
+        return ArcFace(cfg.scale, cfg.margin)
+    if cfg.loss == "cosface":
+        return CosFace(cfg.scale, cfg.margin)
+    if cfg.loss == "sphereface":
+        return SphereFace(cfg.scale, cfg.margin)
+    return CombinedMargin(cfg.scale, cfg.m1, cfg.m2, cfg.m3)
+
+
+def build_head(cfg: Config, device: torch.device) -> torch.nn.Module:
+    """This rank's :class:`partial_fc.PartialFC` shard (default process group)."""
+    from partial_fc import PartialFC
+
+    kwargs = {} if cfg.head.chunk_size is None else {"chunk_classes": cfg.head.chunk_size}
+    return PartialFC(
+        cfg.data.num_classes,
+        cfg.model.embedding_size,
+        build_margin(cfg.head),
+        num_subcenters=cfg.head.num_subcenters,
+        sample_rate=cfg.head.sample_rate,
+        seed=cfg.train.seed,
+        device=device,
+        **kwargs,
+    )
+
+
+def build_backbone(cfg: Config) -> torch.nn.Module:
+    """``backbones.get_model`` for ``model.*``, with the option named on a bad keyword."""
+    from backbones import get_model
+
+    try:
+        return get_model(
+            cfg.model.network, embedding_size=cfg.model.embedding_size, **cfg.model.kwargs
+        )
+    except ValueError as exc:
+        raise ConfigError(f"model.network: {exc}") from None
+    except TypeError as exc:
+        raise ConfigError(f"model.kwargs: {exc}") from None
+
+
+def build_loader(cfg: Config, ctx: DistContext):  # -> datasets.loader.FaceLoader
+    """The training loader; checks ``data.num_classes`` and ``data.num_images``."""
+    from datasets.dataset import open_dataset
+    from datasets.loader import FaceLoader
+
+    root = Path(cfg.data.root)
+    if not root.exists():
+        raise ConfigError(f"data.root: {str(root)!r} does not exist")
+    try:
+        dataset = open_dataset(root, flip=cfg.data.random_flip, num_classes=cfg.data.num_classes)
+    except ValueError as exc:
+        raise ConfigError(f"data.num_classes: {exc}") from None
+    if dataset.num_classes != cfg.data.num_classes:
+        raise ConfigError(
+            f"data.num_classes={cfg.data.num_classes} but {root} holds {dataset.num_classes}"
+        )
+    if len(dataset) != cfg.data.num_images:
+        raise ConfigError(f"data.num_images={cfg.data.num_images} but {root} holds {len(dataset)}")
+    return FaceLoader(
+        dataset,
+        batch_size=cfg.data.batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=cfg.train.seed,
+        num_workers=cfg.data.num_workers,
+        device=ctx.device,
+    )
+
+
+def resolve_target(cfg: Config, name: str) -> Path:
+    """``eval.targets`` entry -> ``.bin`` path (a path, or a name under ``data.root``)."""
+    path = Path(name)
+    if path.suffix == ".bin" and path.exists():
+        return path
+    candidate = Path(cfg.data.root) / f"{name}.bin"
+    if candidate.exists():
+        return candidate
+    raise ConfigError(f"eval.targets: no {candidate} (nor a file {name!r})")
+
+
+def build_evaluator(cfg: Config) -> Evaluator | None:
+    """A collective verification callable over the configured ``.bin`` targets."""
+    if not cfg.eval.targets:
+        return None
+    from eval.verification import load_bin, verify_targets
+
+    targets = {}
+    for name in cfg.eval.targets:
+        path = resolve_target(cfg, name)
+        targets[Path(name).stem] = load_bin(str(path), image_size=(cfg.data.image_size,) * 2)
+    batch_size = cfg.eval.batch_size
+
+    def evaluate(model: torch.nn.Module) -> dict[str, dict[str, float]]:
+        return verify_targets(model, targets, batch_size=batch_size)
+
+    return evaluate
+
+
+def build_trainer(cfg: Config, ctx: DistContext) -> Trainer:
+    """Everything from the configuration; resumes per ``checkpoint.resume``."""
+    seed_everything(cfg.train.seed)  # identical initial backbone on every rank
+    backbone = build_backbone(cfg)
+    head = build_head(cfg, ctx.device)
+    loader = build_loader(cfg, ctx)
+    evaluator = build_evaluator(cfg)
+    seed_everything(cfg.train.seed + 1_000_003 * (ctx.rank + 1))  # per-rank streams
+    trainer = Trainer(cfg, backbone, head, loader, ctx, evaluator)
+    trainer.maybe_resume()
+    return trainer
