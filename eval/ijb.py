@@ -110,7 +110,7 @@ def template_features(
         each feature is the sum over the template's media of the mean of that
         media's faces, L2-normalised.
     """
-    feats = np.asarray(feats, dtype=np.float64)
+    feats = np.asarray(feats)
     templates = np.asarray(templates).reshape(-1)
     medias = np.asarray(medias).reshape(-1)
     if not (len(feats) == len(templates) == len(medias)):
@@ -118,18 +118,28 @@ def template_features(
             f"{len(feats)} features, {len(templates)} template ids, {len(medias)} media ids"
         )
     keys = np.stack([templates, medias], axis=1)
-    groups, group_of = np.unique(keys, axis=0, return_inverse=True)
+    groups, group_of = np.unique(keys, axis=0, return_inverse=True)  # sorted (template, media)
     group_of = group_of.reshape(-1)
-    sums = np.zeros((len(groups), feats.shape[1]))
-    np.add.at(sums, group_of, feats)
-    counts = np.bincount(group_of, minlength=len(groups)).astype(np.float64)
-    media_means = sums / counts[:, None]
-    template_ids, template_of = np.unique(groups[:, 0], return_inverse=True)
-    pooled = np.zeros((len(template_ids), feats.shape[1]))
-    np.add.at(pooled, template_of.reshape(-1), media_means)
+    counts = np.bincount(group_of, minlength=len(groups))
+    media_sums = _grouped_sums(feats, group_of, len(groups))
+    media_means = media_sums / counts[:, None]
+    template_ids, first = np.unique(groups[:, 0], return_index=True)
+    pooled = np.add.reduceat(media_means, first, axis=0)
     norm = np.sqrt(np.einsum("ij,ij->i", pooled, pooled))
     norm[norm == 0] = 1.0
     return template_ids, pooled / norm[:, None]
+
+
+def _grouped_sums(
+    feats: np.ndarray, group_of: np.ndarray, n_groups: int, chunk_rows: int = 65536
+) -> np.ndarray:
+    """Float64 per-group row sums of ``feats (N, D)``, ``chunk_rows`` rows at a time."""
+    sums = torch.zeros((n_groups, feats.shape[1]), dtype=torch.float64)
+    index = torch.from_numpy(np.ascontiguousarray(group_of, dtype=np.int64))
+    for r0 in range(0, len(feats), chunk_rows):
+        block = torch.from_numpy(np.asarray(feats[r0 : r0 + chunk_rows], dtype=np.float64))
+        sums.index_add_(0, index[r0 : r0 + chunk_rows], block)
+    return sums.numpy()
 
 
 def pair_scores(

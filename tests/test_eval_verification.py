@@ -306,6 +306,15 @@ def test_evaluate_matches_reference(seed, n_pairs, noise):
     assert 0.0 < ours[3] < 1.0  # the VAL branch was really exercised
 
 
+def test_l2_normalize_is_sklearn_normalize_bitwise():
+    preprocessing = pytest.importorskip("sklearn.preprocessing")
+    x = np.random.default_rng(4).normal(size=(300, 512)).astype(np.float32) * 20
+    x[3] = 0
+    ours = l2_normalize(x)
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, preprocessing.normalize(x))
+
+
 def test_evaluate_rejects_bad_shapes():
     with pytest.raises(ValueError, match="len\\(issame\\) = 3"):
         evaluate(np.zeros((4, 2)), [True, False, True])
