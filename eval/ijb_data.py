@@ -13,6 +13,7 @@ IJB-B uses the same files with the ``ijbb_`` prefix.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -66,15 +67,39 @@ def meta_paths(root: str, target: str) -> dict[str, str]:
     }
 
 
-def _read_int_table(path: str, columns: int) -> np.ndarray:
+def _read_int_table(path: str, columns: int, block_bytes: int = 1 << 26) -> np.ndarray:
+    """Whitespace-separated integer table -> ``(rows, columns)`` int64, read in blocks.
+
+    IJB-C's pair file has 15.7M lines: it is parsed by NumPy block by block
+    instead of being split into Python strings.
+    """
+    parts: list[np.ndarray] = []
+    tail = ""
     with open(path) as f:
-        tokens = f.read().split()
-    if len(tokens) % columns:
+        while True:
+            block = f.read(block_bytes)
+            text = tail + block
+            if block:
+                cut = text.rfind("\n") + 1
+                text, tail = text[:cut], text[cut:]
+            if text.strip():
+                parts.append(_parse_ints(text, path))
+            if not block:
+                break
+    values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if values.size % columns:
         raise ValueError(f"{path}: expected {columns} whitespace-separated columns per line")
-    try:
-        return np.array(tokens, dtype=np.int64).reshape(-1, columns)
-    except ValueError as exc:
-        raise ValueError(f"{path}: non-integer value ({exc})") from exc
+    return values.reshape(-1, columns)
+
+
+def _parse_ints(text: str, path: str) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            return np.fromstring(text, dtype=np.int64, sep=" ")
+        except (ValueError, DeprecationWarning) as exc:
+            bad = next((t for t in text.split() if not t.lstrip("+-").isdigit()), "?")
+            raise ValueError(f"{path}: non-integer value {bad!r}") from exc
 
 
 def _read_name_table(path: str, columns: int) -> tuple[list[str], list[list[str]]]:
