@@ -74,7 +74,9 @@ def _normalise_backward(grad_unit: torch.Tensor, unit: torch.Tensor, norms: torc
 def _weight_grad_(scaled_grad: torch.Tensor, w_rows: torch.Tensor, inv_norms: torch.Tensor):
     """Turn ``A = (G / |w|)^T x_hat`` into the gradient through ``w / |w|`` in place:
     ``A - w * <w, A> / |w|^2``."""
-    coef = torch.linalg.vecdot(w_rows, scaled_grad, dim=1) * inv_norms * inv_norms
+    # Row-wise dot product as a batched (1 x D) @ (D x 1): no (n, D) temporary.
+    row_dot = torch.bmm(w_rows.unsqueeze(1), scaled_grad.unsqueeze(2)).view(-1)
+    coef = row_dot * inv_norms * inv_norms
     return scaled_grad.addcmul_(w_rows, coef.unsqueeze(1), value=-1.0)
 
 

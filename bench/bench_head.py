@@ -1,0 +1,181 @@
+"""Head benchmark: forward+backward time and peak memory growth per rank.
+
+Runs on 2 gloo ranks with one thread each (``--world-size``, ``--threads``),
+for C_local classes per rank, B_global samples and D dims, next to
+  * the three bare matrix products of the same shapes (the limit), and
+  * a straightforward dense head on the same shard (full logits, autograd).
+
+Memory is the growth of the process's peak resident set during one step, with
+the peak reset just before it (Linux ``/proc/self/clear_refs``); on CUDA it is
+``max_memory_allocated`` growth. Prints one Markdown table (rank 0).
+
+    .venv/bin/python -m bench.bench_head                  # the issue's grid
+    .venv/bin/python -m bench.bench_head --classes 20000 --steps 2   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from partial_fc import ArcFace, PartialFC
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _measure(step: Callable[[], None], device: torch.device, steps: int) -> tuple[float, float]:
+    """Median seconds per call and peak memory growth (MiB) of one call."""
+    step()  # warm-up: allocator, lazy init
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        growth = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        base = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset VmHWM to the current RSS
+        step()
+        growth = (_status_kib("VmHWM") - base) / 1024
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), growth
+
+
+def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file: str) -> None:
+    torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = (
+        torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+        if cuda
+        else torch.device("cpu")
+    )
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+    )
+    local_batch = args.batch // world_size
+    rows = []
+    for classes in args.classes:
+        generator = torch.Generator().manual_seed(rank)
+        x = torch.randn(local_batch, args.dim, generator=generator).to(device)
+        labels = torch.randint(0, classes * world_size, (local_batch,), generator=generator).to(
+            device
+        )
+
+        # The limit: forward logits, gradient to embeddings, gradient to weights.
+        w = torch.randn(classes, args.dim, device=device) * 0.01
+        xg = torch.randn(args.batch, args.dim, device=device)
+        grad_logits = torch.randn(args.batch, classes, device=device)
+
+        def bare() -> None:
+            torch.mm(xg, w.t())
+            torch.mm(grad_logits, w)
+            torch.mm(grad_logits.t(), xg)
+
+        bare_time, _ = _measure(bare, device, args.steps)
+        del grad_logits
+
+        # A plain dense head on this shard: full logits and autograd.
+        dense_w = w.clone().requires_grad_(True)
+        dense_labels = labels % classes
+        margin = 0.5
+
+        # Each step drops its gradients at the end, so the next measurement's
+        # baseline holds only the weights and the inputs.
+        def dense() -> None:
+            xi = x.clone().requires_grad_(True)
+            cos = F.normalize(xi) @ F.normalize(dense_w).t()
+            target = cos.gather(1, dense_labels[:, None]).clamp(-1 + 1e-7, 1 - 1e-7)
+            logits = cos.scatter(1, dense_labels[:, None], torch.cos(torch.acos(target) + margin))
+            F.cross_entropy(64.0 * logits, dense_labels).backward()
+            dense_w.grad = None
+
+        dense_time, dense_mem = _measure(dense, device, args.steps)
+        del dense_w
+        grad_mib = classes * args.dim * 4 / 2**20
+        for rate in args.sample_rates:
+            head = PartialFC(
+                classes * world_size, args.dim, ArcFace(), sample_rate=rate, device=device,
+                chunk_classes=args.chunk or classes,
+            )  # fmt: skip
+
+            def step(head: PartialFC = head) -> None:
+                xi = x.clone().requires_grad_(True)
+                head(xi, labels).backward()
+                head.weight.grad = None
+
+            head_time, head_mem = _measure(step, device, args.steps)
+            rows.append(
+                (classes, rate, head_time, bare_time, dense_time, head_mem, grad_mib, dense_mem)
+            )
+            del head
+    dist.barrier()
+    if rank == 0:
+        print(
+            f"\nworld size {world_size}, {args.threads} thread(s)/rank, B_global {args.batch}, "
+            f"D {args.dim}, device {device.type}, chunk {args.chunk or 'all'}\n"
+        )
+        print(
+            "| C_local | sample_rate | head s/step | 3 bare products s | head / bare | "
+            "dense s/step | head mem growth MiB | / weight grad | dense mem growth MiB |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for classes, rate, ht, bt, dt, hm, gm, dm in rows:
+            print(
+                f"| {classes:,} | {rate} | {ht:.3f} | {bt:.3f} | {ht / bt:.2f}x | {dt:.3f} | "
+                f"{hm:.0f} | {hm / gm:.2f}x | {dm:.0f} |"
+            )
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--classes", type=int, nargs="+", default=[50_000, 100_000, 200_000],
+                        help="C_local values (classes per rank)")  # fmt: skip
+    parser.add_argument("--sample-rates", type=float, nargs="+", default=[1.0, 0.1])
+    parser.add_argument("--batch", type=int, default=256, help="B_global")
+    parser.add_argument("--dim", type=int, default=512, help="D")
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    parser.add_argument("--chunk", type=int, default=0, help="chunk_classes (0: all in one)")
+    parser.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
+    args = parser.parse_args()
+    # Fixed mmap threshold: every large tensor gets its own mapping, returned to the
+    # OS when freed, so resident-set growth tracks live tensors (glibc otherwise
+    # raises the threshold and recycles freed blocks invisibly).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        mp.spawn(_bench_rank, args=(args.world_size, args, init_file), nprocs=args.world_size)
+
+
+if __name__ == "__main__":
+    main()
