@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -66,6 +67,30 @@ def _measure(step: Callable[[], None], device: torch.device, steps: int) -> tupl
     return statistics.median(times), growth
 
 
+def _bare_products(x: torch.Tensor, w: torch.Tensor, grad_logits: torch.Tensor) -> None:
+    torch.mm(x, w.t())
+    torch.mm(grad_logits, w)
+    torch.mm(grad_logits.t(), x)
+
+
+# Each step drops its gradients at the end, so the next measurement's baseline
+# holds only the weights and the inputs.
+def _dense_step(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> None:
+    """A straightforward dense ArcFace head on one shard: full logits, autograd."""
+    xi = x.clone().requires_grad_(True)
+    cos = F.normalize(xi) @ F.normalize(w).t()
+    target = cos.gather(1, labels[:, None]).clamp(-1 + 1e-7, 1 - 1e-7)
+    logits = cos.scatter(1, labels[:, None], torch.cos(torch.acos(target) + 0.5))
+    F.cross_entropy(64.0 * logits, labels).backward()
+    w.grad = None
+
+
+def _head_step(head: PartialFC, x: torch.Tensor, labels: torch.Tensor) -> None:
+    xi = x.clone().requires_grad_(True)
+    head(xi, labels).backward()
+    head.weight.grad = None
+
+
 def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file: str) -> None:
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available() and not args.cpu
@@ -93,45 +118,20 @@ def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file:
         w = torch.randn(classes, args.dim, device=device) * 0.01
         xg = torch.randn(args.batch, args.dim, device=device)
         grad_logits = torch.randn(args.batch, classes, device=device)
-
-        def bare() -> None:
-            torch.mm(xg, w.t())
-            torch.mm(grad_logits, w)
-            torch.mm(grad_logits.t(), xg)
-
-        bare_time, _ = _measure(bare, device, args.steps)
+        bare_time, _ = _measure(partial(_bare_products, xg, w, grad_logits), device, args.steps)
         del grad_logits
 
-        # A plain dense head on this shard: full logits and autograd.
         dense_w = w.clone().requires_grad_(True)
-        dense_labels = labels % classes
-        margin = 0.5
-
-        # Each step drops its gradients at the end, so the next measurement's
-        # baseline holds only the weights and the inputs.
-        def dense() -> None:
-            xi = x.clone().requires_grad_(True)
-            cos = F.normalize(xi) @ F.normalize(dense_w).t()
-            target = cos.gather(1, dense_labels[:, None]).clamp(-1 + 1e-7, 1 - 1e-7)
-            logits = cos.scatter(1, dense_labels[:, None], torch.cos(torch.acos(target) + margin))
-            F.cross_entropy(64.0 * logits, dense_labels).backward()
-            dense_w.grad = None
-
-        dense_time, dense_mem = _measure(dense, device, args.steps)
-        del dense_w
+        dense_step = partial(_dense_step, x, dense_w, labels % classes)
+        dense_time, dense_mem = _measure(dense_step, device, args.steps)
+        del dense_w, dense_step
         grad_mib = classes * args.dim * 4 / 2**20
         for rate in args.sample_rates:
             head = PartialFC(
                 classes * world_size, args.dim, ArcFace(), sample_rate=rate, device=device,
                 chunk_classes=args.chunk or classes,
             )  # fmt: skip
-
-            def step(head: PartialFC = head) -> None:
-                xi = x.clone().requires_grad_(True)
-                head(xi, labels).backward()
-                head.weight.grad = None
-
-            head_time, head_mem = _measure(step, device, args.steps)
+            head_time, head_mem = _measure(partial(_head_step, head, x, labels), device, args.steps)
             rows.append(
                 (classes, rate, head_time, bare_time, dense_time, head_mem, grad_mib, dense_mem)
             )
