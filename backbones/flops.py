@@ -23,12 +23,15 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 def count_macs(model: nn.Module, input_size: int = 112) -> int:
     """Multiply-accumulates of one forward pass on a ``(1, 3, s, s)`` input.
 
-    The model is run in eval mode (restored afterwards) without gradients.
+    The model is run in eval mode (restored afterwards) without gradients, on
+    the device of its parameters.
     """
     was_training = model.training
     model.eval()
     try:
-        x = torch.zeros(1, 3, input_size, input_size)
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        x = torch.zeros(1, 3, input_size, input_size, device=device)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
