@@ -78,10 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank, world, local_rank, device = init_distributed()
     try:
         if not torch.cuda.is_available():
-            # ranks share the CPU cores: do not oversubscribe them
-            torch.set_num_threads(
-                max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-            )
+            # CPU ranks share the cores: oversubscribed OpenMP threads spin and crawl
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            threads = int(os.environ.get("OMP_NUM_THREADS", "0"))
+            torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
         setup_logging(cfg.train.output, rank)
         if rank == 0:
             save_config(cfg, cfg.train.output)

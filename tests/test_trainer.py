@@ -25,6 +25,16 @@ from trainer.schedule import WarmupPoly
 IN_DIM, EMB, CLASSES = 12, 8, 11
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread (as each spawned rank has): the suite shares 2 cores, and
+    oversubscribed OpenMP threads spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class TensorLoader:
     """In-memory loader over (x, y) with the project's world-size-independent sampler."""
 

@@ -11,7 +11,14 @@ import torch
 
 import trainer.checkpoint as checkpoint_module
 from tests.distributed import run_ranks
-from tests.test_trainer import TensorLoader, dataset, gather_state, make_cfg, make_trainer
+from tests.test_trainer import (  # noqa: F401 (one_thread is an autouse fixture)
+    TensorLoader,
+    dataset,
+    gather_state,
+    make_cfg,
+    make_trainer,
+    one_thread,
+)
 from trainer.checkpoint import CheckpointManager
 
 # 96 samples, global batch 24 -> 4 steps per epoch; 3 epochs -> 12 steps.
