@@ -37,10 +37,11 @@ def collate_uint8(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, 
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: one thread per worker, RNGs seeded per worker."""
-    import cv2
+    """DataLoader ``worker_init_fn``: one torch thread per worker, RNGs seeded per worker.
 
-    cv2.setNumThreads(1)
+    OpenCV's thread count is deliberately not changed here: ``cv2.setNumThreads`` in a
+    forked child whose parent already ran a parallel OpenCV call deadlocks.
+    """
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32  # base_seed + worker_id, set by the DataLoader
     random.seed(seed)
