@@ -47,6 +47,16 @@ def _cv2():
     return cv2
 
 
+_NOISE: list[np.ndarray] = []
+
+
+def _noise_bank() -> np.ndarray:
+    """A fixed (256, 256, 3) standard-normal field; each image adds a random crop of it."""
+    if not _NOISE:
+        _NOISE.append(np.random.default_rng(0x5EED).standard_normal((256, 256, 3), np.float32))
+    return _NOISE[0]
+
+
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
 
@@ -328,15 +338,22 @@ def render_face(ident: Identity, rng: np.random.Generator, quality: int | None =
     # --- illumination, blur, noise
     f = img.astype(np.float32)
     theta = rng.uniform(0, 2 * np.pi)
+    slope = rng.uniform(0, 0.35)
     xs = (np.arange(SIZE, dtype=np.float32) - 56) / 56
-    grad = np.cos(theta) * xs[None, :] + np.sin(theta) * xs[:, None]
-    gain = rng.uniform(0.65, 1.3) * (1 + rng.uniform(0, 0.35) * grad)
+    gain = np.add.outer(
+        np.float32(np.sin(theta) * slope) * xs, np.float32(np.cos(theta) * slope) * xs
+    )
+    gain += 1
+    gain *= np.float32(rng.uniform(0.65, 1.3))
     cast = rng.uniform(0.85, 1.15, 3).astype(np.float32)
-    f *= gain[:, :, None] * cast[None, None, :]
+    f *= gain[:, :, None]
+    f *= cast
     sigma = float(rng.uniform(0, 1.3))
     if sigma > 0.3:
         f = cv2.GaussianBlur(f, (0, 0), sigma)
-    f += rng.standard_normal(f.shape, dtype=np.float32) * np.float32(rng.uniform(0, 6))
+    bank = _noise_bank()
+    oy, ox = (int(v) for v in rng.integers(0, bank.shape[0] - SIZE, 2))
+    f += bank[oy : oy + SIZE, ox : ox + SIZE] * np.float32(rng.uniform(0, 6))
     img = np.clip(f, 0, 255).astype(np.uint8)
     q = int(rng.integers(40, 96)) if quality is None else quality
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, q])
