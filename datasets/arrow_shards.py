@@ -272,10 +272,17 @@ class ArrowDataset(FaceDataset):
         if not 0 <= index < self._len:
             raise IndexError(f"index {index} outside [0, {self._len}) in {self.shard_dir}")
         b = int(np.searchsorted(self._starts, index, side="right")) - 1
-        labels, offsets, data, keys, where = self._batches[b]
+        labels, offsets, data = self._batches[b][:3]
         row = index - int(self._starts[b])
-        payload = data[offsets[row] : offsets[row + 1]]
-        return payload, int(labels[row]), f"{where} row {row} (source key {int(keys[row])})"
+        return data[offsets[row] : offsets[row + 1]], int(labels[row]), None
+
+    def _where(self, index: int) -> str:
+        if self._pid != os.getpid():
+            self._open()
+        b = int(np.searchsorted(self._starts, index, side="right")) - 1
+        _, _, _, keys, where = self._batches[b]
+        row = index - int(self._starts[b])
+        return f"{where} row {row} (source key {int(keys[row])})"
 
 
 # ----------------------------------------------------------------------------- rec writers

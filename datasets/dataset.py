@@ -4,8 +4,8 @@ All share one contract. ``dataset[i]`` or ``dataset[(i, aug_seed)]`` (what
 :class:`datasets.sampler.DistributedFaceSampler` yields) returns ``(image, label)``:
 
 * ``output="float"`` (default): ``image`` float32 tensor ``(3, 112, 112)`` RGB in ``[-1, 1]``;
-* ``output="uint8"``: ``image`` uint8 tensor ``(112, 112, 3)`` RGB (normalise batches later
-  with :func:`datasets.transforms.normalize_batch`; the loader does this);
+* ``output="uint8"``: ``image`` uint8 tensor ``(112, 112, 3)`` in OpenCV's BGR order (turn
+  batches into RGB floats with :func:`datasets.transforms.normalize_batch`; the loader does);
 * ``label`` is an ``int`` in ``[0, num_classes)``.
 
 With ``flip=True`` the image is mirrored left-right with probability 1/2, decided by
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +30,20 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets.face_layout import image_label, inspect_layout, scan_num_classes
-from datasets.recordio import IndexedRecordIO, RecordIOError, unpack
+from datasets.recordio import MAGIC, IndexedRecordIO, RecordIOError, unpack
 from datasets.transforms import (
     IMAGE_SIZE,
     ImageDecodeError,
-    decode_rgb,
+    decode_bgr,
     flip_from_seed,
     to_float_chw,
     to_uint8_hwc,
 )
 
 log = logging.getLogger(__name__)
+
+_FAST_HEAD = struct.Struct("<IIIf")  # record magic, lrec, IRHeader flag, IRHeader label
+_LEN_MASK = (1 << 29) - 1
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -69,8 +73,13 @@ class FaceDataset(Dataset):
         self.num_skipped = 0
         self._rng = random.Random()
 
-    def _load(self, index: int) -> tuple[bytes, int, str]:
+    def _load(self, index: int) -> tuple[bytes | memoryview, int, str | None]:
+        """``(encoded image, label, description or None)`` of sample ``index``."""
         raise NotImplementedError
+
+    def _where(self, index: int) -> str:
+        """Where sample ``index`` lives (file, key, byte offset), for error messages."""
+        return f"{type(self).__name__} sample {index}"
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -88,16 +97,21 @@ class FaceDataset(Dataset):
             flip = self.flip and self._rng.random() < 0.5
         n = len(self)
         for attempt in range(min(n, 64)):
-            payload, label, where = self._load((index + attempt) % n)
+            i = (index + attempt) % n
+            payload, label, where = self._load(i)
             if not 0 <= label < self.num_classes:
                 raise LabelRangeError(
-                    f"{where}: label {label} is outside [0, num_classes={self.num_classes})"
+                    f"{where or self._where(i)}: label {label} is outside "
+                    f"[0, num_classes={self.num_classes})"
                 )
-            try:
-                img = decode_rgb(payload, where)
-            except ImageDecodeError as exc:
+            img = decode_bgr(payload, None)
+            if img is None:
+                exc = ImageDecodeError(
+                    f"{where or self._where(i)}: OpenCV cannot decode {len(payload)} bytes as an "
+                    "image"
+                )
                 if not self.skip_corrupt:
-                    raise
+                    raise exc
                 self.num_skipped += 1
                 log.warning("skipping corrupt image (%d skipped so far): %s", self.num_skipped, exc)
                 continue
@@ -133,6 +147,7 @@ class RecordIODataset(FaceDataset):
         rec_path = Path(rec_path)
         idx_path = Path(idx_path) if idx_path is not None else rec_path.with_suffix(".idx")
         self.reader = IndexedRecordIO(idx_path, rec_path, "r")
+        self._offsets: np.ndarray | None = None
         layout = inspect_layout(self.reader)
         self.image_keys = layout.image_keys
         self.face_layout = layout.face_layout
@@ -152,15 +167,29 @@ class RecordIODataset(FaceDataset):
     def __len__(self) -> int:
         return len(self.image_keys)
 
-    def _load(self, index: int) -> tuple[bytes, int, str]:
+    def _where(self, index: int) -> str:
+        key = int(self.image_keys[index])
+        return f"{self.reader.uri} key {key} at byte offset {self.reader.idx[key]}"
+
+    def _load(self, index: int) -> tuple[bytes | memoryview, int, str | None]:
+        if self._offsets is None:
+            idx = self.reader.idx
+            self._offsets = np.fromiter((idx[int(k)] for k in self.image_keys), np.int64)
+        off = int(self._offsets[index])
+        buf = self.reader._buffer()
+        # fast path: a single-part record whose header carries a scalar label
+        if off + 32 <= len(buf):
+            magic, lrec, flag, label = _FAST_HEAD.unpack_from(buf, off)
+            end = off + 8 + (lrec & _LEN_MASK)
+            if magic == MAGIC and lrec >> 29 == 0 and flag == 0 and end <= len(buf):
+                return memoryview(buf)[off + 32 : end], round(label), None
         key = int(self.image_keys[index])
         raw = self.reader.read_idx(key)
-        where = f"{self.reader.uri} key {key} at byte offset {self.reader.idx[key]}"
         try:
             header, payload = unpack(raw)
         except RecordIOError as exc:
-            raise RecordIOError(f"{where}: {exc}") from None
-        return payload, image_label(header), where
+            raise RecordIOError(f"{self._where(index)}: {exc}") from None
+        return payload, image_label(header), None
 
 
 class ImageFolderDataset(FaceDataset):

@@ -342,7 +342,10 @@ class MXRecordIO:
             os.chmod(self._tmp, 0o644)
             os.replace(self._tmp, self.uri)
         if isinstance(self._map, mmap.mmap) and self._pid == os.getpid():
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:  # zero-copy views of records are still alive
+                pass
         self._map = None
 
     def abort(self) -> None:

@@ -1,80 +1,87 @@
 """Image decoding and the training transform, with OpenCV only (no torchvision).
 
-The pipeline per image is: decode JPEG/PNG to RGB uint8 ``(H, W, 3)`` → resize to 112×112 if
-needed → optional horizontal flip → float32 in ``[-1, 1]`` as ``(pixel - 127.5) / 127.5``.
+The pipeline per image is: decode JPEG/PNG with OpenCV (BGR, its fastest path) → resize to
+112×112 if needed → optional horizontal flip → RGB float32 in ``[-1, 1]`` as
+``(pixel - 127.5) / 127.5``.
 
 Two output forms:
 
 * :func:`to_float_chw` gives the Dataset contract, a float32 tensor of shape ``(3, 112, 112)``
   (a channels-last view of an HWC buffer; ``torch.stack`` in collation makes it NCHW).
-* :func:`to_uint8_hwc` keeps uint8 ``(112, 112, 3)``; the loader ships these between processes
-  (4× less memory traffic) and normalises whole batches with :func:`normalize_batch`.
+* :func:`to_uint8_hwc` keeps BGR uint8 ``(112, 112, 3)``; the loader ships these between
+  processes (4× less memory traffic) and converts whole batches to RGB float with
+  :func:`normalize_batch`, on the training device.
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 
 IMAGE_SIZE = 112
 
 
-def _cv2():  # imported lazily so that importing this module has no side effects
-    import cv2
-
-    return cv2
-
-
 class ImageDecodeError(ValueError):
     """An image payload OpenCV cannot decode."""
 
 
+def decode_bgr(buf: bytes | memoryview | np.ndarray, where: str | None = "image") -> np.ndarray:
+    """Decode an encoded image to BGR uint8 ``(H, W, 3)`` (OpenCV's fastest colour path).
+
+    Raises :class:`ImageDecodeError` naming ``where``; with ``where=None`` returns ``None``
+    for an undecodable image instead (the Dataset builds its message only then).
+    """
+    arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, np.uint8)
+    img = cv2.imdecode(arr, cv2.IMREAD_COLOR)
+    if img is None:
+        if where is None:
+            return None
+        raise ImageDecodeError(f"{where}: OpenCV cannot decode {arr.size} bytes as an image")
+    return img
+
+
 def decode_rgb(buf: bytes | memoryview | np.ndarray, where: str = "image") -> np.ndarray:
     """Decode an encoded image to RGB uint8 ``(H, W, 3)``; raises :class:`ImageDecodeError`."""
-    cv2 = _cv2()
-    arr = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
-    flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
-    img = cv2.imdecode(arr, flag if flag is not None else cv2.IMREAD_COLOR)
-    if img is None:
-        raise ImageDecodeError(f"{where}: OpenCV cannot decode {arr.size} bytes as an image")
-    if flag is None:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return img
+    return cv2.cvtColor(decode_bgr(buf, where), cv2.COLOR_BGR2RGB)
 
 
 def _fit(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[0] != size or img.shape[1] != size:
-        img = _cv2().resize(img, (size, size), interpolation=_cv2().INTER_AREA)
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
     return img
 
 
 def to_float_chw(img: np.ndarray, flip: bool, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """RGB uint8 ``(H, W, 3)`` → float32 tensor ``(3, size, size)`` in ``[-1, 1]``.
+    """BGR uint8 ``(H, W, 3)`` (as decoded) → RGB float32 tensor ``(3, size, size)`` in [-1, 1].
 
     ``flip`` mirrors left-right. The result is a channels-last view (strides ``(1, 3W, 3)``).
     """
-    cv2 = _cv2()
-    img = _fit(img, size)
+    img = cv2.cvtColor(_fit(img, size), cv2.COLOR_BGR2RGB)
     if flip:
-        img = cv2.flip(img, 1)
+        cv2.flip(img, 1, dst=img)
     out = cv2.addWeighted(img, 1.0 / 127.5, img, 0.0, -1.0, dtype=cv2.CV_32F)
-    return torch.from_numpy(out).permute(2, 0, 1)
+    return torch.from_numpy(out.transpose(2, 0, 1))
 
 
 def to_uint8_hwc(img: np.ndarray, flip: bool, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """RGB uint8 ``(H, W, 3)`` → uint8 tensor ``(size, size, 3)``, flipped if asked."""
+    """BGR uint8 ``(H, W, 3)`` → BGR uint8 tensor ``(size, size, 3)``, flipped if asked.
+
+    The channel order is left as decoded; :func:`normalize_batch` turns it into RGB.
+    """
     img = _fit(img, size)
     if flip:
-        img = _cv2().flip(img, 1)
-    return torch.from_numpy(np.ascontiguousarray(img))
+        img = cv2.flip(img, 1)
+    return torch.from_numpy(img)
 
 
 def normalize_batch(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` → contiguous float32 ``(N, 3, H, W)`` in ``[-1, 1]``.
+    """BGR uint8 ``(N, H, W, 3)`` → contiguous RGB float32 ``(N, 3, H, W)`` in ``[-1, 1]``.
 
     Works on any device; run it after moving the uint8 batch to the GPU.
     """
-    x = batch.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    x = batch.flip(3).permute(0, 3, 1, 2)
+    x = x.to(torch.float32, memory_format=torch.contiguous_format)
     return x.mul_(1.0 / 127.5).sub_(1.0)
 
 

@@ -49,7 +49,7 @@ def test_rec_arrow_rec_roundtrip(synth: Path, tmp_path: Path) -> None:
     _same_samples(src, arrow)
     img, label = arrow[3]
     assert img.shape == (3, 112, 112) and label == 0
-    assert arrow._load(12)[2].endswith("(source key 13)")
+    assert arrow._where(12).endswith("(source key 13)")
     shards_to_rec(tmp_path / "sh", tmp_path / "back", progress=False)
     for f in ("train.rec", "train.idx", "property"):
         assert (tmp_path / "back" / f).read_bytes() == (synth / f).read_bytes(), f
