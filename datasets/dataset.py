@@ -195,12 +195,18 @@ class RecordIODataset(FaceDataset):
 class ImageFolderDataset(FaceDataset):
     """``root/<identity>/<image>`` folders; identities are labelled in sorted name order."""
 
-    def __init__(self, root: str | os.PathLike, **kwargs: Any) -> None:
+    def __init__(
+        self, root: str | os.PathLike, num_classes: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.root = Path(root)
         self.files, labels, self.classes = list_image_folder(self.root)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.num_classes = len(self.classes)
+        if num_classes is not None and num_classes != self.num_classes:
+            raise ValueError(
+                f"num_classes={num_classes} was given, {self.root} holds {self.num_classes}"
+            )
 
     def __len__(self) -> int:
         return len(self.files)

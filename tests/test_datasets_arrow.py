@@ -91,6 +91,8 @@ def test_image_folder_and_split(tmp_path: Path) -> None:
             img = np.full((120, 100, 3), 30 * c + 5 * j, np.uint8)
             cv2.imwrite(str(tmp_path / "imgs" / name / f"{j}.jpg"), img)
     folder = ImageFolderDataset(tmp_path / "imgs")
+    with pytest.raises(ValueError, match="num_classes=3 was given"):
+        open_dataset(tmp_path / "imgs", num_classes=3)
     assert folder.classes == ["alice", "bob"] and folder.num_classes == 2
     x, y = folder[0]
     assert y == 0
