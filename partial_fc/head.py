@@ -3,7 +3,7 @@ distributed margin-softmax loss over all of them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from partial_fc.collectives import gather_batch, rank_and_world_size
 from partial_fc.margins import CombinedMargin, MarginSpec
 from partial_fc.sampling import sample_classes, sampling_generator
 from partial_fc.sharding import class_range
-from partial_fc.softmax_ce import MarginSoftmaxCE
+from partial_fc.softmax_ce import CEOptions, MarginSoftmaxCE
 
 # Weights are drawn in fixed blocks of global classes, each from its own seed, so
 # a class's initial centre is the same whatever the world size.
@@ -60,6 +60,11 @@ class PartialFC(nn.Module):
             ``[0, num_classes)``), or None.
         validate_labels: check every label lies in ``[0, num_classes)`` (one host
             sync per step on GPU); out-of-range labels raise ``ValueError``.
+        interclass_filtering_threshold: negatives whose cosine to a sample exceeds
+            it are treated as label conflicts (None: off). ``interclass_filtering_mode``
+            "remove" drops them from that sample's softmax denominator; "zero" is
+            the reference implementation's behaviour (cosine set to 0, so the entry
+            still counts as ``exp(0)``). Neither passes gradient to such entries.
         device, dtype: of the weight (fp32 by default; the head computes in at
             least fp32 even under autocast).
 
@@ -83,6 +88,8 @@ class PartialFC(nn.Module):
         seed: int = 0,
         ignore_index: int | None = None,
         validate_labels: bool = True,
+        interclass_filtering_threshold: float | None = None,
+        interclass_filtering_mode: Literal["remove", "zero"] = "remove",
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -100,6 +107,18 @@ class PartialFC(nn.Module):
                 f"ignore_index={ignore_index} is a real class id; use a value outside "
                 f"[0, {num_classes})"
             )
+        if interclass_filtering_mode not in ("remove", "zero"):
+            raise ValueError(
+                "interclass_filtering_mode must be 'remove' or 'zero', got "
+                f"{interclass_filtering_mode!r}"
+            )
+        if interclass_filtering_threshold is not None and not (
+            -1.0 <= interclass_filtering_threshold <= 1.0
+        ):
+            raise ValueError(
+                "interclass_filtering_threshold is a cosine in [-1, 1], got "
+                f"{interclass_filtering_threshold}"
+            )
         if not isinstance(margin, CombinedMargin):
             raise TypeError(
                 f"margin must be a CombinedMargin (ArcFace, CosFace, ...), got {margin!r}"
@@ -115,6 +134,8 @@ class PartialFC(nn.Module):
         self.seed = seed
         self.ignore_index = ignore_index
         self.validate_labels = validate_labels
+        self.interclass_filtering_threshold = interclass_filtering_threshold
+        self.interclass_filtering_mode = interclass_filtering_mode
         margin.check_num_classes(num_classes)
         self.margin = margin
         self.num_steps = 0
@@ -210,6 +231,15 @@ class PartialFC(nn.Module):
                 else:
                     self.touched[sampled] = True
             self.last_sampled = sampled
+            options = CEOptions(
+                margin=self.margin,
+                step=self.num_steps,
+                num_subcenters=self.num_subcenters,
+                chunk_classes=self.chunk_classes,
+                group=self.group,
+                filter_threshold=self.interclass_filtering_threshold,
+                filter_mode=self.interclass_filtering_mode,
+            )
             loss, correct = MarginSoftmaxCE.apply(
                 embeddings,
                 self.weight.to(compute_dtype),
@@ -217,11 +247,7 @@ class PartialFC(nn.Module):
                 target_col,
                 torch.where(valid, labels, torch.zeros_like(labels)),
                 valid,
-                self.margin,
-                self.num_steps,
-                self.num_subcenters,
-                self.chunk_classes,
-                self.group,
+                options,
             )
             self.accuracy = correct.sum() / valid.sum().clamp(min=1)
             if training:

@@ -17,9 +17,19 @@ uses only the local logits and the global log-sum-exp. With one chunk the
 forward keeps its exponentiated block for the backward (three matrix products
 in all); with several, each block is recomputed (four), so at most one
 ``(B, chunk)`` logits block is alive at a time.
+
+Inter-class filtering (Partial FC, CVPR 2022): a negative class whose cosine to
+a sample exceeds ``filter_threshold`` is taken for a label conflict (the same
+identity under two labels). ``filter_mode="remove"`` drops it from that
+sample's softmax altogether (logit -inf, no gradient). ``"zero"`` is the
+reference implementation's behaviour: the cosine is set to 0, so the entry
+still adds ``exp(0)`` to the denominator, with no gradient.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -80,9 +90,45 @@ def _weight_grad_(scaled_grad: torch.Tensor, w_rows: torch.Tensor, inv_norms: to
     return scaled_grad.addcmul_(w_rows, coef.unsqueeze(1), value=-1.0)
 
 
+@dataclass(frozen=True)
+class CEOptions:
+    """Per-step settings of :class:`MarginSoftmaxCE` that are not tensors."""
+
+    margin: CombinedMargin
+    step: int
+    num_subcenters: int
+    chunk_classes: int
+    group: ProcessGroup | None
+    filter_threshold: float | None = None
+    filter_mode: Literal["remove", "zero"] = "remove"
+
+
+def _chunk_logits_(
+    cos: torch.Tensor,
+    col: torch.Tensor,
+    in_chunk: torch.Tensor,
+    target_logit: torch.Tensor,
+    opts: CEOptions,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Turn a cosine block ``(B, w)`` into logits in place: inter-class filtering,
+    ``scale * cos``, and the target entries (``in_chunk`` rows, column ``col``)
+    set to ``target_logit``. Returns the logits and the conflict mask (or None)."""
+    conflict = None
+    if opts.filter_threshold is not None:
+        conflict = cos > opts.filter_threshold
+        # A sample's own class is never a conflict.
+        conflict.scatter_(1, col, conflict.gather(1, col) & ~in_chunk[:, None])
+    logits = cos.mul_(opts.margin.scale)
+    if conflict is not None:
+        logits.masked_fill_(conflict, float("-inf") if opts.filter_mode == "remove" else 0.0)
+    kept = logits.gather(1, col).squeeze(1)
+    logits.scatter_(1, col, torch.where(in_chunk, target_logit, kept)[:, None])
+    return logits, conflict
+
+
 class MarginSoftmaxCE(torch.autograd.Function):
     """``loss, correct = MarginSoftmaxCE.apply(embeddings, weight, sampled, target_col,
-    labels, valid, margin, step, num_subcenters, chunk_classes, group)``
+    labels, valid, options)``
 
     Args:
         embeddings: ``(B, D)`` gathered embeddings of the whole group (not normalised).
@@ -92,7 +138,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
             each sample's class where this rank owns it and the sample is valid, else -1.
         labels: ``(B,)`` global class ids (for per-class margins).
         valid: ``(B,)`` bool, False for ignored samples.
-        margin, step: the target-logit function and the step it is evaluated at.
+        options: :class:`CEOptions` (margin, step, K, chunk size, group, filtering).
 
     Returns:
         ``loss``: 0-dim, mean over valid samples of the exact cross-entropy over
@@ -109,13 +155,9 @@ class MarginSoftmaxCE(torch.autograd.Function):
         target_col: torch.Tensor,
         labels: torch.Tensor,
         valid: torch.Tensor,
-        margin: CombinedMargin,
-        step: int,
-        num_subcenters: int,
-        chunk_classes: int,
-        group: ProcessGroup | None,
+        opts: CEOptions,
     ):
-        k = num_subcenters
+        k, chunk_classes, margin = opts.num_subcenters, opts.chunk_classes, opts.margin
         xn, x_norms = _normalise(embeddings)
         batch = xn.shape[0]
         num_used = sampled.shape[0] if sampled is not None else weight.shape[0] // k
@@ -127,8 +169,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
         target_cos = xn.new_zeros(batch)
         target_logit = xn.new_zeros(batch)
         target_slope = xn.new_zeros(batch)
-        kept_block = kept_choice = None
-        single_chunk = num_used <= chunk_classes
+        kept: tuple[torch.Tensor, ...] = ()
 
         for start in range(0, num_used, chunk_classes):
             stop = min(num_used, start + chunk_classes)
@@ -140,31 +181,33 @@ class MarginSoftmaxCE(torch.autograd.Function):
             in_chunk = owned & (target_col >= start) & (target_col < stop)
             col = (target_col - start).clamp(0, stop - start - 1).unsqueeze(1)
             chunk_target_cos = cos.gather(1, col).squeeze(1)
-            logit, slope = margin.target_logit(chunk_target_cos, labels, step)
+            logit, slope = margin.target_logit(chunk_target_cos, labels, opts.step)
             target_cos = torch.where(in_chunk, chunk_target_cos, target_cos)
             target_logit = torch.where(in_chunk, logit, target_logit)
             target_slope = torch.where(in_chunk, slope, target_slope)
 
-            logits = cos.mul_(margin.scale)
-            logits.scatter_(
-                1, col, torch.where(in_chunk, logit, logits.gather(1, col).squeeze(1))[:, None]
-            )
+            logits, conflict = _chunk_logits_(cos, col, in_chunk, logit, opts)
             new_max = torch.maximum(local_max, logits.max(dim=1).values)
-            exps = logits.sub_(new_max[:, None]).exp_()
-            local_sum = local_sum * torch.exp(local_max - new_max) + exps.sum(dim=1)
+            # Rows whose entries are all filtered out stay at max -inf, sum 0.
+            shift = torch.where(new_max == neg_inf, torch.zeros_like(new_max), new_max)
+            exps = logits.sub_(shift[:, None]).exp_()
+            local_sum = local_sum * torch.exp(local_max - shift) + exps.sum(dim=1)
             local_max = new_max
-            if single_chunk:
-                kept_block, kept_choice = exps, choice
-            del cos, logits, exps
+            if num_used <= chunk_classes:
+                # One chunk: keep exp(logit - local_max) for the backward. In "zero"
+                # mode the conflicts' gradient must be masked, so keep the mask too.
+                zero_mode = conflict is not None and opts.filter_mode == "zero"
+                kept = (exps, choice, conflict if zero_mode else None)
+            del cos, logits, exps, conflict
 
-        stats_max = all_reduce_(torch.stack([local_max, max_cos]), dist.ReduceOp.MAX, group)
+        stats_max = all_reduce_(torch.stack([local_max, max_cos]), dist.ReduceOp.MAX, opts.group)
         global_max, max_cos = stats_max[0], stats_max[1]
-        # A rank with no classes has local_max = -inf and local_sum = 0: it adds 0.
+        # A rank with no classes (or all filtered) has local_max = -inf, local_sum = 0.
         rescaled = torch.where(
             local_sum > 0, local_sum * torch.exp(local_max - global_max), local_sum
         )
         stats_sum = all_reduce_(
-            torch.stack([rescaled, target_logit, target_cos]), dist.ReduceOp.SUM, group
+            torch.stack([rescaled, target_logit, target_cos]), dist.ReduceOp.SUM, opts.group
         )
         log_sum_exp = global_max + torch.log(stats_sum[0])
         per_sample = torch.where(valid, log_sum_exp - stats_sum[1], torch.zeros_like(log_sum_exp))
@@ -173,26 +216,26 @@ class MarginSoftmaxCE(torch.autograd.Function):
         correct = valid & (stats_sum[2] >= max_cos)
 
         ctx.mark_non_differentiable(correct)
+        optional = (sampled, *kept) if kept else (sampled,)
+        ctx.optional_present = tuple(t is not None for t in optional)
         ctx.save_for_backward(
             xn, x_norms, weight, target_col, target_logit, target_slope, log_sum_exp,
-            local_max, valid, num_valid,
-            *(t for t in (sampled, kept_block, kept_choice) if t is not None),
+            local_max, valid, num_valid, *(t for t in optional if t is not None),
         )  # fmt: skip
-        ctx.has_sampled = sampled is not None
-        ctx.has_kept = kept_block is not None
-        ctx.has_choice = kept_choice is not None
+        ctx.has_kept = bool(kept)
         ctx.kept_consumed = False
-        ctx.scale, ctx.k, ctx.chunk_classes, ctx.num_used = margin.scale, k, chunk_classes, num_used
+        ctx.opts, ctx.num_used = opts, num_used
         return loss, correct
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor | None):
         (xn, x_norms, weight, target_col, target_logit, target_slope, log_sum_exp,
          local_max, valid, num_valid, *rest) = ctx.saved_tensors  # fmt: skip
-        sampled = rest.pop(0) if ctx.has_sampled else None
-        kept_block = rest.pop(0) if ctx.has_kept else None
-        kept_choice = rest.pop(0) if ctx.has_choice else None
-        k, scale, chunk_classes, num_used = ctx.k, ctx.scale, ctx.chunk_classes, ctx.num_used
+        optional = [rest.pop(0) if present else None for present in ctx.optional_present]
+        sampled = optional[0]
+        kept_block, kept_choice, kept_conflict = optional[1:] if ctx.has_kept else (None,) * 3
+        opts, num_used = ctx.opts, ctx.num_used
+        k, scale, chunk_classes = opts.num_subcenters, opts.margin.scale, opts.chunk_classes
         need_embeddings, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
 
         # d loss / d logit_ij = row_scale_i * (p_ij - [j == target_i])
@@ -213,19 +256,15 @@ class MarginSoftmaxCE(torch.autograd.Function):
             in_chunk = owned & (target_col >= start) & (target_col < stop)
             col = (target_col - start).clamp(0, stop - start - 1).unsqueeze(1)
             if kept_block is not None and not ctx.kept_consumed:
-                # p = exp(logit - local_max) * exp(local_max - lse), reusing the block in place;
-                # a second backward (retain_graph) recomputes instead.
-                probs = kept_block.mul_(torch.exp(local_max - log_sum_exp)[:, None])
-                choice = kept_choice
+                # p = exp(logit - local_max) * exp(local_max - lse), reusing the block in
+                # place; a second backward (retain_graph) recomputes instead.
+                shift = torch.where(local_max == float("-inf"), log_sum_exp, local_max)
+                probs = kept_block.mul_(torch.exp(shift - log_sum_exp)[:, None])
+                choice, conflict = kept_choice, kept_conflict
                 ctx.kept_consumed = True
             else:
                 cos, choice = _class_cosines(xn, w_rows, inv_norms, k)
-                logits = cos.mul_(scale)
-                logits.scatter_(
-                    1,
-                    col,
-                    torch.where(in_chunk, target_logit, logits.gather(1, col).squeeze(1))[:, None],
-                )
+                logits, conflict = _chunk_logits_(cos, col, in_chunk, target_logit, opts)
                 probs = logits.sub_(log_sum_exp[:, None]).exp_()
             target_prob = probs.gather(1, col).squeeze(1)
             # Off-target entries: d loss / d cos = scale * row_scale * p.
@@ -237,6 +276,8 @@ class MarginSoftmaxCE(torch.autograd.Function):
                 col,
                 torch.where(in_chunk, grad_target, grad_cos.gather(1, col).squeeze(1))[:, None],
             )
+            if conflict is not None and opts.filter_mode == "zero":
+                grad_cos.masked_fill_(conflict, 0.0)  # a constant 0 has no gradient
             if k > 1:
                 # Only the winning sub-centre of each class receives the gradient.
                 spread = grad_cos.new_zeros((grad_cos.shape[0], grad_cos.shape[1], k))
@@ -258,4 +299,4 @@ class MarginSoftmaxCE(torch.autograd.Function):
             del grad_cos, probs, w_rows
 
         grad_embeddings = _normalise_backward(grad_xn, xn, x_norms) if need_embeddings else None
-        return grad_embeddings, grad_weight, None, None, None, None, None, None, None, None, None
+        return grad_embeddings, grad_weight, None, None, None, None, None

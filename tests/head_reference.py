@@ -57,12 +57,16 @@ def dense_loss(
     num_subcenters: int = 1,
     ignore_index: int | None = None,
     classes: torch.Tensor | None = None,
+    filter_threshold: float | None = None,
+    filter_mode: str = "remove",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and per-sample top-1 correctness over ``classes`` (default: all).
 
     ``weight`` is ``(C*K, D)`` in the head's layout (row c*K + k); ``labels`` hold
     global class ids. With ``classes`` given, only those classes form the softmax
-    (the Partial-FC subset), and labels must all be among them.
+    (the Partial-FC subset), and labels must all be among them. With
+    ``filter_threshold``, negatives whose cosine exceeds it become a constant
+    logit: -inf ("remove") or 0 ("zero").
     """
     k = num_subcenters
     num_classes = weight.shape[0] // k
@@ -74,6 +78,13 @@ def dense_loss(
     rows = []
     for i in range(labels.shape[0]):
         row = spec.scale * cos[i]
+        if filter_threshold is not None:
+            conflict = [
+                j != int(labels[i]) and cos[i, j].item() > filter_threshold
+                for j in range(num_classes)
+            ]
+            constant = torch.tensor(float("-inf") if filter_mode == "remove" else 0.0)
+            row = torch.stack([constant if conflict[j] else row[j] for j in range(num_classes)])
         if keep[i]:
             y = int(labels[i])
             exact = spec.scale * (target_phi(cos[i, y], y, spec) - spec.value("m3", y))

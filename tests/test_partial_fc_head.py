@@ -19,6 +19,10 @@ BATCH_SIZES = {1: [6], 2: [5, 2], 3: [4, 0, 3], 4: [3, 1, 5, 2]}
 SAMPLE_RATE = 0.5
 
 
+# Inter-class filtering (threshold, mode) by case name; other cases run without it.
+FILTERS = {"arcface_filter_remove": (0.2, "remove"), "arcface_filter_zero": (0.2, "zero")}
+
+
 def _per_class(num_classes: int) -> list[float]:
     return [0.1 + 0.5 * ((7 * c) % num_classes) / num_classes for c in range(num_classes)]
 
@@ -57,6 +61,8 @@ MARGINS = {
         lambda c: ArcFace(64.0, _per_class(c)),
         lambda c: MarginSpec(64.0, m2=_per_class(c)),
     ),
+    "arcface_filter_remove": (lambda c: ArcFace(64.0, 0.5), lambda c: MarginSpec(64.0, m2=0.5)),
+    "arcface_filter_zero": (lambda c: ArcFace(64.0, 0.5), lambda c: MarginSpec(64.0, m2=0.5)),
     "adaptive_cosface": (
         lambda c: CosFace(64.0, adaptive_margins(_counts(c))),
         lambda c: MarginSpec(64.0, m2=0.0, m3=adaptive_margins(_counts(c)).tolist()),
@@ -123,6 +129,8 @@ def _run_head(rank: int, world_size: int, case: dict, chunk: int, sample_rate: f
         sample_rate=sample_rate,
         chunk_classes=chunk,
         ignore_index=-1 if case["ignore"] else None,
+        interclass_filtering_threshold=FILTERS.get(case["name"], (None,))[0],
+        interclass_filtering_mode=FILTERS.get(case["name"], (None, "remove"))[1],
         dtype=torch.float64,
     )
     k = case["k"]
@@ -164,9 +172,11 @@ def _check(case: dict, per_rank: list[dict], classes: torch.Tensor | None = None
     embeddings.requires_grad_(True)
     weight.requires_grad_(True)
     spec = MARGINS[case["name"]][1](case["num_classes"])
+    threshold, mode = FILTERS.get(case["name"], (None, "remove"))
     loss, correct = dense_loss(
-        embeddings, weight, labels, spec, case["k"], -1 if case["ignore"] else None, classes
-    )
+        embeddings, weight, labels, spec, case["k"], -1 if case["ignore"] else None, classes,
+        filter_threshold=threshold, filter_mode=mode,
+    )  # fmt: skip
     loss.backward()
     keep = labels != -1
     expected_accuracy = float(correct[keep].double().mean())
