@@ -47,7 +47,7 @@ demo: $(STAMP)
 	@set -e; start=$$(date +%s); \
 	if [ ! -f $(DEMO_DATA)/meta.json ]; then \
 	  echo "== generating the synthetic dataset in $(DEMO_DATA)"; \
-	  $(BIN)/python -m datasets.synthetic $(DEMO_DATA) --workers 2; \
+	  $(BIN)/python -m datasets.synthetic $(DEMO_DATA) --pairs-per-fold 100 --workers 2; \
 	fi; \
 	rm -rf $(DEMO_OUT); \
 	echo "== training configs/demo on $(DEMO_RANKS) CPU ranks -> $(DEMO_OUT)"; \

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,77 @@ def test_fit_exports_weights_only_backbone(tmp_path: Path) -> None:
     fresh.load_state_dict(weights)
     torch.testing.assert_close(fresh.state_dict(), t.backbone.state_dict())
     assert (tmp_path / "checkpoints" / "step-00000012" / "meta.json").exists()
+
+
+# ------------------------------------------------------------------- fp16 scaling
+def _scaled_steps(rank: int, world: int, tmp: str) -> dict:
+    from trainer.amp import AmpPolicy
+
+    x, y = dataset()
+    cfg = make_cfg(tmp, "data.batch_size=8", "train.clip_grad_norm=1.0")
+    t = make_trainer(cfg, TensorLoader(x, y, 8, rank, world))
+    t.amp = AmpPolicy("fp16", torch.device("cpu"), scaler_only=True)
+    t.scaler = t.amp.scaler
+    scale0 = t.scaler.get_scale()
+    poison = {"on": True}
+
+    def overflow_on_rank1(grad: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(grad, float("inf")) if poison["on"] and rank == 1 else grad
+
+    t.head.weight.register_hook(overflow_on_rank1)
+    before = gather_state(t)
+    lo = rank * 8
+    t.train_step([(x[lo : lo + 8], y[lo : lo + 8])])  # rank 1's head overflows
+    skipped = gather_state(t)
+    scale1 = t.scaler.get_scale()
+    poison["on"] = False
+    t.train_step([(x[lo : lo + 8], y[lo : lo + 8])])
+    return {
+        "unchanged": all(torch.equal(before[k], skipped[k]) for k in before),
+        "scales": (scale0, scale1, t.scaler.get_scale()),
+        "after": gather_state(t),
+    }
+
+
+def _unscaled_second_step(tmp: str) -> dict:
+    """Reference: one rank, batch 16, the first step skipped (LR schedule advanced)."""
+    x, y = dataset()
+    cfg = make_cfg(tmp, "data.batch_size=16", "train.clip_grad_norm=1.0")
+    t = make_trainer(cfg, TensorLoader(x, y, 16, 0, 1))
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended
+        warnings.simplefilter("ignore", UserWarning)
+        for s in t.schedulers:  # the skipped step still advances the schedule
+            s.step()
+    t.train_step([(x[:16], y[:16])])
+    return gather_state(t)
+
+
+def test_fp16_overflow_on_one_rank_skips_everywhere(tmp_path: Path) -> None:
+    """An overflow in one rank's head shard makes every rank skip both optimizers and
+    back off the scale; the next (finite) scaled step equals an unscaled one."""
+    results = run_ranks(_scaled_steps, 2, str(tmp_path / "w2"))
+    reference = _unscaled_second_step(str(tmp_path / "w1"))
+    for r in results:
+        assert r["unchanged"]
+        s0, s1, s2 = r["scales"]
+        assert s1 == s0 / 2 and s2 == s1
+        _assert_close(r["after"], reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_on_cuda(tmp_path: Path, amp: str) -> None:
+    """Autocast for the backbone, fp32 head, scaler only with fp16."""
+    x, y = dataset()
+    cfg = make_cfg(tmp_path, f"train.amp={amp}")
+    head = PartialFC(CLASSES, EMB, ArcFace(16.0, 0.3))
+    ctx = DistContext(device=torch.device("cuda", 0))
+    t = Trainer(cfg, make_backbone(), head, TensorLoader(x, y, 8, 0, 1), ctx)
+    assert t.amp.scaling == (amp == "fp16")
+    start = t.head.weight.detach().clone()
+    for i in range(3):
+        result = t.train_step([(x[i * 8 : i * 8 + 8], y[i * 8 : i * 8 + 8])])
+        assert torch.isfinite(result.loss)
+    assert t.head.weight.dtype == torch.float32
+    assert not torch.equal(t.head.weight.detach(), start)

@@ -16,12 +16,16 @@ class AmpPolicy:
     :class:`torch.amp.GradScaler`; bf16 has fp32's range and needs none.
     """
 
-    def __init__(self, mode: str, device: torch.device) -> None:
+    def __init__(self, mode: str, device: torch.device, scaler_only: bool = False) -> None:
+        """``scaler_only=True`` runs the fp16 loss-scaling logic without autocast, on any
+        device (used by the tests to exercise overflow handling on CPU)."""
         self.device = device
         self.mode = mode if device.type == "cuda" else "none"
         if self.mode == "bf16" and not torch.cuda.is_bf16_supported():
             raise ValueError("train.amp=bf16 but this GPU has no bf16 support; use train.amp=fp16")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mode)
+        if scaler_only:
+            self.mode, self.dtype = "fp16", None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.mode == "fp16")
 
     @contextlib.contextmanager

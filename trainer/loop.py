@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,7 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=ctx.device)
         self._acc_sum = torch.zeros((), device=ctx.device)
         self._since_log = 0
+        self._stop = self.total_steps
 
     # ------------------------------------------------------------------ one step
     def _params(self) -> list[nn.Parameter]:
@@ -229,6 +231,7 @@ class Trainer:
         stop = self.total_steps
         if cfg.train.max_steps is not None:
             stop = min(stop, cfg.train.max_steps)
+        self._stop = stop
         monitor = Monitor(
             self.ctx.is_main,
             self.total_steps,
@@ -247,7 +250,9 @@ class Trainer:
             self.step,
         )
         if cfg.eval.at_start and self.step == 0:
+            started = time.perf_counter()
             self.verify()
+            monitor.exclude(time.perf_counter() - started)
         k = cfg.train.grad_accum
         try:
             while self.step < stop and self.epoch < cfg.train.epochs:
@@ -280,7 +285,8 @@ class Trainer:
         self._acc_sum += result.accuracy
         self._since_log += 1
         monitor.count(result.samples * self.ctx.world_size)
-        if self.step % cfg.log.every_steps == 0 and self.ctx.is_main:
+        log_now = self.step % cfg.log.every_steps == 0 or self.step == self._stop
+        if log_now and self.ctx.is_main:
             n = self._since_log
             scale = self.scaler.get_scale() if self.amp.scaling else None
             monitor.log_step(
@@ -291,14 +297,16 @@ class Trainer:
                 self.last_lr,
                 scale,
             )
-        if self.step % cfg.log.every_steps == 0:
+        if log_now:
             self._loss_sum.zero_()
             self._acc_sum.zero_()
             self._since_log = 0
+        started = time.perf_counter()
         if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
             self.verify()
         if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
             self.save_checkpoint()
+        monitor.exclude(time.perf_counter() - started)
 
     # -------------------------------------------------------------- verification
     def verify(self) -> dict[str, dict[str, float]]:

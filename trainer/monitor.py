@@ -67,6 +67,11 @@ class Monitor:
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` of non-training work (verification, saving) out of the
+        throughput and ETA."""
+        self._last_time += seconds
+
     def count(self, samples: int) -> None:
         """Record ``samples`` global samples trained since the last log line."""
         self._samples += samples
