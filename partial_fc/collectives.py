@@ -70,8 +70,15 @@ class _GatherRows(torch.autograd.Function):
         return mine[: sizes[ctx.rank]], None, None
 
 
+PAD_LABEL = torch.iinfo(torch.int64).min
+"""Label of the filler rows :func:`gather_batch` adds with ``pad_to``."""
+
+
 def gather_batch(
-    embeddings: torch.Tensor, labels: torch.Tensor, group: ProcessGroup | None
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    group: ProcessGroup | None,
+    pad_to: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Gather every rank's embeddings and labels, in rank order.
 
@@ -79,14 +86,18 @@ def gather_batch(
         embeddings: ``(b_local, D)`` floating tensor; ranks may hold different ``b_local``.
         labels: ``(b_local,)`` int64.
         group: the process group (``None``: the default group, or no group at all).
+        pad_to: if given, every rank pads its rows to this many (labelled
+            :data:`PAD_LABEL`) instead of exchanging batch sizes first, so the
+            gather needs no host synchronisation.
 
     Returns:
         ``(embeddings (B, D), labels (B,), sizes)`` where ``B = sum(sizes)`` and
-        ``sizes[r]`` is rank r's batch size. The embeddings keep autograd: the
-        gradient of the gathered rows flows back to the rank that owns them.
+        ``sizes[r]`` is rank r's (padded) row count. The embeddings keep autograd:
+        the gradient of the gathered rows flows back to the rank that owns them.
 
     Labels travel bit-for-bit inside the embedding gather (reinterpreted as
-    floating columns), so one step costs a size exchange plus one all-gather.
+    floating columns), so one step costs one all-gather (plus a size exchange
+    without ``pad_to``).
     """
     if embeddings.dim() != 2 or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(
@@ -96,15 +107,28 @@ def gather_batch(
     if not is_distributed(group):
         return embeddings, labels, [embeddings.shape[0]]
     _, world_size = rank_and_world_size(group)
-    local_size = torch.tensor([embeddings.shape[0]], dtype=torch.int64, device=embeddings.device)
-    all_sizes = local_size.new_empty(world_size)
-    _all_gather_single(all_sizes, local_size, group=group)
-    sizes = all_sizes.tolist()
+    labels = labels.to(torch.int64)
+    if pad_to is None:
+        local_size = torch.tensor(
+            [embeddings.shape[0]], dtype=torch.int64, device=embeddings.device
+        )
+        all_sizes = local_size.new_empty(world_size)
+        _all_gather_single(all_sizes, local_size, group=group)
+        sizes = all_sizes.tolist()
+    else:
+        missing = pad_to - embeddings.shape[0]
+        if missing < 0:
+            raise ValueError(
+                f"local batch of {embeddings.shape[0]} exceeds max_local_batch={pad_to}"
+            )
+        if missing:
+            embeddings = torch.cat([embeddings, embeddings.new_zeros(missing, embeddings.shape[1])])
+            labels = torch.cat([labels, labels.new_full((missing,), PAD_LABEL)])
+        sizes = [pad_to] * world_size
 
     width = embeddings.shape[1]
     columns = torch.empty((), dtype=torch.int64).element_size() // embeddings.element_size()
-    label_columns = labels.to(torch.int64).contiguous().view(embeddings.dtype)
-    label_columns = label_columns.view(labels.shape[0], columns)
+    label_columns = labels.contiguous().view(embeddings.dtype).view(labels.shape[0], columns)
     packed = torch.cat([embeddings, label_columns], dim=1)
     gathered = _GatherRows.apply(packed, sizes, group)
     all_labels = gathered[:, width:].detach().contiguous().view(torch.int64).view(-1)

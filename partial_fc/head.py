@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from partial_fc.collectives import gather_batch, rank_and_world_size
+from partial_fc.collectives import PAD_LABEL, gather_batch, rank_and_world_size
 from partial_fc.margins import CombinedMargin, MarginSpec
 from partial_fc.sampling import sample_classes, sampling_generator
 from partial_fc.sharding import class_range
@@ -60,6 +60,9 @@ class PartialFC(nn.Module):
             ``[0, num_classes)``), or None.
         validate_labels: check every label lies in ``[0, num_classes)`` (one host
             sync per step on GPU); out-of-range labels raise ``ValueError``.
+        max_local_batch: the largest per-rank batch. Given, every rank pads to it
+            and the per-step exchange of batch sizes (a host sync on GPU) is skipped;
+            padding rows take no part in the loss. None: sizes are exchanged.
         interclass_filtering_threshold: negatives whose cosine to a sample exceeds
             it are treated as label conflicts (None: off). ``interclass_filtering_mode``
             "remove" drops them from that sample's softmax denominator; "zero" is
@@ -88,6 +91,7 @@ class PartialFC(nn.Module):
         seed: int = 0,
         ignore_index: int | None = None,
         validate_labels: bool = True,
+        max_local_batch: int | None = None,
         interclass_filtering_threshold: float | None = None,
         interclass_filtering_mode: Literal["remove", "zero"] = "remove",
         device: torch.device | str | None = None,
@@ -134,6 +138,9 @@ class PartialFC(nn.Module):
         self.seed = seed
         self.ignore_index = ignore_index
         self.validate_labels = validate_labels
+        if max_local_batch is not None and max_local_batch < 1:
+            raise ValueError(f"max_local_batch must be >= 1, got {max_local_batch}")
+        self.max_local_batch = max_local_batch
         self.interclass_filtering_threshold = interclass_filtering_threshold
         self.interclass_filtering_mode = interclass_filtering_mode
         margin.check_num_classes(num_classes)
@@ -186,8 +193,8 @@ class PartialFC(nn.Module):
     def clear_touched(self) -> None:
         self.touched.zero_()
 
-    def _check_labels(self, labels: torch.Tensor) -> None:
-        bad = (labels < 0) | (labels >= self.num_classes)
+    def _check_labels(self, labels: torch.Tensor, real: torch.Tensor) -> None:
+        bad = real & ((labels < 0) | (labels >= self.num_classes))
         if self.ignore_index is not None:
             bad &= labels != self.ignore_index
         if bool(bad.any()):
@@ -210,13 +217,16 @@ class PartialFC(nn.Module):
         compute_dtype = torch.promote_types(self.weight.dtype, torch.float32)
         with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
             embeddings, labels, _ = gather_batch(
-                local_embeddings.to(compute_dtype), local_labels.to(torch.int64), self.group
+                local_embeddings.to(compute_dtype),
+                local_labels.to(torch.int64),
+                self.group,
+                pad_to=self.max_local_batch,
             )
+            valid = labels != PAD_LABEL
             if self.validate_labels:
-                self._check_labels(labels)
-            valid = torch.ones_like(labels, dtype=torch.bool)
+                self._check_labels(labels, valid)
             if self.ignore_index is not None:
-                valid = labels != self.ignore_index
+                valid &= labels != self.ignore_index
             local = labels - self.class_start
             owned = valid & (local >= 0) & (local < self.num_local)
             local = torch.where(owned, local, torch.zeros_like(local))

@@ -19,6 +19,8 @@ BATCH_SIZES = {1: [6], 2: [5, 2], 3: [4, 0, 3], 4: [3, 1, 5, 2]}
 SAMPLE_RATE = 0.5
 
 
+PADDED_CASES = ("arcface", "combined", "per_class_arcface")
+
 # Inter-class filtering (threshold, mode) by case name; other cases run without it.
 FILTERS = {"arcface_filter_remove": (0.2, "remove"), "arcface_filter_zero": (0.2, "zero")}
 
@@ -110,7 +112,14 @@ def _cases(world_size: int) -> list[dict]:
     return cases
 
 
-def _run_head(rank: int, world_size: int, case: dict, chunk: int, sample_rate: float = 1.0):
+def _run_head(
+    rank: int,
+    world_size: int,
+    case: dict,
+    chunk: int,
+    sample_rate: float = 1.0,
+    max_local_batch: int | None = None,
+):
     embeddings, weight, labels = _case_data(
         case["seed"],
         case["num_classes"],
@@ -131,6 +140,7 @@ def _run_head(rank: int, world_size: int, case: dict, chunk: int, sample_rate: f
         ignore_index=-1 if case["ignore"] else None,
         interclass_filtering_threshold=FILTERS.get(case["name"], (None,))[0],
         interclass_filtering_mode=FILTERS.get(case["name"], (None, "remove"))[1],
+        max_local_batch=max_local_batch,
         dtype=torch.float64,
     )
     k = case["k"]
@@ -155,7 +165,10 @@ def _run_matrix(rank: int, world_size: int) -> list[list[dict]]:
     torch.set_default_dtype(torch.float64)
     out = []
     for case in _cases(world_size):
-        out.append([_run_head(rank, world_size, case, chunk) for chunk in (2, 1 << 20)])
+        variants = [dict(chunk=2), dict(chunk=1 << 20)]
+        if case["name"] in PADDED_CASES:  # fixed-size gather, no batch-size exchange
+            variants.append(dict(chunk=3, max_local_batch=max(BATCH_SIZES[world_size])))
+        out.append([_run_head(rank, world_size, case, **variant) for variant in variants])
     return out
 
 
@@ -204,8 +217,9 @@ def test_head_matches_dense_reference(world_size: int) -> None:
     results = run_ranks(_run_matrix, world_size)
     torch.set_default_dtype(torch.float32)
     for i, case in enumerate(_cases(world_size)):
-        for chunk_index in range(2):  # chunked and unchunked both equal the reference
-            _check(case, [results[r][i][chunk_index] for r in range(world_size)])
+        # Chunked, unchunked and padded runs all equal the reference.
+        for variant in range(len(results[0][i])):
+            _check(case, [results[r][i][variant] for r in range(world_size)])
 
 
 def _run_sampled(rank: int, world_size: int) -> list[dict]:
@@ -372,3 +386,17 @@ def test_head_on_cuda_matches_cpu_under_autocast() -> None:
         results.append((loss.detach().cpu(), xi.grad.cpu(), head.weight.grad.cpu()))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_padded_batch_larger_than_max_local_batch_raises() -> None:
+    results = run_ranks(_run_too_large, 2)
+    assert all("exceeds max_local_batch=2" in message for message in results)
+
+
+def _run_too_large(rank: int, world_size: int) -> str:
+    head = PartialFC(10, 4, ArcFace(), max_local_batch=2)
+    try:
+        head(torch.randn(3, 4), torch.tensor([1, 2, 3]))
+    except ValueError as error:
+        return str(error)
+    return "no error"
