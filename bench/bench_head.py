@@ -129,7 +129,7 @@ def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file:
         for rate in args.sample_rates:
             head = PartialFC(
                 classes * world_size, args.dim, ArcFace(), sample_rate=rate, device=device,
-                chunk_classes=args.chunk or classes,
+                chunk_classes=args.chunk or None,
             )  # fmt: skip
             head_time, head_mem = _measure(partial(_head_step, head, x, labels), device, args.steps)
             rows.append(
@@ -140,7 +140,7 @@ def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file:
     if rank == 0:
         print(
             f"\nworld size {world_size}, {args.threads} thread(s)/rank, B_global {args.batch}, "
-            f"D {args.dim}, device {device.type}, chunk {args.chunk or 'all'}\n"
+            f"D {args.dim}, device {device.type}, chunk {args.chunk or 'auto'}\n"
         )
         print(
             "| C_local | sample_rate | head s/step | 3 bare products s | head / bare | "
@@ -165,7 +165,9 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
-    parser.add_argument("--chunk", type=int, default=0, help="chunk_classes (0: all in one)")
+    parser.add_argument(
+        "--chunk", type=int, default=0, help="chunk_classes (0: the head's automatic choice)"
+    )
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
     args = parser.parse_args()
     # Fixed mmap threshold: every large tensor gets its own mapping, returned to the

@@ -20,6 +20,8 @@ from partial_fc.softmax_ce import CEOptions, MarginSoftmaxCE
 # a class's initial centre is the same whatever the world size.
 _INIT_BLOCK_CLASSES = 65536
 _INIT_STD = 0.01
+# Smaller blocks save little memory and make the matrix products less efficient.
+_MIN_AUTO_CHUNK = 4096
 
 
 class PartialFC(nn.Module):
@@ -52,8 +54,11 @@ class PartialFC(nn.Module):
         group: the process group the classes are sharded over (None: the default
             group, or a single process when ``torch.distributed`` is not initialised).
         chunk_classes: classes per logits block; peak extra memory is about one
-            ``(B, chunk_classes * K)`` block of cosines. With all local classes in one chunk the
-            block is reused by the backward (3 matrix products instead of 4).
+            ``(B, chunk_classes * K)`` block of cosines. With all classes in use in one
+            chunk the block is reused by the backward (3 matrix products instead of 4).
+            None (default): per step, the largest chunk whose block is at most half
+            the weight shard's gradient (``num_local * D / (2 B)`` classes, at least
+            4096) — one chunk whenever ``B <= D / 2``.
         seed: seeds the initial centres (identical for any world size) and the
             negative sampling.
         ignore_index: a label value whose samples are skipped (must lie outside
@@ -87,7 +92,7 @@ class PartialFC(nn.Module):
         sample_rate: float = 1.0,
         group: ProcessGroup | None = None,
         *,
-        chunk_classes: int = 16384,
+        chunk_classes: int | None = None,
         seed: int = 0,
         ignore_index: int | None = None,
         validate_labels: bool = True,
@@ -104,7 +109,7 @@ class PartialFC(nn.Module):
             raise ValueError(f"num_subcenters must be >= 1, got {num_subcenters}")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        if chunk_classes < 1:
+        if chunk_classes is not None and chunk_classes < 1:
             raise ValueError(f"chunk_classes must be >= 1, got {chunk_classes}")
         if ignore_index is not None and 0 <= ignore_index < num_classes:
             raise ValueError(
@@ -245,7 +250,7 @@ class PartialFC(nn.Module):
                 margin=self.margin,
                 step=self.num_steps,
                 num_subcenters=self.num_subcenters,
-                chunk_classes=self.chunk_classes,
+                chunk_classes=self.chunk_classes or self._auto_chunk(embeddings.shape[0]),
                 group=self.group,
                 filter_threshold=self.interclass_filtering_threshold,
                 filter_mode=self.interclass_filtering_mode,
@@ -263,6 +268,12 @@ class PartialFC(nn.Module):
             if training:
                 self.num_steps += 1
         return loss
+
+    def _auto_chunk(self, global_batch: int) -> int:
+        """Classes per block so that a ``(B, chunk)`` block is at most half the size
+        of the weight shard's gradient."""
+        budget = self.num_local * self.embedding_size // max(1, 2 * global_batch)
+        return max(_MIN_AUTO_CHUNK, budget)
 
     def _sample(
         self, local: torch.Tensor, owned: torch.Tensor

@@ -81,12 +81,19 @@ def _normalise_backward(grad_unit: torch.Tensor, unit: torch.Tensor, norms: torc
     return (grad_unit - unit * (unit * grad_unit).sum(dim=1, keepdim=True)) / norms
 
 
+_ROW_DOT_BLOCK = 2048
+
+
 def _weight_grad_(scaled_grad: torch.Tensor, w_rows: torch.Tensor, inv_norms: torch.Tensor):
     """Turn ``A = (G / |w|)^T x_hat`` into the gradient through ``w / |w|`` in place:
     ``A - w * <w, A> / |w|^2``."""
-    # Row-wise dot product as a batched (1 x D) @ (D x 1): no (n, D) temporary.
-    row_dot = torch.bmm(w_rows.unsqueeze(1), scaled_grad.unsqueeze(2)).view(-1)
-    coef = row_dot * inv_norms * inv_norms
+    row_dot = torch.empty_like(inv_norms)
+    # Row-wise dot products in blocks: a small temporary, and faster than one
+    # batched (1 x D) @ (D x 1) product.
+    for start in range(0, w_rows.shape[0], _ROW_DOT_BLOCK):
+        stop = start + _ROW_DOT_BLOCK
+        torch.sum(w_rows[start:stop] * scaled_grad[start:stop], dim=1, out=row_dot[start:stop])
+    coef = row_dot.mul_(inv_norms).mul_(inv_norms)
     return scaled_grad.addcmul_(w_rows, coef.unsqueeze(1), value=-1.0)
 
 
@@ -170,11 +177,13 @@ class MarginSoftmaxCE(torch.autograd.Function):
         target_logit = xn.new_zeros(batch)
         target_slope = xn.new_zeros(batch)
         kept: tuple[torch.Tensor, ...] = ()
+        inv_norms: list[torch.Tensor] = []  # 1/|w| of the rows in use, for the backward
 
         for start in range(0, num_used, chunk_classes):
             stop = min(num_used, start + chunk_classes)
             w_rows, _ = _chunk_weight(weight, sampled, start, stop, k)
-            cos, choice = _class_cosines(xn, w_rows, _inverse_norms(w_rows), k)
+            inv_norms.append(_inverse_norms(w_rows))
+            cos, choice = _class_cosines(xn, w_rows, inv_norms[-1], k)
             del w_rows
             max_cos = torch.maximum(max_cos, cos.max(dim=1).values)
 
@@ -220,7 +229,8 @@ class MarginSoftmaxCE(torch.autograd.Function):
         ctx.optional_present = tuple(t is not None for t in optional)
         ctx.save_for_backward(
             xn, x_norms, weight, target_col, target_logit, target_slope, log_sum_exp,
-            local_max, valid, num_valid, *(t for t in optional if t is not None),
+            local_max, valid, num_valid, torch.cat(inv_norms) if inv_norms else xn.new_empty(0),
+            *(t for t in optional if t is not None),
         )  # fmt: skip
         ctx.has_kept = bool(kept)
         ctx.kept_consumed = False
@@ -230,7 +240,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor | None):
         (xn, x_norms, weight, target_col, target_logit, target_slope, log_sum_exp,
-         local_max, valid, num_valid, *rest) = ctx.saved_tensors  # fmt: skip
+         local_max, valid, num_valid, all_inv_norms, *rest) = ctx.saved_tensors  # fmt: skip
         optional = [rest.pop(0) if present else None for present in ctx.optional_present]
         sampled = optional[0]
         kept_block, kept_choice, kept_conflict = optional[1:] if ctx.has_kept else (None,) * 3
@@ -252,7 +262,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
         for start in range(0, num_used, chunk_classes):
             stop = min(num_used, start + chunk_classes)
             w_rows, row_index = _chunk_weight(weight, sampled, start, stop, k)
-            inv_norms = _inverse_norms(w_rows)
+            inv_norms = all_inv_norms[start * k : stop * k]
             in_chunk = owned & (target_col >= start) & (target_col < stop)
             col = (target_col - start).clamp(0, stop - start - 1).unsqueeze(1)
             if kept_block is not None and not ctx.kept_consumed:
