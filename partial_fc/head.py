@@ -73,6 +73,9 @@ class PartialFC(nn.Module):
             "remove" drops them from that sample's softmax denominator; "zero" is
             the reference implementation's behaviour (cosine set to 0, so the entry
             still counts as ``exp(0)``). Neither passes gradient to such entries.
+        matmul_dtype: ``torch.bfloat16`` or ``torch.float16`` to run the three
+            matrix products on tensor cores (GPU); products accumulate in fp32 on
+            CUDA and the softmax statistics stay fp32. None: full precision.
         device, dtype: of the weight (fp32 by default; the head computes in at
             least fp32 even under autocast).
 
@@ -97,6 +100,7 @@ class PartialFC(nn.Module):
         ignore_index: int | None = None,
         validate_labels: bool = True,
         max_local_batch: int | None = None,
+        matmul_dtype: torch.dtype | None = None,
         interclass_filtering_threshold: float | None = None,
         interclass_filtering_mode: Literal["remove", "zero"] = "remove",
         device: torch.device | str | None = None,
@@ -143,6 +147,9 @@ class PartialFC(nn.Module):
         self.seed = seed
         self.ignore_index = ignore_index
         self.validate_labels = validate_labels
+        if matmul_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"matmul_dtype must be None, bfloat16 or float16, got {matmul_dtype}")
+        self.matmul_dtype = matmul_dtype
         if max_local_batch is not None and max_local_batch < 1:
             raise ValueError(f"max_local_batch must be >= 1, got {max_local_batch}")
         self.max_local_batch = max_local_batch
@@ -254,6 +261,7 @@ class PartialFC(nn.Module):
                 group=self.group,
                 filter_threshold=self.interclass_filtering_threshold,
                 filter_mode=self.interclass_filtering_mode,
+                matmul_dtype=self.matmul_dtype,
             )
             loss, correct = MarginSoftmaxCE.apply(
                 embeddings,

@@ -57,14 +57,31 @@ def _inverse_norms(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(rows, dim=1).clamp_min(_NORM_EPS).reciprocal()
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor, low_precision: torch.dtype | None) -> torch.Tensor:
+    """``a @ b`` in the inputs' dtype, or with both operands rounded to
+    ``low_precision`` (bf16/fp16 tensor cores) and the product returned in the
+    inputs' dtype. On CUDA the accumulation stays fp32 (``out_dtype``); elsewhere
+    the low-precision product is rounded once more before the cast back."""
+    if low_precision is None:
+        return a @ b
+    a_low, b_low = a.to(low_precision), b.to(low_precision)
+    if a.is_cuda:
+        return torch.mm(a_low, b_low, out_dtype=a.dtype)
+    return (a_low @ b_low).to(a.dtype)
+
+
 def _class_cosines(
-    xn: torch.Tensor, w_rows: torch.Tensor, inv_norms: torch.Tensor, k: int
+    xn: torch.Tensor,
+    w_rows: torch.Tensor,
+    inv_norms: torch.Tensor,
+    k: int,
+    low_precision: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cosines ``(B, w)`` of each class (max over its K sub-centres) and the
     winning sub-centre ``(B, w)`` (None for K = 1). The weight rows are not
     normalised; the ``(B, w*K)`` product is scaled by their inverse norms instead,
     which touches B*w*K numbers rather than copying w*K*D."""
-    cos = (xn @ w_rows.t()).mul_(inv_norms)
+    cos = _matmul(xn, w_rows.t(), low_precision).mul_(inv_norms)
     if k == 1:
         return cos, None
     best = cos.view(cos.shape[0], -1, k).max(dim=2)
@@ -108,6 +125,7 @@ class CEOptions:
     group: ProcessGroup | None
     filter_threshold: float | None = None
     filter_mode: Literal["remove", "zero"] = "remove"
+    matmul_dtype: torch.dtype | None = None
 
 
 def _chunk_logits_(
@@ -183,7 +201,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
             stop = min(num_used, start + chunk_classes)
             w_rows, _ = _chunk_weight(weight, sampled, start, stop, k)
             inv_norms.append(_inverse_norms(w_rows))
-            cos, choice = _class_cosines(xn, w_rows, inv_norms[-1], k)
+            cos, choice = _class_cosines(xn, w_rows, inv_norms[-1], k, opts.matmul_dtype)
             del w_rows
             max_cos = torch.maximum(max_cos, cos.max(dim=1).values)
 
@@ -273,7 +291,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
                 choice, conflict = kept_choice, kept_conflict
                 ctx.kept_consumed = True
             else:
-                cos, choice = _class_cosines(xn, w_rows, inv_norms, k)
+                cos, choice = _class_cosines(xn, w_rows, inv_norms, k, opts.matmul_dtype)
                 logits, conflict = _chunk_logits_(cos, col, in_chunk, target_logit, opts)
                 probs = logits.sub_(log_sum_exp[:, None]).exp_()
             target_prob = probs.gather(1, col).squeeze(1)
@@ -296,15 +314,23 @@ class MarginSoftmaxCE(torch.autograd.Function):
             # d cos_ij / d x_hat_i = w_j / |w_j|: fold 1/|w_j| into the gradient block.
             grad_cos.mul_(inv_norms)
             if need_embeddings:
-                grad_xn.addmm_(grad_cos, w_rows)
+                grad_xn.add_(_matmul(grad_cos, w_rows, opts.matmul_dtype))
             if need_weight:
-                if row_index is None:
+                if row_index is None and opts.matmul_dtype is None:
                     target = grad_weight[start * k : stop * k]
                     torch.mm(grad_cos.t(), xn, out=target)
                     _weight_grad_(target, w_rows, inv_norms)
+                elif row_index is None:
+                    grad_weight[start * k : stop * k] = _weight_grad_(
+                        _matmul(grad_cos.t(), xn, opts.matmul_dtype), w_rows, inv_norms
+                    )
                 else:
                     grad_weight.index_copy_(
-                        0, row_index, _weight_grad_(grad_cos.t() @ xn, w_rows, inv_norms)
+                        0,
+                        row_index,
+                        _weight_grad_(
+                            _matmul(grad_cos.t(), xn, opts.matmul_dtype), w_rows, inv_norms
+                        ),
                     )
             del grad_cos, probs, w_rows
 

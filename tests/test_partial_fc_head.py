@@ -369,6 +369,24 @@ def test_initial_centres_do_not_depend_on_world_size() -> None:
             torch.testing.assert_close(head.weight, full[start * 2 : (start + count) * 2])
 
 
+def test_bf16_matrix_products_stay_close_to_fp32() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 32)
+    y = torch.randint(0, 300, (16,))
+    results = []
+    for matmul_dtype in (None, torch.bfloat16):
+        head = PartialFC(300, 32, ArcFace(), chunk_classes=100, matmul_dtype=matmul_dtype)
+        xi = x.clone().requires_grad_(True)
+        loss = head(xi, y)
+        loss.backward()
+        assert loss.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+        results.append((loss.detach(), xi.grad, head.weight.grad))
+    # bf16 keeps ~3 significant digits of each cosine; logits are scaled by 64.
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=0.0)
+    for a, b in zip(results[0][1:], results[1][1:], strict=True):
+        assert torch.linalg.vector_norm(a - b) <= 0.05 * torch.linalg.vector_norm(a)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_head_on_cuda_matches_cpu_under_autocast() -> None:
