@@ -152,7 +152,36 @@ def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file:
                 f"| {classes:,} | {rate} | {ht:.3f} | {bt:.3f} | {ht / bt:.2f}x | {dt:.3f} | "
                 f"{hm:.0f} | {hm / gm:.2f}x | {dm:.0f} |"
             )
+        if args.plot:
+            _plot(rows, args.plot)
+            print(f"\nplot written to {args.plot}")
     dist.destroy_process_group()
+
+
+def _plot(rows: list[tuple], path: str) -> None:
+    """Time and memory growth against C_local, one line per sample rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for rate in sorted({row[1] for row in rows}, reverse=True):
+        mine = [row for row in rows if row[1] == rate]
+        classes = [row[0] for row in mine]
+        time_ax.plot(classes, [row[2] for row in mine], "o-", label=f"head, sample_rate {rate}")
+        mem_ax.plot(classes, [row[5] for row in mine], "o-", label=f"head, sample_rate {rate}")
+    bare = sorted({(row[0], row[3], row[6]) for row in rows})
+    time_ax.plot([b[0] for b in bare], [b[1] for b in bare], "k--", label="3 bare products")
+    mem_ax.plot([b[0] for b in bare], [b[2] for b in bare], "k--", label="weight gradient size")
+    time_ax.set(xlabel="C_local", ylabel="seconds per step", title="forward + backward")
+    mem_ax.set(xlabel="C_local", ylabel="MiB", title="peak memory growth per rank")
+    for ax in (time_ax, mem_ax):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -169,6 +198,7 @@ def main() -> None:
         "--chunk", type=int, default=0, help="chunk_classes (0: the head's automatic choice)"
     )
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
+    parser.add_argument("--plot", default="", help="write a PNG of time and memory against C_local")
     args = parser.parse_args()
     # Fixed mmap threshold: every large tensor gets its own mapping, returned to the
     # OS when freed, so resident-set growth tracks live tensors (glibc otherwise
