@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from configs import Config, ConfigError, HeadConfig
 from trainer.distributed import DistContext
 from trainer.loop import Evaluator, Trainer
 from trainer.rng import seed_everything
+
+if TYPE_CHECKING:
+    from datasets.loader import FaceLoader
 
 log = logging.getLogger("trainer")
 
@@ -60,7 +64,7 @@ def build_backbone(cfg: Config) -> torch.nn.Module:
         raise ConfigError(f"model.kwargs: {exc}") from None
 
 
-def build_loader(cfg: Config, ctx: DistContext):  # -> datasets.loader.FaceLoader
+def build_loader(cfg: Config, ctx: DistContext) -> FaceLoader:
     """The training loader; checks ``data.num_classes`` and ``data.num_images``."""
     from datasets.dataset import open_dataset
     from datasets.loader import FaceLoader
