@@ -1,6 +1,7 @@
 """Partial-FC: a class-centre matrix sharded over ranks, with the exact
 margin-softmax cross-entropy over all classes (see README, "Using the head")."""
 
+from partial_fc.center_loss import ShardedCenterLoss
 from partial_fc.head import PartialFC
 from partial_fc.margins import (
     ArcFace,
@@ -11,13 +12,16 @@ from partial_fc.margins import (
     load_margins,
 )
 from partial_fc.sharding import class_range
+from partial_fc.triplet import TripletLoss
 
 __all__ = [
     "ArcFace",
     "CombinedMargin",
     "CosFace",
     "PartialFC",
+    "ShardedCenterLoss",
     "SphereFace",
+    "TripletLoss",
     "adaptive_margins",
     "class_range",
     "load_margins",
