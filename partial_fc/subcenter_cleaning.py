@@ -429,6 +429,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--network", required=True, help="backbone name (backbones.get_model)")
     p.add_argument("--embedding-size", type=int, default=None, help="default: the head's D")
     p.add_argument(
+        "--model-kwargs",
+        default="{}",
+        help="JSON object of extra backbone arguments (the run's model.kwargs)",
+    )
+    p.add_argument(
         "--backbone-checkpoint",
         default=None,
         help="backbone weights: a state_dict .pt or a trainer.pt (its 'backbone' entry)",
@@ -483,7 +488,13 @@ def main(argv: list[str] | None = None) -> int:
             subcenters = every[start : start + count].clone()
             del every
         dim = args.embedding_size or subcenters.shape[2]
-        backbone = get_model(args.network, embedding_size=dim)
+        try:
+            model_kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--model-kwargs is not valid JSON: {exc}") from None
+        if not isinstance(model_kwargs, dict):
+            raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+        backbone = get_model(args.network, embedding_size=dim, **model_kwargs)
         backbone.load_state_dict(_load_backbone_state(Path(backbone_path)))
         backbone.to(device).eval()
 
