@@ -124,11 +124,11 @@ def build_evaluator(cfg: Config) -> Evaluator | None:
 
 def build_trainer(cfg: Config, ctx: DistContext) -> Trainer:
     """Everything from the configuration; resumes per ``checkpoint.resume``."""
+    loader = build_loader(cfg, ctx)  # first: a data/config mismatch fails fast
+    evaluator = build_evaluator(cfg)
     seed_everything(cfg.train.seed)  # identical initial backbone on every rank
     backbone = build_backbone(cfg)
     head = build_head(cfg, ctx.device)
-    loader = build_loader(cfg, ctx)
-    evaluator = build_evaluator(cfg)
     seed_everything(cfg.train.seed + 1_000_003 * (ctx.rank + 1))  # per-rank streams
     trainer = Trainer(cfg, backbone, head, loader, ctx, evaluator)
     trainer.maybe_resume()
