@@ -74,7 +74,7 @@ def ref_triplet_loss(emb, labels, margin, mining, distance):
                     q = max(neg, key=lambda j: (dv[a][j], -j))
                 terms.append(torch.relu(d[a][p] - d[a][q] + margin))
     if mining == "batch_all":
-        active = [t for t in terms if float(t) > 0]
+        active = [t for t in terms if float(t.detach()) > 0]
         return (sum(active) + zero) / max(len(active), 1)
     return (sum(terms) + zero) / max(len(terms), 1)
 
