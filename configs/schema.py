@@ -61,10 +61,47 @@ class HeadConfig:
     num_subcenters: int = 1
     """Sub-centres per class (sub-center ArcFace); 1 disables them."""
     chunk_size: int | None = None
-    """Rows per chunk for the head's memory-bounded logits; ``None`` keeps its default."""
+    """Classes per logits block of the head; ``None``: the head's automatic choice (a
+    block of at most half the size of the weight shard's gradient)."""
+    easy_margin: bool = False
+    """Apply the angular margin only where ``cos(theta) > 0`` (ArcFace paper option)."""
+    straight_through: bool = False
+    """Use ``arcface_torch``'s straight-through margin gradient instead of the exact one."""
+    margins_file: str = ""
+    """Per-class margins: a ``.txt`` file with one value per class (replaces ``margin``,
+    or ``m2`` for ``combined``); empty: the same margin for every class."""
+    sphereface_annealing: bool = False
+    """SphereFace only: A-Softmax's lambda annealing (1000 decaying to 5)."""
+    interclass_filtering_threshold: float | None = None
+    """Negatives whose cosine to a sample exceeds this are label conflicts; null: off."""
+    interclass_filtering_mode: Literal["remove", "zero"] = "remove"
+    """``remove``: drop conflicts from the softmax denominator; ``zero``: the reference
+    implementation's behaviour (cosine set to 0, still counted)."""
+    matmul_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Precision of the head's matrix products (bf16/fp16: tensor cores on GPU,
+    fp32 accumulation and fp32 softmax statistics)."""
 
     def validate(self) -> None:
         _check(self.scale > 0, "head.scale", "must be > 0", self.scale)
+        threshold = self.interclass_filtering_threshold
+        _check(
+            threshold is None or -1.0 <= threshold <= 1.0,
+            "head.interclass_filtering_threshold",
+            "must be a cosine in [-1, 1] or null",
+            threshold,
+        )
+        _check(
+            self.interclass_filtering_mode in ("remove", "zero"),
+            "head.interclass_filtering_mode",
+            "must be 'remove' or 'zero'",
+            self.interclass_filtering_mode,
+        )
+        _check(
+            self.matmul_dtype in ("fp32", "bf16", "fp16"),
+            "head.matmul_dtype",
+            "must be fp32, bf16 or fp16",
+            self.matmul_dtype,
+        )
         _check(
             0.0 < self.sample_rate <= 1.0, "head.sample_rate", "must be in (0, 1]", self.sample_rate
         )

@@ -12,8 +12,9 @@ bit-for-bit unchanged. With ``sample_rate == 1`` they are the dense updates of
 Per-parameter state is row-indexed (leading dimension = rows of ``weight``),
 so it can be re-sliced by global class when a run resumes on another world
 size: SGD keeps ``momentum_buffer`` ``(rows, D)``; AdamW keeps ``exp_avg`` and
-``exp_avg_sq`` ``(rows, D)`` and a per-row ``step`` ``(rows,)`` — a row's bias
-correction counts only the steps that row took part in.
+``exp_avg_sq`` ``(rows, D)`` and a per-row ``row_step`` ``(rows,)`` — a row's bias
+correction counts only the steps that row took part in. (Not named ``step``:
+``Optimizer.load_state_dict`` leaves an entry of that name on the CPU.)
 """
 
 from __future__ import annotations
@@ -131,12 +132,12 @@ class PartialFCAdamW(_RowSparseOptimizer):
     def _init_state(self, param: torch.Tensor, state: dict) -> None:
         state["exp_avg"] = torch.zeros_like(param)
         state["exp_avg_sq"] = torch.zeros_like(param)
-        state["step"] = torch.zeros(param.shape[0], dtype=param.dtype, device=param.device)
+        state["row_step"] = torch.zeros(param.shape[0], dtype=param.dtype, device=param.device)
 
     def _update(self, param, grad, state, group) -> None:
         beta1, beta2 = group["betas"]
         lr = group["lr"]
-        step = state["step"].add_(1.0)
+        step = state["row_step"].add_(1.0)
         param.mul_(1.0 - lr * group["weight_decay"])
         state["exp_avg"].lerp_(grad, 1.0 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)

@@ -133,3 +133,45 @@ def test_every_field_documented() -> None:
     assert set(docs) == set(valid_keys())
     missing = [key for key, doc in docs.items() if not doc]
     assert not missing, f"fields without a docstring: {missing}"
+
+
+def test_head_options_reach_the_head(tmp_path) -> None:
+    import torch
+
+    from trainer.build import build_head
+
+    margins = tmp_path / "margins.txt"
+    margins.write_text("\n".join(str(0.1 + 0.01 * c) for c in range(40)))
+    cfg = load_config(
+        "demo",
+        [
+            "data.num_classes=40",
+            "data.batch_size=8",
+            "head.loss=arcface",
+            f"head.margins_file={margins}",
+            "head.easy_margin=true",
+            "head.interclass_filtering_threshold=0.4",
+            "head.interclass_filtering_mode=zero",
+            "head.matmul_dtype=bf16",
+            "head.chunk_size=16",
+        ],
+    )
+    head = build_head(cfg, torch.device("cpu"))
+    assert head.margin.easy_margin
+    assert torch.allclose(head.margin.m2[:2].float(), torch.tensor([0.10, 0.11]))
+    assert (head.interclass_filtering_threshold, head.interclass_filtering_mode) == (0.4, "zero")
+    assert head.matmul_dtype == torch.bfloat16 and head.chunk_classes == 16
+    assert head.max_local_batch == 8
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("head.interclass_filtering_threshold=1.5", "head.interclass_filtering_threshold"),
+        ("head.interclass_filtering_mode=drop", "head.interclass_filtering_mode"),
+        ("head.matmul_dtype=int8", "head.matmul_dtype"),
+    ],
+)
+def test_bad_head_options_name_the_option(override: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_config("demo", [override])

@@ -21,32 +21,58 @@ log = logging.getLogger("trainer")
 
 
 def build_margin(cfg: HeadConfig) -> torch.nn.Module:
-    """The margin object of ``head.loss``."""
+    """The margin object of ``head.loss`` (with per-class margins from ``head.margins_file``)."""
     from partial_fc import ArcFace, CombinedMargin, CosFace, SphereFace
 
+    margin = cfg.margins_file or cfg.margin
     if cfg.loss == "arcface":
-        return ArcFace(cfg.scale, cfg.margin)
+        return ArcFace(
+            cfg.scale, margin, easy_margin=cfg.easy_margin, straight_through=cfg.straight_through
+        )
     if cfg.loss == "cosface":
-        return CosFace(cfg.scale, cfg.margin)
+        return CosFace(cfg.scale, margin, straight_through=cfg.straight_through)
     if cfg.loss == "sphereface":
-        return SphereFace(cfg.scale, cfg.margin)
-    return CombinedMargin(cfg.scale, cfg.m1, cfg.m2, cfg.m3)
+        return SphereFace(
+            cfg.scale,
+            margin,
+            annealing=cfg.sphereface_annealing,
+            straight_through=cfg.straight_through,
+        )
+    return CombinedMargin(
+        cfg.scale,
+        cfg.m1,
+        cfg.margins_file or cfg.m2,
+        cfg.m3,
+        easy_margin=cfg.easy_margin,
+        straight_through=cfg.straight_through,
+    )
+
+
+_MATMUL_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_head(cfg: Config, device: torch.device) -> torch.nn.Module:
-    """This rank's :class:`partial_fc.PartialFC` shard (default process group)."""
+    """This rank's :class:`partial_fc.PartialFC` shard (default process group).
+
+    Every rank's micro-batch is ``data.batch_size`` (the loader drops the last
+    incomplete batch), so the head pads to it and skips the per-step exchange of
+    batch sizes (``max_local_batch``).
+    """
     from partial_fc import PartialFC
 
-    kwargs = {} if cfg.head.chunk_size is None else {"chunk_classes": cfg.head.chunk_size}
     return PartialFC(
         cfg.data.num_classes,
         cfg.model.embedding_size,
         build_margin(cfg.head),
         num_subcenters=cfg.head.num_subcenters,
         sample_rate=cfg.head.sample_rate,
+        chunk_classes=cfg.head.chunk_size,
         seed=cfg.train.seed,
+        max_local_batch=cfg.data.batch_size,
+        interclass_filtering_threshold=cfg.head.interclass_filtering_threshold,
+        interclass_filtering_mode=cfg.head.interclass_filtering_mode,
+        matmul_dtype=_MATMUL_DTYPES[cfg.head.matmul_dtype],
         device=device,
-        **kwargs,
     )
 
 

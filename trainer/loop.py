@@ -410,10 +410,6 @@ class Trainer:
         )
         head.load_state_dict(head_state)
         self.opt_head.load_state_dict(optim_state)
-        for state in self.opt_head.state.values():  # load_state_dict keeps "step" on the CPU
-            for name, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    state[name] = value.to(head.weight.device)
         rank_state = CheckpointManager.load_rank_state(path, self.ctx.rank)
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
