@@ -34,8 +34,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def init_distributed() -> tuple[int, int, int, str]:
-    """Join the job started by torchrun (if any): ``(rank, world, local_rank, device)``."""
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int, str]:
+    """Join the job started by torchrun (if any): ``(rank, world, local_rank, device)``.
+
+    ``timeout_s`` (``train.collective_timeout_s``) bounds every collective: a hung or
+    dead peer makes the others fail after it instead of waiting forever.
+    """
     import torch
     import torch.distributed as dist
 
@@ -49,7 +53,7 @@ def init_distributed() -> tuple[int, int, int, str]:
         device, backend = "cpu", "gloo"
     if world > 1:
         kwargs = {"device_id": torch.device(device)} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=timedelta(minutes=30), **kwargs)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     return rank, world, local_rank, device
 
 
@@ -68,14 +72,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
 
+    from trainer.preflight import OutputDirError, probe_output
+
+    try:  # before joining the job: an unwritable output fails every rank alike, at once
+        probe_output(cfg.train.output, int(os.environ.get("RANK", "0")))
+    except OutputDirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
     import torch
     import torch.distributed as dist
 
     from trainer.build import build_trainer
+    from trainer.checkpoint import CheckpointError
     from trainer.distributed import DistContext
+    from trainer.loop import TrainingError
     from trainer.monitor import setup_logging
 
-    rank, world, local_rank, device = init_distributed()
+    rank, world, local_rank, device = init_distributed(cfg.train.collective_timeout_s)
     try:
         if not torch.cuda.is_available():
             # CPU ranks share the cores: oversubscribed OpenMP threads spin and crawl
@@ -91,7 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)
             return 2
-        trainer.fit()
+        except (OutputDirError, CheckpointError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        try:
+            trainer.fit()
+        except (TrainingError, CheckpointError) as exc:
+            print(f"error (rank {rank}): {exc}", file=sys.stderr)
+            return 1
         if rank == 0:
             print(
                 f"outputs in {cfg.train.output}: config.json, train.log, tensorboard/, "

@@ -223,6 +223,12 @@ class TrainConfig:
     """Stop after this optimizer step (the schedule still spans ``epochs``); ``null`` = end."""
     output: str = "work_dirs/run"
     """Output directory: resolved config, logs, TensorBoard, checkpoints, exported weights."""
+    max_bad_steps: int = 5
+    """Stop with an error after this many consecutive steps with a non-finite loss or
+    gradient (each such step is skipped: no parameter update, its batch keys logged)."""
+    collective_timeout_s: float = 1800.0
+    """Seconds a collective may wait for its peers before the job fails naming the step
+    (passed to ``init_process_group``); a hung or dead rank cannot block forever."""
 
     def validate(self) -> None:
         _check(self.epochs > 0, "train.epochs", "must be > 0", self.epochs)
@@ -240,6 +246,13 @@ class TrainConfig:
             self.max_steps,
         )
         _check(bool(self.output), "train.output", "must be a directory path", self.output)
+        _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", self.max_bad_steps)
+        _check(
+            self.collective_timeout_s > 0,
+            "train.collective_timeout_s",
+            "must be > 0 seconds",
+            self.collective_timeout_s,
+        )
 
 
 @dataclass

@@ -148,14 +148,58 @@ def build_evaluator(cfg: Config) -> Evaluator | None:
     return evaluate
 
 
+def check_embedding_size(backbone: torch.nn.Module, cfg: Config) -> None:
+    """Run the backbone once on two blank images (eval mode, no gradient) and check
+    that it produces ``model.embedding_size`` features, as the head expects."""
+    size = cfg.data.image_size
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            out = backbone(torch.zeros(2, 3, size, size))
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"model.network={cfg.model.network!r} cannot run on {size}x{size} images "
+            f"(data.image_size): {str(exc).splitlines()[0]}"
+        ) from None
+    finally:
+        backbone.train(was_training)
+    if out.dim() != 2 or out.shape[1] != cfg.model.embedding_size:
+        raise ConfigError(
+            f"model.network={cfg.model.network!r} produces embeddings of shape "
+            f"{tuple(out.shape[1:])}, but the head expects model.embedding_size="
+            f"{cfg.model.embedding_size}"
+        )
+
+
+def check_output_space(trainer: Trainer, ctx: DistContext) -> None:
+    """Every rank: ``train.output`` is writable; rank 0: it has room for a checkpoint.
+    Raises :class:`~trainer.preflight.OutputDirError` on every rank if any rank fails."""
+    from trainer.preflight import OutputDirError, checkpoint_bytes_estimate, probe_output
+
+    required = 0
+    if ctx.is_main:
+        required = checkpoint_bytes_estimate([trainer.backbone, trainer.head], ctx.world_size)
+    try:
+        probe_output(trainer.output, ctx.rank, required)
+        error = None
+    except OutputDirError as exc:
+        error = str(exc)
+    errors = [e for e in ctx.all_gather_object(error) if e]
+    if errors:
+        raise OutputDirError(errors[0])
+
+
 def build_trainer(cfg: Config, ctx: DistContext) -> Trainer:
     """Everything from the configuration; resumes per ``checkpoint.resume``."""
     loader = build_loader(cfg, ctx)  # first: a data/config mismatch fails fast
     evaluator = build_evaluator(cfg)
     seed_everything(cfg.train.seed)  # identical initial backbone on every rank
     backbone = build_backbone(cfg)
+    check_embedding_size(backbone, cfg)
     head = build_head(cfg, ctx.device)
     seed_everything(cfg.train.seed + 1_000_003 * (ctx.rank + 1))  # per-rank streams
     trainer = Trainer(cfg, backbone, head, loader, ctx, evaluator)
+    check_output_space(trainer, ctx)
     trainer.maybe_resume()
     return trainer

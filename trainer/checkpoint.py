@@ -44,6 +44,19 @@ FORMAT_VERSION = 1
 _FINAL = re.compile(r"^step-(\d{8})$")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the file."""
+
+
+def _attempt(fn: Any, *args: Any) -> str | None:
+    """Run ``fn(*args)``; return ``None``, or the ``OSError`` it raised as text."""
+    try:
+        fn(*args)
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -58,6 +71,22 @@ def save_file(obj: Any, path: Path) -> None:
         torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def load_file(path: Path, map_location: torch.device | str = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, nothing in
+    the file is executed. A file that is not ours, truncated or corrupt raises
+    :class:`CheckpointError` naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint file of this trainer "
+            f"(truncated, corrupt, or holding objects other than tensors): {first}"
+        ) from None
 
 
 def _row_keys(tensors: dict[str, Any], rows: int) -> list[str]:
@@ -134,47 +163,101 @@ class CheckpointManager:
         ctx = self.ctx
         final = self.directory / f"step-{step:08d}"
         tmp = self.directory / f".tmp-step-{step:08d}"
+        error = None
         if ctx.is_main:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left over by a crashed save of the same step
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        ctx.barrier()
+            error = _attempt(self._make_tmp, tmp)
+        error = ctx.broadcast_object(error)
+        self._raise_if(error, step, tmp)
         rank = ctx.rank
-        save_file(head_shard, tmp / f"head-{rank:05d}.pt")
-        save_file(rank_state, tmp / f"rank-{rank:05d}.pt")
-        if ctx.is_main:
-            save_file(shared, tmp / "trainer.pt")
-        ranges = ctx.all_gather_object(
-            (head_shard["class_start"], head_shard["num_local"], head_shard["num_subcenters"])
+        # Every rank writes its files; a failure (ENOSPC, EIO, ...) is reported to all
+        # ranks, so none waits in a collective for a rank that gave up.
+        error = _attempt(self._write_rank_files, tmp, rank, head_shard, rank_state, shared)
+        reports = ctx.all_gather_object(
+            (
+                error,
+                (head_shard["class_start"], head_shard["num_local"], head_shard["num_subcenters"]),
+            )
         )
-        ctx.barrier()  # every rank's files are written (and fsynced)
+        errors = [f"rank {r}: {e}" for r, (e, _) in enumerate(reports) if e is not None]
+        if errors:
+            if ctx.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._raise_if("; ".join(errors), step, tmp)
+        ranges = [rng for _, rng in reports]
+        error = None
         if ctx.is_main:
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-            meta = {
-                "format": FORMAT_VERSION,
-                "step": step,
-                "world_size": ctx.world_size,
-                "time": time.time(),
-                "shards": [
-                    {"file": f"head-{r:05d}.pt", "class_start": cs, "num_local": nl, "K": k}
-                    for r, (cs, nl, k) in enumerate(ranges)
-                ],
-                "files": files,
-                **(extra_meta or {}),
-            }
-            meta_path = tmp / "meta.json"
-            with open(meta_path, "w") as fh:
-                json.dump(meta, fh, indent=2)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if final.exists():  # re-saving a step (e.g. a resumed run): replace it
-                self._discard(final)
-            os.rename(tmp, final)
-            _fsync_path(self.directory)
-            self._prune()
-        ctx.barrier()
+            error = _attempt(self._finalize, step, tmp, final, ranges, extra_meta)
+            if error is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        error = ctx.broadcast_object(error)
+        self._raise_if(error, step, tmp)
         return final
+
+    def _raise_if(self, error: str | None, step: int, tmp: Path) -> None:
+        if error is not None:
+            previous = self.latest()
+            raise CheckpointError(
+                f"checkpoint of step {step} could not be written to {tmp}: {error}; "
+                f"the previous checkpoint is intact: {previous or 'none yet'}"
+            )
+
+    def _make_tmp(self, tmp: Path) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left over by a crashed save of the same step
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+
+    @staticmethod
+    def _write_rank_files(
+        tmp: Path, rank: int, head_shard: dict[str, Any], rank_state: dict[str, Any], shared: Any
+    ) -> None:
+        for obj, name in (
+            (head_shard, f"head-{rank:05d}.pt"),
+            (rank_state, f"rank-{rank:05d}.pt"),
+            (shared if rank == 0 else None, "trainer.pt"),
+        ):
+            if obj is None:
+                continue
+            path = tmp / name
+            try:
+                save_file(obj, path)
+            except OSError as exc:
+                if exc.filename is None:  # name the file if the error does not
+                    raise OSError(exc.errno, f"{exc.strerror or exc}: {str(path)!r}") from None
+                raise
+
+    def _finalize(
+        self,
+        step: int,
+        tmp: Path,
+        final: Path,
+        ranges: list[tuple[int, int, int]],
+        extra_meta: dict[str, Any] | None,
+    ) -> None:
+        """Rank 0, after every rank's files are written: ``meta.json``, rename, prune."""
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        meta = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "world_size": self.ctx.world_size,
+            "time": time.time(),
+            "shards": [
+                {"file": f"head-{r:05d}.pt", "class_start": cs, "num_local": nl, "K": k}
+                for r, (cs, nl, k) in enumerate(ranges)
+            ],
+            "files": files,
+            **(extra_meta or {}),
+        }
+        meta_path = tmp / "meta.json"
+        with open(meta_path, "w") as fh:
+            json.dump(meta, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if final.exists():  # re-saving a step (e.g. a resumed run): replace it
+            self._discard(final)
+        os.rename(tmp, final)
+        _fsync_path(self.directory)
+        self._prune()
 
     def _discard(self, path: Path) -> None:
         trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
@@ -228,7 +311,7 @@ class CheckpointManager:
     @staticmethod
     def load_shared(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
         """The replicated state written by rank 0."""
-        return torch.load(path / "trainer.pt", map_location=device, weights_only=True)
+        return load_file(path / "trainer.pt", map_location=device)
 
     @staticmethod
     def load_rank_state(path: Path, rank: int) -> dict[str, Any] | None:
@@ -236,7 +319,7 @@ class CheckpointManager:
         file = path / f"rank-{rank:05d}.pt"
         if not file.exists():
             return None
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return load_file(file)
 
     @staticmethod
     def load_head_shard(
@@ -256,9 +339,7 @@ class CheckpointManager:
                 raise ValueError(
                     f"checkpoint {path} has {info['K']} sub-centres per class, the head has {K}"
                 )
-            shards.append(
-                torch.load(path / info["file"], map_location="cpu", weights_only=True, mmap=True)
-            )
+            shards.append(load_file(path / info["file"], mmap=True))
         first = shards[0]
         model_rows = sorted({k for s in shards for k in s["model_row_keys"]})
         optim_rows = sorted({k for s in shards for k in s["optim_row_keys"]})

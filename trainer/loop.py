@@ -12,6 +12,12 @@ One optimizer step (:meth:`Trainer.train_step`) takes ``train.grad_accum`` micro
    non-finite;
 3. clip the joint backbone + head gradient norm (``train.clip_grad_norm``);
 4. step both optimizers, then both LR schedulers, once.
+
+A step whose loss (or, with clipping, gradient norm) is non-finite on any rank is
+skipped on every rank: no parameter update, the backbone's buffers (BatchNorm
+statistics) restored, the batch's sample keys logged. ``train.max_bad_steps``
+consecutive skipped steps stop the run (:class:`TrainingError`); so does a failed or
+timed-out collective, with a message naming the step.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configs import Config, ConfigError, config_to_dict
 from trainer.amp import AmpPolicy
-from trainer.checkpoint import CheckpointManager, head_shard_state
+from trainer.checkpoint import CheckpointError, CheckpointManager, head_shard_state
 from trainer.distributed import DistContext
 from trainer.gradients import clip_, global_grad_norm, scale_backbone_grad
 from trainer.monitor import Monitor
@@ -50,11 +56,18 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 Evaluator = Callable[[nn.Module], dict[str, dict[str, float]]]
 
 
+class TrainingError(RuntimeError):
+    """Training stopped at a step (diverged, or a collective failed or timed out);
+    the message names the step."""
+
+
 class TrainLoader(Protocol):
     """What the trainer needs from a loader (``datasets.loader.FaceLoader`` fits).
 
     ``len()`` before any iteration is the number of per-rank batches in a full epoch;
-    ``state_dict()`` is the position after the batches yielded so far.
+    ``state_dict()`` is the position after the batches yielded so far. Optionally, a
+    ``last_keys`` attribute holds the sample keys of the batch just yielded (logged
+    when a step has to be skipped).
     """
 
     def set_epoch(self, epoch: int) -> None: ...
@@ -76,6 +89,8 @@ class StepResult:
     """Joint gradient norm before clipping, if it was computed."""
     samples: int
     """Samples in this step on this rank."""
+    skipped: bool = False
+    """True if the step was skipped for a non-finite loss or gradient (no update)."""
 
 
 class Trainer:
@@ -149,6 +164,7 @@ class Trainer:
         self._acc_sum = torch.zeros((), device=ctx.device)
         self._since_log = 0
         self._stop = self.total_steps
+        self.bad_streak = 0  # consecutive skipped (non-finite) steps
 
     # ------------------------------------------------------------------ one step
     def _params(self) -> list[nn.Parameter]:
@@ -166,6 +182,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.ctx.device)
         acc_sum = torch.zeros((), device=self.ctx.device)
         samples = 0
+        # BatchNorm statistics are updated by the forward: kept to undo a bad step
+        buffers = [b.detach().clone() for b in self.backbone.buffers()]
         ddp = isinstance(self.model, DDP)
         for i, (images, labels) in enumerate(micro_batches):
             images = images.to(self.ctx.device, non_blocking=True)
@@ -184,43 +202,63 @@ class Trainer:
             loss_sum += loss.detach()
             acc_sum += self.head.accuracy.detach()
             samples += labels.shape[0]
-        grad_norm = self._optimizer_step()
+        grad_norm, skipped = self._optimizer_step(loss_sum)
+        if skipped:
+            with torch.no_grad():
+                for b, saved in zip(self.backbone.buffers(), buffers, strict=True):
+                    b.copy_(saved)
         self.last_lr = self.opt_backbone.param_groups[0]["lr"]  # the LR this step used
         for scheduler in self.schedulers:
             scheduler.step()
         self.step += 1
-        return StepResult(loss_sum / k, acc_sum / k, grad_norm, samples)
+        return StepResult(loss_sum / k, acc_sum / k, grad_norm, samples, skipped)
 
-    def _optimizer_step(self) -> torch.Tensor | None:
+    def _optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        """Check, clip and apply the gradients; ``(grad_norm, skipped)``.
+
+        One all-reduce decides for every rank: flag 0 is a non-finite loss, flag 1 a
+        non-finite gradient (the head's overflow with fp16 scaling; the global norm
+        without scaling, when clipping computes it). ``skipped`` is True for a
+        non-finite loss or (without scaling) gradient; an fp16 overflow with a finite
+        loss is the scaler's business (it skips and backs off) and is not counted.
+        """
         clip = self.cfg.train.clip_grad_norm
-        if self.amp.scaling:
+        scaling = self.amp.scaling
+        flags = torch.zeros(2, device=self.ctx.device)
+        flags[0] = (~torch.isfinite(loss)).any().float()
+        grad_norm = None
+        if scaling:
             # Unscale the head by hand and fold its overflow into the backbone's, so the
             # scaler skips (and backs off) identically on every rank.
             grad = self.head.weight.grad
             if grad is not None:
                 grad.mul_(1.0 / self.scaler.get_scale())
-                bad = (~torch.isfinite(grad)).any().float()
-            else:
-                bad = torch.zeros((), device=self.ctx.device)
-            self.ctx.all_reduce_(bad)
-            if bad.item() > 0:
-                first = next(p for p in self.backbone.parameters() if p.grad is not None)
-                first.grad.fill_(float("inf"))
-            self.scaler.unscale_(self.opt_backbone)
-        grad_norm = None
-        if clip is not None or self.amp.scaling:
+                flags[1] = (~torch.isfinite(grad)).any().float()
+        elif clip is not None:
             grad_norm = global_grad_norm(self.backbone.parameters(), [self.head.weight], self.ctx)
-        if clip is not None:
-            clip_(self._params(), grad_norm, clip)
-        if self.amp.scaling:
-            self.scaler.step(self.opt_backbone)
-            if torch.isfinite(grad_norm).item():
-                self.opt_head.step()
-            self.scaler.update()
-        else:
+            flags[1] = (~torch.isfinite(grad_norm)).float()
+        self.ctx.all_reduce_(flags)
+        loss_bad, grad_bad = (flags > 0).tolist()
+        if not scaling:
+            if loss_bad or grad_bad:
+                return grad_norm, True
+            if clip is not None:
+                clip_(self._params(), grad_norm, clip)
             self.opt_backbone.step()
             self.opt_head.step()
-        return grad_norm
+            return grad_norm, False
+        if loss_bad or grad_bad:
+            first = next(p for p in self.backbone.parameters() if p.grad is not None)
+            first.grad.fill_(float("inf"))
+        self.scaler.unscale_(self.opt_backbone)
+        grad_norm = global_grad_norm(self.backbone.parameters(), [self.head.weight], self.ctx)
+        if clip is not None:
+            clip_(self._params(), grad_norm, clip)
+        self.scaler.step(self.opt_backbone)
+        if torch.isfinite(grad_norm).item():
+            self.opt_head.step()
+        self.scaler.update()
+        return grad_norm, bool(loss_bad)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
@@ -260,12 +298,15 @@ class Trainer:
                 batches = iter(self.loader)
                 epoch_done = False
                 while self.step < stop:
-                    micro = list(itertools.islice(batches, k))
+                    micro, keys = self._take(batches, k)
                     if len(micro) < k:  # end of epoch (a partial accumulation is dropped)
                         epoch_done = True
                         break
-                    result = self.train_step(micro)
-                    self._after_step(result, monitor)
+                    with self._naming_step(self.step + 1):
+                        result = self.train_step(micro)
+                    self._check_finite(result, keys)
+                    with self._naming_step(self.step):
+                        self._after_step(result, monitor)
                 if epoch_done:
                     self.epoch += 1
                 else:
@@ -279,15 +320,79 @@ class Trainer:
         finally:
             monitor.close()
 
+    def _take(self, batches: Iterator[Batch], k: int) -> tuple[list[Batch], list[Any]]:
+        """Up to ``k`` micro-batches and their sample keys (``loader.last_keys``)."""
+        micro: list[Batch] = []
+        keys: list[Any] = []
+        for batch in itertools.islice(batches, k):
+            micro.append(batch)
+            keys.append(_as_list(getattr(self.loader, "last_keys", None)))
+        return micro, keys
+
+    @contextlib.contextmanager
+    def _naming_step(self, step: int) -> Iterator[None]:
+        """Re-raise a failure inside the block (a collective that timed out because a
+        peer hangs, a dead peer's closed connection) as :class:`TrainingError` naming
+        ``step``."""
+        try:
+            yield
+        except (TrainingError, CheckpointError, ConfigError):
+            raise
+        except RuntimeError as exc:
+            text = str(exc).strip()
+            first = text.splitlines()[0] if text else type(exc).__name__
+            timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+            what = (
+                f"a collective timed out after train.collective_timeout_s="
+                f"{self.cfg.train.collective_timeout_s:g} s (a peer rank is hung or dead)"
+                if timed_out
+                else "failed"
+            )
+            raise TrainingError(f"step {step}: {what}: {first}") from exc
+
+    def _check_finite(self, result: StepResult, keys: list[Any]) -> None:
+        """Log a skipped step with every rank's sample keys; stop after
+        ``train.max_bad_steps`` consecutive ones."""
+        if not result.skipped:
+            self.bad_streak = 0
+            return
+        self.bad_streak += 1
+        limit = self.cfg.train.max_bad_steps
+        per_rank = self.ctx.all_gather_object(keys)  # only on bad steps: rare
+        if self.ctx.is_main:
+            loss = result.loss.item()
+            log.warning(
+                "step %d: non-finite loss/gradient (loss %s); step skipped (%d in a row, "
+                "limit train.max_bad_steps=%d); sample keys by rank: %s",
+                self.step,
+                loss,
+                self.bad_streak,
+                limit,
+                "; ".join(f"rank {r}: {k}" for r, k in enumerate(per_rank)),
+            )
+            record = {"step": self.step, "loss": str(loss), "keys": per_rank}
+            self.output.mkdir(parents=True, exist_ok=True)
+            with open(self.output / "bad_steps.jsonl", "a") as fh:
+                fh.write(json.dumps(record, default=_json_default) + "\n")
+        if self.bad_streak >= limit:
+            good = self.checkpoints.latest()
+            raise TrainingError(
+                f"step {self.step}: {self.bad_streak} consecutive steps with a non-finite "
+                f"loss or gradient (train.max_bad_steps={limit}); stopping. Last good "
+                f"checkpoint: {good or 'none'}; skipped batches are listed in "
+                f"{self.output / 'bad_steps.jsonl'}"
+            )
+
     def _after_step(self, result: StepResult, monitor: Monitor) -> None:
         cfg = self.cfg
-        self._loss_sum += result.loss
-        self._acc_sum += result.accuracy
-        self._since_log += 1
+        if not result.skipped:  # a skipped step's NaN would poison the logged mean
+            self._loss_sum += result.loss
+            self._acc_sum += result.accuracy
+            self._since_log += 1
         monitor.count(result.samples * self.ctx.world_size)
         log_now = self.step % cfg.log.every_steps == 0 or self.step == self._stop
         if log_now and self.ctx.is_main:
-            n = self._since_log
+            n = max(self._since_log, 1)
             scale = self.scaler.get_scale() if self.amp.scaling else None
             monitor.log_step(
                 self.step,
@@ -304,7 +409,8 @@ class Trainer:
         started = time.perf_counter()
         if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
             self.verify()
-        if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+        due = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
+        if due and self.bad_streak == 0:  # never save in the middle of a bad streak
             self.save_checkpoint()
         monitor.exclude(time.perf_counter() - started)
 
@@ -394,6 +500,12 @@ class Trainer:
                 f"data.num_classes={head.num_classes} but checkpoint {path} has "
                 f"{meta['num_classes']} classes"
             )
+        saved_dim = meta.get("embedding_size", head.embedding_size)
+        if saved_dim != head.embedding_size:
+            raise ConfigError(
+                f"model.embedding_size={head.embedding_size} but checkpoint {path} has "
+                f"embeddings of size {saved_dim}"
+            )
         shared = CheckpointManager.load_shared(path, self.ctx.device)
         self.backbone.load_state_dict(shared["backbone"])
         self.opt_backbone.load_state_dict(shared["backbone_optimizer"])
@@ -451,6 +563,12 @@ class Trainer:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
         os.replace(tmp, path)
+
+
+def _as_list(keys: Any) -> Any:
+    if isinstance(keys, torch.Tensor):
+        return keys.tolist()
+    return list(keys) if keys is not None else None
 
 
 def _json_default(value: Any) -> Any:
