@@ -84,6 +84,10 @@ class FaceDataset(Dataset):
     def __len__(self) -> int:
         raise NotImplementedError
 
+    def sample_key(self, index: int) -> int:
+        """A stable key of sample ``index`` for logs (the index itself by default)."""
+        return index
+
     def label_of(self, index: int) -> int:
         """The label of sample ``index`` (reads its record)."""
         return self._load(index)[1]
@@ -166,6 +170,10 @@ class RecordIODataset(FaceDataset):
 
     def __len__(self) -> int:
         return len(self.image_keys)
+
+    def sample_key(self, index: int) -> int:
+        """The sample's RecordIO key (what ``.idx`` and error messages use)."""
+        return int(self.image_keys[index])
 
     def _where(self, index: int) -> str:
         key = int(self.image_keys[index])

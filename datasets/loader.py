@@ -10,6 +10,7 @@ device (pinned memory and ``non_blocking`` on CUDA) and normalises it there. Usa
         for images, labels in loader:            # (B, 3, 112, 112) float32, (B,) int64
             ...
             ckpt["loader"] = loader.state_dict()  # position after the batches yielded
+            loader.last_keys                      # sample keys of that batch (for logs)
     loader.load_state_dict(ckpt["loader"])        # resume mid-epoch, any world size
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from datasets.dataset import FaceDataset
 from datasets.sampler import DistributedFaceSampler
@@ -36,6 +37,33 @@ def collate_uint8(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, 
     return images, labels
 
 
+class KeyedDataset(Dataset):
+    """``dataset[item]`` plus the sample's key: ``(image, label, key)``.
+
+    The key is :meth:`datasets.dataset.FaceDataset.sample_key` of the sampled index
+    (the record key for RecordIO), so a batch can be traced back to its records.
+    """
+
+    def __init__(self, dataset: FaceDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        index = int(item[0]) if isinstance(item, tuple) else int(item)
+        image, label = self.dataset[item]
+        return image, label, self.dataset.sample_key(index)
+
+
+def collate_keyed(
+    batch: list[tuple[torch.Tensor, int, int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`collate_uint8` of ``(image, label, key)`` items, keys as int64 ``(B,)``."""
+    images, labels = collate_uint8([(b[0], b[1]) for b in batch])
+    return images, labels, torch.tensor([b[2] for b in batch], dtype=torch.int64)
+
+
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: one torch thread per worker, RNGs seeded per worker.
 
@@ -47,8 +75,11 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 -- third-party code in workers may use it
     info = torch.utils.data.get_worker_info()
-    if info is not None and isinstance(info.dataset, FaceDataset):
-        info.dataset.seed_worker(seed)
+    dataset = getattr(info, "dataset", None)
+    if isinstance(dataset, KeyedDataset):
+        dataset = dataset.dataset
+    if isinstance(dataset, FaceDataset):
+        dataset.seed_worker(seed)
 
 
 class FaceLoader:
@@ -63,6 +94,10 @@ class FaceLoader:
         device: where batches are delivered; pinned memory is used when it is CUDA.
         drop_last, shuffle: see :class:`datasets.sampler.DistributedFaceSampler`.
         prefetch_factor: batches each worker keeps ready.
+
+    Batches are ``(images, labels)``; after each one, :attr:`last_keys` holds its
+    samples' keys (int64 ``(B,)``, see :class:`KeyedDataset`), which the trainer logs
+    when a step has to be skipped.
     """
 
     def __init__(
@@ -86,6 +121,7 @@ class FaceLoader:
         )
         self.batch_size = batch_size
         self._batches_done = 0
+        self.last_keys: torch.Tensor | None = None
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs = {
@@ -96,11 +132,11 @@ class FaceLoader:
         generator = torch.Generator()
         generator.manual_seed(seed * 7919 + self.sampler.rank)
         self.loader = DataLoader(
-            self.dataset,
+            KeyedDataset(self.dataset),
             batch_size=batch_size,
             sampler=self.sampler,
             num_workers=num_workers,
-            collate_fn=collate_uint8,
+            collate_fn=collate_keyed,
             pin_memory=self.device.type == "cuda",
             drop_last=False,  # the sampler already yields whole batches only
             generator=generator,
@@ -122,10 +158,11 @@ class FaceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._batches_done = 0
         non_blocking = self.device.type == "cuda"
-        for images, labels in self.loader:
+        for images, labels, keys in self.loader:
             images = normalize_batch(images.to(self.device, non_blocking=non_blocking))
             labels = labels.to(self.device, non_blocking=non_blocking)
             self._batches_done += 1
+            self.last_keys = keys
             yield images, labels
         # the epoch is finished: a checkpoint taken now resumes at the next epoch
         self.sampler.consumed = self.sampler.num_samples

@@ -26,6 +26,7 @@ def _worker(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     results: Any,
+    pg_timeout: float = 120.0,
 ) -> None:
     import torch
     import torch.distributed as dist
@@ -38,7 +39,7 @@ def _worker(
             init_method=f"file://{init_file}",
             rank=rank,
             world_size=world_size,
-            timeout=timedelta(seconds=120),
+            timeout=timedelta(seconds=pg_timeout),
         )
         try:
             # Plain pickle: torch's queue reducers would share tensor memory that
@@ -51,9 +52,15 @@ def _worker(
 
 
 def run_ranks(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 300.0,
+    pg_timeout: float = 120.0,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks.
+
+    ``pg_timeout`` is the process group's collective timeout in seconds.
 
     Returns the ranks' return values ordered by rank. Raises ``RuntimeError``
     with the failing rank's traceback if any rank raised or timed out.
@@ -63,7 +70,9 @@ def run_ranks(
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         procs = [
-            ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, results))
+            ctx.Process(
+                target=_worker, args=(r, world_size, init_file, fn, args, results, pg_timeout)
+            )
             for r in range(world_size)
         ]
         for p in procs:
