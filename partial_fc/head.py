@@ -56,9 +56,10 @@ class PartialFC(nn.Module):
         chunk_classes: classes per logits block; peak extra memory is about one
             ``(B, chunk_classes * K)`` block of cosines. With all classes in use in one
             chunk the block is reused by the backward (3 matrix products instead of 4).
-            None (default): per step, the largest chunk whose block is at most half
-            the weight shard's gradient (``num_local * D / (2 B)`` classes, at least
-            4096) — one chunk whenever ``B <= D / 2``.
+            None (default): per step, the classes in use split evenly into the
+            fewest chunks whose block is at most 40% of the weight shard's gradient
+            (``0.4 * num_local * D / B`` classes, at least 4096). The backward
+            reuses the last chunk's block and recomputes the others.
         seed: seeds the initial centres (identical for any world size) and the
             negative sampling.
         ignore_index: a label value whose samples are skipped (must lie outside
@@ -257,7 +258,10 @@ class PartialFC(nn.Module):
                 margin=self.margin,
                 step=self.num_steps,
                 num_subcenters=self.num_subcenters,
-                chunk_classes=self.chunk_classes or self._auto_chunk(embeddings.shape[0]),
+                chunk_classes=self.chunk_classes
+                or self._auto_chunk(
+                    embeddings.shape[0], self.num_local if sampled is None else sampled.numel()
+                ),
                 group=self.group,
                 filter_threshold=self.interclass_filtering_threshold,
                 filter_mode=self.interclass_filtering_mode,
@@ -277,11 +281,17 @@ class PartialFC(nn.Module):
                 self.num_steps += 1
         return loss
 
-    def _auto_chunk(self, global_batch: int) -> int:
-        """Classes per block so that a ``(B, chunk)`` block is at most half the size
-        of the weight shard's gradient."""
-        budget = self.num_local * self.embedding_size // max(1, 2 * global_batch)
-        return max(_MIN_AUTO_CHUNK, budget)
+    def _auto_chunk(self, global_batch: int, num_used: int) -> int:
+        """Classes per block: the ``num_used`` classes split evenly into the fewest
+        chunks whose ``(B, chunk * K)`` block is at most 40% of the weight shard's
+        gradient (at least 4096 classes). The backward reuses the last block, so
+        the peak is the gradient plus one block."""
+        k = self.num_subcenters
+        budget = max(
+            _MIN_AUTO_CHUNK, (2 * self.num_local * self.embedding_size) // (5 * global_batch)
+        )
+        num_chunks = max(1, -(-num_used * k // max(1, budget * k)))
+        return max(1, -(-num_used // num_chunks))
 
     def _sample(
         self, local: torch.Tensor, owned: torch.Tensor

@@ -152,3 +152,16 @@ def test_chunked_and_unchunked_agree_in_fp32() -> None:
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 300, 1000])
+def test_second_backward_with_retained_graph_matches_the_first(chunk: int | None) -> None:
+    torch.manual_seed(0)
+    head = PartialFC(1000, DIM, ArcFace(), chunk_classes=chunk)
+    x = torch.randn(16, DIM, requires_grad=True)
+    loss = head(x, torch.randint(0, 1000, (16,)))
+    loss.backward(retain_graph=True)
+    first = (x.grad.clone(), head.weight.grad.clone())
+    loss.backward()  # the kept block is gone: this one recomputes every chunk
+    torch.testing.assert_close(x.grad, 2 * first[0])
+    torch.testing.assert_close(head.weight.grad, 2 * first[1])
