@@ -59,3 +59,16 @@ demo: $(STAMP) $(DEMO_DATA)/meta.json
 	echo "== summary"; \
 	$(BIN)/python -m trainer.report $(DEMO_OUT); \
 	echo "training, verification and export took $$(( $$(date +%s) - start )) s"
+
+# ---------------------------------------------------------------------------
+# Reliability (docs/reliability.md). multinode-test: two torchrun agents as two
+# nodes, on loopback and (as root with `ip netns`) in two network namespaces
+# joined by a veth pair. soak: the demo config for SOAK_STEPS steps on 2 ranks
+# (default 2000; not in CI; figures in work_dirs/soak/soak.json).
+.PHONY: multinode-test soak
+multinode-test: $(STAMP)
+	$(BIN)/python -m pytest -m "" -v -s tests/test_multinode.py
+
+SOAK_STEPS ?= 2000
+soak: $(STAMP) $(DEMO_DATA)/meta.json
+	SOAK_STEPS=$(SOAK_STEPS) SOAK_DATA=$(DEMO_DATA) $(BIN)/python -m pytest -m slow -s -p no:timeout tests/test_soak.py
