@@ -39,32 +39,42 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _measure(step: Callable[[], None], device: torch.device, steps: int) -> tuple[float, float]:
-    """Median seconds per call and peak memory growth (MiB) of one call."""
-    step()  # warm-up: allocator, lazy init
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _memory_growth(step: Callable[[], None], device: torch.device) -> float:
+    """Peak memory growth (MiB) of one call, after a warm-up call."""
+    step()  # warm-up: allocator, lazy init
+    _sync(device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         step()
-        torch.cuda.synchronize(device)
-        growth = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        base = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # reset VmHWM to the current RSS
-        step()
-        growth = (_status_kib("VmHWM") - base) / 1024
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), growth
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    base = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset VmHWM to the current RSS
+    step()
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+def _interleaved_times(
+    steps: dict[str, Callable[[], None]], device: torch.device, repeats: int
+) -> dict[str, float]:
+    """Median seconds per call of each function, the calls interleaved round-robin
+    so that every function sees the same background load (this machine is shared)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _bare_products(x: torch.Tensor, w: torch.Tensor, grad_logits: torch.Tensor) -> None:
@@ -118,24 +128,27 @@ def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file:
         w = torch.randn(classes, args.dim, device=device) * 0.01
         xg = torch.randn(args.batch, args.dim, device=device)
         grad_logits = torch.randn(args.batch, classes, device=device)
-        bare_time, _ = _measure(partial(_bare_products, xg, w, grad_logits), device, args.steps)
-        del grad_logits
-
         dense_w = w.clone().requires_grad_(True)
-        dense_step = partial(_dense_step, x, dense_w, labels % classes)
-        dense_time, dense_mem = _measure(dense_step, device, args.steps)
-        del dense_w, dense_step
-        grad_mib = classes * args.dim * 4 / 2**20
+        steps = {
+            "bare": partial(_bare_products, xg, w, grad_logits),
+            "dense": partial(_dense_step, x, dense_w, labels % classes),
+        }
         for rate in args.sample_rates:
             head = PartialFC(
                 classes * world_size, args.dim, ArcFace(), sample_rate=rate, device=device,
                 chunk_classes=args.chunk or None,
             )  # fmt: skip
-            head_time, head_mem = _measure(partial(_head_step, head, x, labels), device, args.steps)
+            steps[f"head {rate}"] = partial(_head_step, head, x, labels)
+        memory = {name: _memory_growth(step, device) for name, step in steps.items()}
+        times = _interleaved_times(steps, device, args.steps)
+        grad_mib = classes * args.dim * 4 / 2**20
+        for rate in args.sample_rates:
+            name = f"head {rate}"
             rows.append(
-                (classes, rate, head_time, bare_time, dense_time, head_mem, grad_mib, dense_mem)
-            )
-            del head
+                (classes, rate, times[name], times["bare"], times["dense"], memory[name],
+                 grad_mib, memory["dense"])
+            )  # fmt: skip
+        del steps, grad_logits, dense_w
     dist.barrier()
     if rank == 0:
         print(
