@@ -64,6 +64,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """Process ids of every descendant of ``pid`` (read from /proc)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
 class Job:
     """One torchrun agent (and its workers) as a subprocess in its own session.
 
@@ -108,12 +124,14 @@ class Job:
             raise TimeoutError(f"torchrun did not finish in {timeout} s:\n{self.tail()}") from None
 
     def kill(self) -> None:
-        """SIGKILL the agent's process group (agent and workers)."""
+        """SIGKILL the agent and every descendant (torchrun starts each worker in a
+        process group of its own, so the agent's group is not enough)."""
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.proc.wait(timeout=30)
 
     def tail(self, n: int = 60) -> str:

@@ -1,0 +1,62 @@
+"""``train_dist.py`` with one injected SIGKILL, for the torchrun fault tests.
+
+``PFC_FAULT=step:N:R`` kills rank R just before optimizer step N; ``PFC_FAULT=save:N:R``
+kills rank R half-way through writing its head shard of step N's checkpoint. Only the
+first attempt (``TORCHELASTIC_RESTART_COUNT=0``) is killed; the restarted one runs
+clean. Test-only: the trainer itself has no fault hooks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(spec: str, rank: int) -> None:
+    """Patch the trainer so that ``spec`` (``step:N:R`` or ``save:N:R``) happens."""
+    import trainer.checkpoint as checkpoint_module
+    from trainer.loop import Trainer
+
+    kind, step_text, rank_text = spec.split(":")
+    step, victim = int(step_text), int(rank_text)
+    if rank != victim:
+        return
+    if kind == "step":
+        real_step = Trainer.train_step
+
+        def train_step(self: Trainer, micro: Any) -> Any:
+            if self.step + 1 == step:
+                _die()
+            return real_step(self, micro)
+
+        Trainer.train_step = train_step  # type: ignore[method-assign]
+    elif kind == "save":
+        real_save = checkpoint_module.save_file
+
+        def save_file(obj: Any, path: Path) -> None:
+            if path.parent.name == f".tmp-step-{step:08d}" and path.name.startswith("head-"):
+                path.write_bytes(b"\x80\x02half a head shard")
+                _die()
+            real_save(obj, path)
+
+        checkpoint_module.save_file = save_file
+    else:
+        raise ValueError(f"PFC_FAULT: unknown kind {kind!r}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import train_dist
+
+    spec = os.environ.get("PFC_FAULT", "")
+    if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        install(spec, int(os.environ.get("RANK", "0")))
+    sys.exit(train_dist.main(sys.argv[1:]))
