@@ -190,6 +190,7 @@ def _plot(rows: list[tuple], path: str) -> None:
     time_ax.set(xlabel="C_local", ylabel="seconds per step", title="forward + backward")
     mem_ax.set(xlabel="C_local", ylabel="MiB", title="peak memory growth per rank")
     for ax in (time_ax, mem_ax):
+        ax.set_xticks([b[0] for b in bare], [f"{b[0] // 1000}k" for b in bare])
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
