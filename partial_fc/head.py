@@ -286,11 +286,11 @@ class PartialFC(nn.Module):
         chunks whose ``(B, chunk * K)`` block is at most 40% of the weight shard's
         gradient (at least 4096 classes). The backward reuses the last block, so
         the peak is the gradient plus one block."""
-        k = self.num_subcenters
+        # B * chunk * K <= 0.4 * num_local * K * D: K cancels.
         budget = max(
             _MIN_AUTO_CHUNK, (2 * self.num_local * self.embedding_size) // (5 * global_batch)
         )
-        num_chunks = max(1, -(-num_used * k // max(1, budget * k)))
+        num_chunks = max(1, -(-num_used // budget))
         return max(1, -(-num_used // num_chunks))
 
     def _sample(

@@ -246,6 +246,9 @@ class MarginSoftmaxCE(torch.autograd.Function):
 
         ctx.mark_non_differentiable(correct)
         ctx.has_sampled = sampled is not None
+        # Skipped rows (padding, ignore_index) get lse = +inf: their softmax is then
+        # exactly 0 in the backward, never inf * 0 (their log-sum-exp may be -inf).
+        log_sum_exp = torch.where(valid, log_sum_exp, torch.full_like(log_sum_exp, float("inf")))
         ctx.save_for_backward(
             xn, x_norms, weight, target_col, target_logit, target_slope, log_sum_exp,
             local_max, valid, num_valid, torch.cat(inv_norms) if inv_norms else xn.new_empty(0),
@@ -290,7 +293,9 @@ class MarginSoftmaxCE(torch.autograd.Function):
                 # p = exp(logit - shift) * exp(shift - lse), the forward's block in place.
                 _, probs, choice, conflict = kept
                 kept = None
-                shift = torch.where(local_max == float("-inf"), log_sum_exp, local_max)
+                shift = torch.where(
+                    local_max == float("-inf"), torch.zeros_like(local_max), local_max
+                )
                 probs.mul_(torch.exp(shift - log_sum_exp)[:, None])
             else:
                 cos, choice = _class_cosines(xn, w_rows, inv_norms, k, opts.matmul_dtype)

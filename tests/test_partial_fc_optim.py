@@ -165,3 +165,17 @@ def test_second_backward_with_retained_graph_matches_the_first(chunk: int | None
     loss.backward()  # the kept block is gone: this one recomputes every chunk
     torch.testing.assert_close(x.grad, 2 * first[0])
     torch.testing.assert_close(head.weight.grad, 2 * first[1])
+
+
+def test_skipped_rows_whose_entries_are_all_filtered_give_finite_gradients() -> None:
+    # Padding-like rows (zero embeddings have cosine 0 everywhere) filtered with a
+    # negative threshold: every entry of the ignored row is removed.
+    head = PartialFC(50, DIM, ArcFace(), ignore_index=-1, interclass_filtering_threshold=-0.5)
+    x = torch.randn(4, DIM)
+    x[1] = 0.0
+    x.requires_grad_(True)
+    loss = head(x, torch.tensor([3, -1, 7, 9]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()
+    assert x.grad[1].abs().sum() == 0
