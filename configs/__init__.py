@@ -16,6 +16,7 @@ from configs.loading import (
 )
 from configs.overrides import apply_overrides, closest_key, set_key, valid_keys
 from configs.schema import (
+    AuxLossConfig,
     CheckpointConfig,
     Config,
     ConfigError,
@@ -30,6 +31,7 @@ from configs.schema import (
 )
 
 __all__ = [
+    "AuxLossConfig",
     "CheckpointConfig",
     "Config",
     "ConfigError",

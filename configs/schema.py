@@ -307,6 +307,55 @@ class LogConfig:
 
 
 @dataclass
+class AuxLossConfig:
+    """Auxiliary losses added to the head loss (see ``docs/aux_losses.md``)."""
+
+    center_weight: float = 0.0
+    """Weight of the sharded center loss in the total loss; 0 turns it off."""
+    center_radius: float = 0.0
+    """Center loss hinge radius ``r``: distances below it cost nothing."""
+    center_distance: Literal["squared_euclidean", "euclidean", "cosine"] = "squared_euclidean"
+    """Distance between an embedding and its class centre: ``squared_euclidean``,
+    ``euclidean`` or ``cosine`` (``1 - cos``)."""
+    center_learnable: bool = True
+    """Learn the centres (their own optimizer, the backbone's type, LR schedule and
+    momentum, no weight decay); false: fixed at their initial values."""
+    triplet_weight: float = 0.0
+    """Weight of the triplet loss over the global batch; 0 turns it off."""
+    triplet_margin: float = 0.3
+    """Triplet margin ``m`` in ``max(d(a, p) - d(a, n) + m, 0)``."""
+    triplet_mining: Literal["batch_all", "batch_hard", "semi_hard"] = "batch_hard"
+    """Triplet selection: ``batch_all``, ``batch_hard`` or ``semi_hard``."""
+    triplet_distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean"
+    """Triplet distance: ``squared_euclidean`` (raw embeddings) or ``cosine``."""
+
+    def validate(self) -> None:
+        for key in ("center_weight", "center_radius", "triplet_weight", "triplet_margin"):
+            value = getattr(self, key)
+            _check(
+                math.isfinite(value) and value >= 0, f"aux.{key}", "must be finite and >= 0", value
+            )
+        _check(
+            self.center_distance in ("squared_euclidean", "euclidean", "cosine"),
+            "aux.center_distance",
+            "must be squared_euclidean, euclidean or cosine",
+            self.center_distance,
+        )
+        _check(
+            self.triplet_mining in ("batch_all", "batch_hard", "semi_hard"),
+            "aux.triplet_mining",
+            "must be batch_all, batch_hard or semi_hard",
+            self.triplet_mining,
+        )
+        _check(
+            self.triplet_distance in ("squared_euclidean", "cosine"),
+            "aux.triplet_distance",
+            "must be squared_euclidean or cosine",
+            self.triplet_distance,
+        )
+
+
+@dataclass
 class Config:
     """A complete training run."""
 
@@ -330,6 +379,8 @@ class Config:
     """Verification."""
     log: LogConfig = field(default_factory=LogConfig)
     """Logging."""
+    aux: AuxLossConfig = field(default_factory=AuxLossConfig)
+    """Auxiliary losses (center, triplet); off by default."""
 
     def validate(self) -> Config:
         """Check every section; raise :class:`ConfigError` naming the first bad option."""
@@ -343,6 +394,7 @@ class Config:
             self.checkpoint,
             self.eval,
             self.log,
+            self.aux,
         ):
             section.validate()
         _check(

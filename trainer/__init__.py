@@ -6,6 +6,6 @@ loader. See ``docs/training.md``.
 """
 
 from trainer.distributed import DistContext
-from trainer.loop import StepResult, Trainer, TrainLoader
+from trainer.loop import AuxLosses, StepResult, Trainer, TrainLoader
 
-__all__ = ["DistContext", "StepResult", "TrainLoader", "Trainer"]
+__all__ = ["AuxLosses", "DistContext", "StepResult", "TrainLoader", "Trainer"]

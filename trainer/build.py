@@ -11,7 +11,7 @@ import torch
 
 from configs import Config, ConfigError, HeadConfig
 from trainer.distributed import DistContext
-from trainer.loop import Evaluator, Trainer
+from trainer.loop import AuxLosses, Evaluator, Trainer
 from trainer.rng import seed_everything
 
 if TYPE_CHECKING:
@@ -74,6 +74,36 @@ def build_head(cfg: Config, device: torch.device) -> torch.nn.Module:
         matmul_dtype=_MATMUL_DTYPES[cfg.head.matmul_dtype],
         device=device,
     )
+
+
+def build_aux_losses(cfg: Config, device: torch.device) -> AuxLosses:
+    """The auxiliary losses whose ``aux.*_weight`` is non-zero (default process group).
+
+    Like the head, they pad every rank's batch to ``data.batch_size``; the centres are
+    seeded by ``train.seed`` (identical for every world size)."""
+    from partial_fc import ShardedCenterLoss, TripletLoss
+
+    aux = cfg.aux
+    center = triplet = None
+    if aux.center_weight > 0:
+        center = ShardedCenterLoss(
+            cfg.data.num_classes,
+            cfg.model.embedding_size,
+            radius=aux.center_radius,
+            learnable=aux.center_learnable,
+            distance=aux.center_distance,
+            seed=cfg.train.seed,
+            max_local_batch=cfg.data.batch_size,
+            device=device,
+        )
+    if aux.triplet_weight > 0:
+        triplet = TripletLoss(
+            aux.triplet_margin,
+            mining=aux.triplet_mining,
+            distance=aux.triplet_distance,
+            max_local_batch=cfg.data.batch_size,
+        )
+    return AuxLosses(center=center, triplet=triplet)
 
 
 def build_backbone(cfg: Config) -> torch.nn.Module:
@@ -179,7 +209,10 @@ def check_output_space(trainer: Trainer, ctx: DistContext) -> None:
 
     required = 0
     if ctx.is_main:
-        required = checkpoint_bytes_estimate([trainer.backbone, trainer.head], ctx.world_size)
+        modules = [trainer.backbone, trainer.head]
+        if trainer.center is not None:
+            modules.append(trainer.center)
+        required = checkpoint_bytes_estimate(modules, ctx.world_size)
     try:
         probe_output(trainer.output, ctx.rank, required)
         error = None
@@ -198,8 +231,9 @@ def build_trainer(cfg: Config, ctx: DistContext) -> Trainer:
     backbone = build_backbone(cfg)
     check_embedding_size(backbone, cfg)
     head = build_head(cfg, ctx.device)
+    aux = build_aux_losses(cfg, ctx.device)
     seed_everything(cfg.train.seed + 1_000_003 * (ctx.rank + 1))  # per-rank streams
-    trainer = Trainer(cfg, backbone, head, loader, ctx, evaluator)
+    trainer = Trainer(cfg, backbone, head, loader, ctx, evaluator, aux)
     check_output_space(trainer, ctx)
     trainer.maybe_resume()
     return trainer

@@ -7,6 +7,8 @@ Layout of ``<output>/checkpoints/step-00001234/``::
                          loop position, loader position (replicated state)
     head-00000.pt ...    one per saving rank: its head rows and the head optimizer's
                          row state, with the rank's global class range
+    center-00000.pt ...  the same for other class-sharded modules (the center loss's
+                         centres and their optimizer), when the trainer has them
     rank-00000.pt ...    one per saving rank: RNG states
 
 Atomicity: every rank writes into ``.tmp-step-XXXXXXXX/``; after a barrier rank 0
@@ -97,22 +99,35 @@ def _row_keys(tensors: dict[str, Any], rows: int) -> list[str]:
     ]
 
 
+def _shards_key(name: str) -> str:
+    """``meta.json`` key listing the shards called ``name`` (``shards`` for the head)."""
+    return "shards" if name == "head" else f"{name}_shards"
+
+
 def head_shard_state(
     head: torch.nn.Module,
-    head_optimizer: torch.optim.Optimizer,
+    head_optimizer: torch.optim.Optimizer | None,
     class_start: int,
     num_local: int,
     num_subcenters: int,
+    row_keys: tuple[str, ...] = ("weight",),
 ) -> dict[str, Any]:
-    """This rank's head and head-optimizer state, tagged with its global row range."""
+    """This rank's head and head-optimizer state, tagged with its global row range.
+
+    Any module sharded by class the same way fits (e.g. the center loss, with
+    ``row_keys=("centers",)``); ``head_optimizer`` may be ``None`` (nothing learnable)."""
     rows = num_local * num_subcenters
     model_state = {
         k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
         for k, v in head.state_dict().items()
     }
-    optim = head_optimizer.state_dict()
-    if len(optim["state"]) > 1 or len(optim["param_groups"]) != 1:
-        raise ValueError("the head optimizer must hold exactly one parameter (head.weight)")
+    optim = (
+        head_optimizer.state_dict()
+        if head_optimizer is not None
+        else {"state": {}, "param_groups": []}
+    )
+    if len(optim["state"]) > 1 or len(optim["param_groups"]) > 1:
+        raise ValueError("a sharded module's optimizer must hold exactly one parameter")
     param_state = {
         k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
         for k, v in next(iter(optim["state"].values()), {}).items()
@@ -125,7 +140,7 @@ def head_shard_state(
         "rows": rows,
         "model": model_state,
         # Only the centres are sharded; margins and counters are replicated.
-        "model_row_keys": ["weight"],
+        "model_row_keys": list(row_keys),
         "optim_state": param_state,
         "optim_row_keys": _row_keys(param_state, rows),
         "param_groups": optim["param_groups"],
@@ -148,6 +163,7 @@ class CheckpointManager:
         head_shard: dict[str, Any],
         rank_state: dict[str, Any],
         extra_meta: dict[str, Any] | None = None,
+        extra_shards: dict[str, dict[str, Any]] | None = None,
     ) -> Path:
         """Write a checkpoint for ``step`` from every rank (a collective call).
 
@@ -157,6 +173,9 @@ class CheckpointManager:
             head_shard: this rank's :func:`head_shard_state`.
             rank_state: this rank's private state (RNG).
             extra_meta: JSON-able facts recorded in ``meta.json``.
+            extra_shards: other class-sharded states (:func:`head_shard_state`) by name,
+                written as ``<name>-<rank>.pt`` and listed in ``meta.json`` under
+                ``<name>_shards``; read back with ``load_head_shard(..., name=name)``.
         Returns:
             the final checkpoint directory.
         """
@@ -171,11 +190,15 @@ class CheckpointManager:
         rank = ctx.rank
         # Every rank writes its files; a failure (ENOSPC, EIO, ...) is reported to all
         # ranks, so none waits in a collective for a rank that gave up.
-        error = _attempt(self._write_rank_files, tmp, rank, head_shard, rank_state, shared)
+        shards = {"head": head_shard, **(extra_shards or {})}
+        error = _attempt(self._write_rank_files, tmp, rank, shards, rank_state, shared)
         reports = ctx.all_gather_object(
             (
                 error,
-                (head_shard["class_start"], head_shard["num_local"], head_shard["num_subcenters"]),
+                {
+                    name: (s["class_start"], s["num_local"], s["num_subcenters"])
+                    for name, s in shards.items()
+                },
             )
         )
         errors = [f"rank {r}: {e}" for r, (e, _) in enumerate(reports) if e is not None]
@@ -209,10 +232,14 @@ class CheckpointManager:
 
     @staticmethod
     def _write_rank_files(
-        tmp: Path, rank: int, head_shard: dict[str, Any], rank_state: dict[str, Any], shared: Any
+        tmp: Path,
+        rank: int,
+        shards: dict[str, dict[str, Any]],
+        rank_state: dict[str, Any],
+        shared: Any,
     ) -> None:
         for obj, name in (
-            (head_shard, f"head-{rank:05d}.pt"),
+            *((shard, f"{kind}-{rank:05d}.pt") for kind, shard in shards.items()),
             (rank_state, f"rank-{rank:05d}.pt"),
             (shared if rank == 0 else None, "trainer.pt"),
         ):
@@ -231,20 +258,23 @@ class CheckpointManager:
         step: int,
         tmp: Path,
         final: Path,
-        ranges: list[tuple[int, int, int]],
+        ranges: list[dict[str, tuple[int, int, int]]],
         extra_meta: dict[str, Any] | None,
     ) -> None:
         """Rank 0, after every rank's files are written: ``meta.json``, rename, prune."""
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        shard_lists: dict[str, list[dict[str, Any]]] = {}
+        for r, rank_ranges in enumerate(ranges):
+            for kind, (cs, nl, k) in rank_ranges.items():
+                shard_lists.setdefault(_shards_key(kind), []).append(
+                    {"file": f"{kind}-{r:05d}.pt", "class_start": cs, "num_local": nl, "K": k}
+                )
         meta = {
             "format": FORMAT_VERSION,
             "step": step,
             "world_size": self.ctx.world_size,
             "time": time.time(),
-            "shards": [
-                {"file": f"head-{r:05d}.pt", "class_start": cs, "num_local": nl, "K": k}
-                for r, (cs, nl, k) in enumerate(ranges)
-            ],
+            **shard_lists,
             "files": files,
             **(extra_meta or {}),
         }
@@ -322,19 +352,28 @@ class CheckpointManager:
         return load_file(file)
 
     @staticmethod
+    def has_shards(path: Path, name: str) -> bool:
+        """True if the checkpoint at ``path`` holds class shards called ``name``."""
+        return _shards_key(name) in CheckpointManager.read_meta(path)
+
+    @staticmethod
     def load_head_shard(
-        path: Path, class_start: int, num_local: int, num_subcenters: int
+        path: Path, class_start: int, num_local: int, num_subcenters: int, name: str = "head"
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Assemble the head state for classes ``[class_start, class_start + num_local)``.
 
         Returns ``(head_state_dict, head_optimizer_state_dict)`` ready for
-        ``load_state_dict``, whatever world size wrote the checkpoint.
+        ``load_state_dict``, whatever world size wrote the checkpoint. ``name`` selects
+        other class shards saved with ``extra_shards`` (e.g. ``"center"``).
         """
         meta = CheckpointManager.read_meta(path)
+        key = _shards_key(name)
+        if key not in meta:
+            raise CheckpointError(f"checkpoint {path} holds no {name} shards")
         K = num_subcenters
         lo, hi = class_start * K, (class_start + num_local) * K
         shards = []
-        for info in meta["shards"]:
+        for info in meta[key]:
             if info["K"] != K:
                 raise ValueError(
                     f"checkpoint {path} has {info['K']} sub-centres per class, the head has {K}"

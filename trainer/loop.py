@@ -13,6 +13,16 @@ One optimizer step (:meth:`Trainer.train_step`) takes ``train.grad_accum`` micro
 3. clip the joint backbone + head gradient norm (``train.clip_grad_norm``);
 4. step both optimizers, then both LR schedulers, once.
 
+Auxiliary losses (``aux.*``, :class:`AuxLosses`): the loss of step 1 becomes
+``head + aux.center_weight * center + aux.triplet_weight * triplet`` before the one
+backward (the world-size scaling of the embedding gradient applies to the sum
+unchanged). Learnable centres are class-sharded like the head and get a third
+optimizer: :func:`~trainer.optim.build_backbone_optimizer` semantics (SGD with
+momentum or AdamW, as ``optimizer.name``) with weight decay 0 (decay would pull the
+centres to the origin), on the same LR schedule; they are zeroed, unscaled, clipped
+(their squared shard norms summed over ranks like the head's) and stepped with the
+head, and checkpointed as ``center-*.pt`` shards that reshard on resume like it.
+
 A step whose loss (or, with clipping, gradient norm) is non-finite on any rank is
 skipped on every rank: no parameter update, the backbone's buffers (BatchNorm
 statistics) restored, the batch's sample keys logged. ``train.max_bad_steps``
@@ -23,6 +33,7 @@ timed-out collective, with a message naming the step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -78,11 +89,24 @@ class TrainLoader(Protocol):
 
 
 @dataclass
+class AuxLosses:
+    """Optional auxiliary losses (built by ``trainer.build.build_aux_losses``); each is
+    ``loss(local_embeddings, local_labels) -> global-batch value`` and is weighted by
+    ``aux.center_weight`` / ``aux.triplet_weight``."""
+
+    center: nn.Module | None = None
+    """A :class:`partial_fc.ShardedCenterLoss` built for this rank, or ``None``."""
+    triplet: nn.Module | None = None
+    """A :class:`partial_fc.TripletLoss`, or ``None``."""
+
+
+@dataclass
 class StepResult:
     """Outcome of one optimizer step (tensors stay on the device: no host sync)."""
 
     loss: torch.Tensor
-    """Loss averaged over the micro-batches (global-batch mean each)."""
+    """Total loss (head plus weighted auxiliary terms) averaged over the micro-batches
+    (global-batch mean each)."""
     accuracy: torch.Tensor
     """Top-1 training accuracy averaged over the micro-batches."""
     grad_norm: torch.Tensor | None
@@ -91,6 +115,9 @@ class StepResult:
     """Samples in this step on this rank."""
     skipped: bool = False
     """True if the step was skipped for a non-finite loss or gradient (no update)."""
+    aux: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """Unweighted auxiliary loss terms (``center``, ``triplet``) averaged over the
+    micro-batches; empty without auxiliary losses."""
 
 
 class Trainer:
@@ -104,6 +131,7 @@ class Trainer:
         loader: the training loader (see :class:`TrainLoader`).
         ctx: this process's rank layout and device.
         evaluator: optional verification callable (see :data:`Evaluator`).
+        aux: optional auxiliary losses (see :class:`AuxLosses`), weighted by ``cfg.aux``.
     """
 
     def __init__(
@@ -114,6 +142,7 @@ class Trainer:
         loader: TrainLoader,
         ctx: DistContext,
         evaluator: Evaluator | None = None,
+        aux: AuxLosses | None = None,
     ) -> None:
         self.cfg = cfg
         self.ctx = ctx
@@ -129,6 +158,13 @@ class Trainer:
         self.evaluator = evaluator
         self.opt_backbone = build_backbone_optimizer(cfg.optimizer, self.backbone.parameters())
         self.opt_head = build_head_optimizer(cfg.optimizer, self.head)
+        aux = aux or AuxLosses()
+        self.center = aux.center.to(ctx.device) if aux.center is not None else None
+        self.triplet = aux.triplet.to(ctx.device) if aux.triplet is not None else None
+        self.opt_center: torch.optim.Optimizer | None = None
+        if self.center is not None and isinstance(self.center.centers, nn.Parameter):
+            no_decay = dataclasses.replace(cfg.optimizer, weight_decay=0.0)
+            self.opt_center = build_backbone_optimizer(no_decay, [self.center.centers])
         self.amp = AmpPolicy(cfg.train.amp, ctx.device)
         self.scaler = self.amp.scaler
 
@@ -149,7 +185,7 @@ class Trainer:
             cfg.scheduler.warmup_start_factor,
             cfg.scheduler.power,
         )
-        self.schedulers = build_schedulers([self.opt_backbone, self.opt_head], self.schedule)
+        self.schedulers = build_schedulers(self._optimizers(), self.schedule)
         self.checkpoints = CheckpointManager(
             self.output / "checkpoints", ctx, cfg.checkpoint.keep_last
         )
@@ -167,8 +203,18 @@ class Trainer:
         self.bad_streak = 0  # consecutive skipped (non-finite) steps
 
     # ------------------------------------------------------------------ one step
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        """Backbone, head and (if learnable centres) centre optimizers, in that order."""
+        extra = [self.opt_center] if self.opt_center is not None else []
+        return [self.opt_backbone, self.opt_head, *extra]
+
+    def _sharded_params(self) -> list[nn.Parameter]:
+        """Class-sharded parameters outside DDP: head weight and learnable centres."""
+        extra = [self.center.centers] if self.opt_center is not None else []  # type: ignore[union-attr]
+        return [self.head.weight, *extra]
+
     def _params(self) -> list[nn.Parameter]:
-        return [p for p in self.backbone.parameters() if p.requires_grad] + [self.head.weight]
+        return [p for p in self.backbone.parameters() if p.requires_grad] + self._sharded_params()
 
     def train_step(self, micro_batches: Sequence[Batch]) -> StepResult:
         """One optimizer step over ``micro_batches`` (gradient accumulation if > 1)."""
@@ -177,8 +223,15 @@ class Trainer:
             raise ValueError("train_step needs at least one micro-batch")
         self.model.train()
         self.head.train()
-        self.opt_backbone.zero_grad(set_to_none=True)
-        self.opt_head.zero_grad(set_to_none=True)
+        for opt in self._optimizers():
+            opt.zero_grad(set_to_none=True)
+        weights = {"center": self.cfg.aux.center_weight, "triplet": self.cfg.aux.triplet_weight}
+        aux_losses = {
+            name: module
+            for name, module in (("center", self.center), ("triplet", self.triplet))
+            if module is not None
+        }
+        aux_sums = {name: torch.zeros((), device=self.ctx.device) for name in aux_losses}
         loss_sum = torch.zeros((), device=self.ctx.device)
         acc_sum = torch.zeros((), device=self.ctx.device)
         samples = 0
@@ -195,6 +248,10 @@ class Trainer:
                     embeddings = self.model(images)
                 embeddings = scale_backbone_grad(embeddings.float(), self.ctx.world_size)
                 loss = self.head(embeddings, labels)
+                for name, module in aux_losses.items():
+                    term = module(embeddings, labels)
+                    aux_sums[name] += term.detach()
+                    loss = loss + weights[name] * term
                 scaled = loss / k
                 if self.amp.scaling:
                     scaled = self.scaler.scale(scaled)
@@ -211,7 +268,8 @@ class Trainer:
         for scheduler in self.schedulers:
             scheduler.step()
         self.step += 1
-        return StepResult(loss_sum / k, acc_sum / k, grad_norm, samples, skipped)
+        aux_means = {name: total / k for name, total in aux_sums.items()}
+        return StepResult(loss_sum / k, acc_sum / k, grad_norm, samples, skipped, aux_means)
 
     def _optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
         """Check, clip and apply the gradients; ``(grad_norm, skipped)``.
@@ -230,12 +288,15 @@ class Trainer:
         if scaling:
             # Unscale the head by hand and fold its overflow into the backbone's, so the
             # scaler skips (and backs off) identically on every rank.
-            grad = self.head.weight.grad
-            if grad is not None:
-                grad.mul_(1.0 / self.scaler.get_scale())
-                flags[1] = (~torch.isfinite(grad)).any().float()
+            for param in self._sharded_params():
+                grad = param.grad
+                if grad is not None:
+                    grad.mul_(1.0 / self.scaler.get_scale())
+                    flags[1] = torch.maximum(flags[1], (~torch.isfinite(grad)).any().float())
         elif clip is not None:
-            grad_norm = global_grad_norm(self.backbone.parameters(), [self.head.weight], self.ctx)
+            grad_norm = global_grad_norm(
+                self.backbone.parameters(), self._sharded_params(), self.ctx
+            )
             flags[1] = (~torch.isfinite(grad_norm)).float()
         self.ctx.all_reduce_(flags)
         loss_bad, grad_bad = (flags > 0).tolist()
@@ -244,19 +305,20 @@ class Trainer:
                 return grad_norm, True
             if clip is not None:
                 clip_(self._params(), grad_norm, clip)
-            self.opt_backbone.step()
-            self.opt_head.step()
+            for opt in self._optimizers():
+                opt.step()
             return grad_norm, False
         if loss_bad or grad_bad:
             first = next(p for p in self.backbone.parameters() if p.grad is not None)
             first.grad.fill_(float("inf"))
         self.scaler.unscale_(self.opt_backbone)
-        grad_norm = global_grad_norm(self.backbone.parameters(), [self.head.weight], self.ctx)
+        grad_norm = global_grad_norm(self.backbone.parameters(), self._sharded_params(), self.ctx)
         if clip is not None:
             clip_(self._params(), grad_norm, clip)
         self.scaler.step(self.opt_backbone)
         if torch.isfinite(grad_norm).item():
-            self.opt_head.step()
+            for opt in self._optimizers()[1:]:
+                opt.step()
         self.scaler.update()
         return grad_norm, bool(loss_bad)
 
@@ -467,10 +529,39 @@ class Trainer:
                 "embedding_size": head.embedding_size,
                 "epoch": self.epoch,
             },
+            extra_shards=self._center_shard(),
         )
         self._last_saved = self.step
         log.info("saved checkpoint %s", path)
         return path
+
+    def _center_shard(self) -> dict[str, dict[str, Any]] | None:
+        """The centre shard and its optimizer state, by global class range."""
+        c = self.center
+        if c is None:
+            return None
+        state = head_shard_state(
+            c, self.opt_center, c.class_start, c.num_local, 1, row_keys=("centers",)
+        )
+        return {"center": state}
+
+    def _load_center(self, path: Path) -> None:
+        c = self.center
+        if c is None:
+            return
+        if not CheckpointManager.has_shards(path, "center"):
+            if self.ctx.is_main:
+                log.warning("checkpoint %s has no centre shards: centres start afresh", path)
+            if self.opt_center is not None:  # at the resumed step's LR
+                for group in self.opt_center.param_groups:
+                    group["lr"] = self.opt_backbone.param_groups[0]["lr"]
+            return
+        model_state, optim_state = CheckpointManager.load_head_shard(
+            path, c.class_start, c.num_local, 1, name="center"
+        )
+        c.load_state_dict(model_state)
+        if self.opt_center is not None and optim_state["param_groups"]:
+            self.opt_center.load_state_dict(optim_state)
 
     def resolve_resume(self) -> Path | None:
         """The checkpoint ``checkpoint.resume`` asks for (``auto``: latest complete one)."""
@@ -509,8 +600,11 @@ class Trainer:
         shared = CheckpointManager.load_shared(path, self.ctx.device)
         self.backbone.load_state_dict(shared["backbone"])
         self.opt_backbone.load_state_dict(shared["backbone_optimizer"])
-        for s, state in zip(self.schedulers, shared["schedulers"], strict=True):
-            s.load_state_dict(state)
+        saved = shared["schedulers"]
+        for i, s in enumerate(self.schedulers):
+            # The centre scheduler follows the same rule and step count as the others:
+            # a checkpoint saved without one restores it from the backbone's.
+            s.load_state_dict(saved[i] if i < len(saved) else saved[0])
         if shared["scaler"]:
             self.scaler.load_state_dict(shared["scaler"])
         self.step = int(shared["progress"]["step"])
@@ -522,6 +616,7 @@ class Trainer:
         )
         head.load_state_dict(head_state)
         self.opt_head.load_state_dict(optim_state)
+        self._load_center(path)
         rank_state = CheckpointManager.load_rank_state(path, self.ctx.rank)
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
