@@ -24,13 +24,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
 from partial_fc._aux_common import rowwise_distance, sum_of_partials
 from partial_fc.collectives import gather_batch, rank_and_world_size
+from partial_fc.init import block_seeded_normal_
 from partial_fc.sharding import class_range
 
 CenterDistance = Literal["squared_euclidean", "euclidean", "cosine"]
@@ -38,7 +38,6 @@ _DISTANCES = ("squared_euclidean", "euclidean", "cosine")
 
 # Centres are drawn in fixed blocks of global classes, each from its own seed (as the
 # head does), so a class's initial centre does not depend on the world size.
-_INIT_BLOCK_CLASSES = 65536
 _INIT_STREAM = 0x43454E54  # separates these draws from the head's for the same seed
 
 
@@ -139,15 +138,10 @@ class ShardedCenterLoss(nn.Module):
                 eye[torch.arange(self.num_local), torch.arange(lo, hi)] = self.magnitude
                 self.centers.copy_(eye)
                 return
-            std = self.magnitude / math.sqrt(d)
-            for block in range(lo // _INIT_BLOCK_CLASSES, -(-hi // _INIT_BLOCK_CLASSES)):
-                block_start = block * _INIT_BLOCK_CLASSES
-                block_rows = min(_INIT_BLOCK_CLASSES, self.num_classes - block_start)
-                seed = np.random.SeedSequence([self.seed, block, _INIT_STREAM]).generate_state(1)
-                generator = torch.Generator().manual_seed(int(seed[0]))
-                values = torch.randn(block_rows, d, generator=generator, dtype=torch.float64) * std
-                a, b = max(lo, block_start), min(hi, block_start + block_rows)
-                self.centers[a - lo : b - lo] = values[a - block_start : b - block_start]
+            block_seeded_normal_(
+                self.centers, self.num_classes, lo, self.seed, self.magnitude / math.sqrt(d),
+                stream=(_INIT_STREAM,), draw_dtype=torch.float64,
+            )  # fmt: skip
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """``(b, D)`` embeddings and ``(b,)`` labels of this rank -> the global loss (0-dim)."""

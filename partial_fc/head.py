@@ -5,20 +5,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
 from partial_fc.collectives import PAD_LABEL, gather_batch, rank_and_world_size
+from partial_fc.init import block_seeded_normal_
 from partial_fc.margins import CombinedMargin, MarginSpec
 from partial_fc.sampling import sample_classes, sampling_generator
 from partial_fc.sharding import class_range
 from partial_fc.softmax_ce import CEOptions, MarginSoftmaxCE
 
-# Weights are drawn in fixed blocks of global classes, each from its own seed, so
-# a class's initial centre is the same whatever the world size.
-_INIT_BLOCK_CLASSES = 65536
 _INIT_STD = 0.01
 # Smaller blocks save little memory and make the matrix products less efficient.
 _MIN_AUTO_CHUNK = 4096
@@ -175,20 +172,10 @@ class PartialFC(nn.Module):
     def reset_parameters(self) -> None:
         """Draw the centres from N(0, 0.01^2), a class's centre depending only on
         ``(seed, class id)``, so every world size starts from the same global matrix."""
-        k, d = self.num_subcenters, self.embedding_size
-        stop = self.class_start + self.num_local
-        first_block = self.class_start // _INIT_BLOCK_CLASSES
-        with torch.no_grad():
-            for block in range(first_block, -(-stop // _INIT_BLOCK_CLASSES)):
-                block_start = block * _INIT_BLOCK_CLASSES
-                block_rows = min(_INIT_BLOCK_CLASSES, self.num_classes - block_start)
-                seed = np.random.SeedSequence([self.seed, block]).generate_state(1)[0]
-                generator = torch.Generator().manual_seed(int(seed))
-                values = torch.randn(block_rows * k, d, generator=generator) * _INIT_STD
-                lo, hi = max(self.class_start, block_start), min(stop, block_start + block_rows)
-                self.weight[(lo - self.class_start) * k : (hi - self.class_start) * k] = values[
-                    (lo - block_start) * k : (hi - block_start) * k
-                ]
+        block_seeded_normal_(
+            self.weight, self.num_classes, self.class_start, self.seed, _INIT_STD,
+            rows_per_class=self.num_subcenters,
+        )  # fmt: skip
 
     def set_margins(self, margins: MarginSpec, which: str | None = None) -> None:
         """Replace the margin (one value, one per class, or a ``.txt`` file) at run time."""
