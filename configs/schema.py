@@ -140,6 +140,15 @@ class DataConfig:
     """Side of the square input images fed to the backbone."""
     random_flip: bool = True
     """Horizontal-flip augmentation during training."""
+    sampler: Literal["random", "pk"] = "random"
+    """``random``: a seeded shuffle of all images; ``pk``: every rank's batch holds
+    ``batch_size / data.pk_images_per_identity`` identities with that many images each
+    (distinct identities across ranks), so triplet mining always finds positives."""
+    pk_images_per_identity: int = 4
+    """K of the P x K sampler (``data.sampler=pk``); must divide ``data.batch_size``."""
+    pk_small_identity: Literal["replace", "drop"] = "replace"
+    """P x K sampler: identities with fewer than K images are topped up with their own
+    images (``replace``) or skipped (``drop``)."""
 
     def validate(self) -> None:
         _check(bool(self.root), "data.root", "must name the dataset directory", self.root)
@@ -148,6 +157,24 @@ class DataConfig:
         _check(self.batch_size > 0, "data.batch_size", "must be > 0", self.batch_size)
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
         _check(self.image_size > 0, "data.image_size", "must be > 0", self.image_size)
+        _check(
+            self.sampler in ("random", "pk"), "data.sampler", "must be random or pk", self.sampler
+        )
+        if self.sampler == "pk":
+            k = self.pk_images_per_identity
+            _check(k >= 1, "data.pk_images_per_identity", "must be >= 1", k)
+            _check(
+                self.batch_size % k == 0,
+                "data.pk_images_per_identity",
+                f"must divide data.batch_size={self.batch_size}",
+                k,
+            )
+            _check(
+                self.pk_small_identity in ("replace", "drop"),
+                "data.pk_small_identity",
+                "must be replace or drop",
+                self.pk_small_identity,
+            )
 
 
 @dataclass

@@ -94,6 +94,10 @@ class FaceLoader:
         device: where batches are delivered; pinned memory is used when it is CUDA.
         drop_last, shuffle: see :class:`datasets.sampler.DistributedFaceSampler`.
         prefetch_factor: batches each worker keeps ready.
+        sampler: replaces the default :class:`DistributedFaceSampler` (e.g. a
+            :class:`datasets.pk_sampler.PKSampler`); it yields ``(index, aug_seed)``
+            items in whole batches of ``batch_size`` and has ``rank``, ``set_epoch``,
+            ``state_dict(batches_done)``, ``load_state_dict`` and ``mark_epoch_done``.
 
     Batches are ``(images, labels)``; after each one, :attr:`last_keys` holds its
     samples' keys (int64 ``(B,)``, see :class:`KeyedDataset`), which the trainer logs
@@ -112,11 +116,12 @@ class FaceLoader:
         drop_last: bool = True,
         shuffle: bool = True,
         prefetch_factor: int = 4,
+        sampler: Any = None,
     ) -> None:
         self.device = torch.device(device)
         self.dataset = copy.copy(dataset)
         self.dataset.output = "uint8"
-        self.sampler = DistributedFaceSampler(
+        self.sampler = sampler or DistributedFaceSampler(
             len(dataset), batch_size, rank, world_size, seed, shuffle=shuffle, drop_last=drop_last
         )
         self.batch_size = batch_size
@@ -165,7 +170,7 @@ class FaceLoader:
             self.last_keys = keys
             yield images, labels
         # the epoch is finished: a checkpoint taken now resumes at the next epoch
-        self.sampler.consumed = self.sampler.num_samples
+        self.sampler.mark_epoch_done()
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the batches yielded so far in the current iteration."""

@@ -215,6 +215,10 @@ class PKSampler(Sampler[tuple[int, int]]):
             self.epoch = int(epoch)
             self.batches_done = 0
 
+    def mark_epoch_done(self) -> None:
+        """Record that the epoch was iterated to its end (see ``FaceLoader``)."""
+        self.batches_done = self.batches_per_epoch()
+
     def plan(self, epoch: int | None = None) -> np.ndarray:
         """The epoch's global batches: int64 ``(num_batches, world_size * P * K)``,
         rank r's batch being columns ``[r * P * K, (r + 1) * P * K)``."""

@@ -101,6 +101,11 @@ class DistributedFaceSampler(Sampler[tuple[int, int]]):
             self.epoch = int(epoch)
             self.consumed = 0
 
+    def mark_epoch_done(self) -> None:
+        """Record that the epoch was iterated to its end (a checkpoint taken now
+        resumes at the next epoch)."""
+        self.consumed = self.num_samples
+
     def permutation(self, epoch: int | None = None) -> torch.Tensor:
         """The epoch's global order: int64 tensor ``(num_samples,)``."""
         epoch = self.epoch if epoch is None else epoch

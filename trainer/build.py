@@ -138,8 +138,26 @@ def build_loader(cfg: Config, ctx: DistContext) -> FaceLoader:
         )
     if len(dataset) != cfg.data.num_images:
         raise ConfigError(f"data.num_images={cfg.data.num_images} but {root} holds {len(dataset)}")
+    sampler = None
+    if cfg.data.sampler == "pk":
+        from datasets.pk_sampler import PKSampler, dataset_labels
+
+        k = cfg.data.pk_images_per_identity
+        try:
+            sampler = PKSampler(
+                dataset_labels(dataset),
+                p=cfg.data.batch_size // k,
+                k=k,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                seed=cfg.train.seed,
+                small_identity=cfg.data.pk_small_identity,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"data.sampler=pk: {exc}") from None
     return FaceLoader(
         dataset,
+        sampler=sampler,
         batch_size=cfg.data.batch_size,
         rank=ctx.rank,
         world_size=ctx.world_size,
