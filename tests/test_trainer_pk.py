@@ -74,3 +74,29 @@ def test_pk_needs_enough_identities(tiny_data: Path) -> None:
     cfg = _config(tiny_data, "data.batch_size=21")  # P = 7 identities > 6
     with pytest.raises(ConfigError, match=r"data\.sampler=pk"):
         build_loader(cfg, DistContext())
+
+
+def test_pk_training_with_aux_losses_logs_their_terms(tiny_data: Path, tmp_path: Path) -> None:
+    import train_dist
+
+    out = tmp_path / "run"
+    args = [
+        "configs/demo",
+        f"data.root={tiny_data}",
+        f"data.num_classes={IDS}",
+        f"data.num_images={IDS * PER_ID}",
+        "data.batch_size=6",
+        "data.num_workers=0",
+        "data.sampler=pk",
+        "data.pk_images_per_identity=3",
+        "aux.center_weight=0.1",
+        "aux.triplet_weight=0.5",
+        f"train.output={out}",
+        "train.epochs=1",
+        "log.every_steps=2",
+        "eval.targets=",
+        "eval.at_start=false",
+    ]
+    assert train_dist.main(args) == 0
+    log = (out / "train.log").read_text()
+    assert "aux center" in log and "triplet" in log

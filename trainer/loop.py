@@ -199,6 +199,7 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=ctx.device)
         self._acc_sum = torch.zeros((), device=ctx.device)
         self._since_log = 0
+        self._aux_sums: dict[str, torch.Tensor] = {}  # unweighted aux terms since the last log
         self._stop = self.total_steps
         self.bad_streak = 0  # consecutive skipped (non-finite) steps
 
@@ -450,6 +451,8 @@ class Trainer:
         if not result.skipped:  # a skipped step's NaN would poison the logged mean
             self._loss_sum += result.loss
             self._acc_sum += result.accuracy
+            for name, value in result.aux.items():
+                self._aux_sums[name] = self._aux_sums.get(name, 0.0) + value
             self._since_log += 1
         monitor.count(result.samples * self.ctx.world_size)
         log_now = self.step % cfg.log.every_steps == 0 or self.step == self._stop
@@ -463,10 +466,12 @@ class Trainer:
                 (self._acc_sum / n).item(),
                 self.last_lr,
                 scale,
+                {name: float(total) / n for name, total in self._aux_sums.items()},
             )
         if log_now:
             self._loss_sum.zero_()
             self._acc_sum.zero_()
+            self._aux_sums = {}
             self._since_log = 0
         started = time.perf_counter()
         if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:

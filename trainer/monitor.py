@@ -79,9 +79,17 @@ class Monitor:
             self.bar.update(1)
 
     def log_step(
-        self, step: int, epoch: int, loss: float, acc: float, lr: float, scale: float | None
+        self,
+        step: int,
+        epoch: int,
+        loss: float,
+        acc: float,
+        lr: float,
+        scale: float | None,
+        terms: dict[str, float] | None = None,
     ) -> None:
-        """Emit one log line and the matching TensorBoard scalars."""
+        """Emit one log line and the matching TensorBoard scalars; ``terms`` are the
+        unweighted auxiliary losses (``center``, ``triplet``), if any."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -103,6 +111,9 @@ class Monitor:
             scale_txt,
             eta,
         )
+        terms = terms or {}
+        if terms:
+            log.info("step %d aux %s", step, " ".join(f"{k} {v:.4f}" for k, v in terms.items()))
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", lr=f"{lr:.4g}")
         if self.writer is not None:
@@ -113,6 +124,8 @@ class Monitor:
             self.writer.add_scalar("train/epoch", epoch, step)
             if scale is not None:
                 self.writer.add_scalar("train/grad_scale", scale, step)
+            for name, value in terms.items():
+                self.writer.add_scalar(f"train/{name}_loss", value, step)
         self._last_time, self._last_step, self._samples = now, step, 0
 
     def log_verification(self, step: int, results: dict[str, dict[str, float]]) -> None:
