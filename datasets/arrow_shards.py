@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from datasets.atomic import write_json
 from datasets.dataset import FaceDataset, ImageFolderDataset, RecordIODataset
 
 SCHEMA_FIELDS = (("label", "int64"), ("image", "binary"), ("key", "int64"))
@@ -117,15 +118,6 @@ def _rows(
             bar.update(1)
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def convert_to_shards(
     source: FaceDataset,
     out_dir: str | os.PathLike,
@@ -172,7 +164,7 @@ def convert_to_shards(
         "num_classes": int(source.num_classes),
         "shards": shards,
     }
-    _atomic_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest, indent=1)
     return manifest
 
 

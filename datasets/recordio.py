@@ -33,6 +33,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from datasets.atomic import write_text
+
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _LEN_BITS = 29
@@ -421,20 +423,5 @@ class IndexedRecordIO(MXRecordIO):
     def close(self) -> None:
         if self.flag == "w" and self._file is not None:
             text = "".join(f"{k}\t{self.idx[k]}\n" for k in self.keys)
-            _atomic_write_text(self.idx_path, text)
+            write_text(self.idx_path, text)
         super().close()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -27,7 +27,6 @@ import math
 import os
 import pickle
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from datasets.atomic import write_bytes
 
 SIZE = 112
 TRAIN, HELDOUT, PAIRS = 0, 1, 2  # rng stream ids
@@ -414,20 +415,6 @@ def heldout_pairs(cfg: SyntheticConfig) -> tuple[list[tuple[int, int]], list[boo
     return pairs, issame
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _map(fn: Any, items: list, workers: int) -> Iterator:
     if workers <= 1:
         return map(fn, items)
@@ -486,7 +473,7 @@ def generate(
     chunk = 64
     pjobs = [(cfg.seed, flat[i : i + chunk]) for i in range(0, len(flat), chunk)]
     bins = [jpeg for part in _map(_render_pair_images, pjobs, workers) for jpeg in part]
-    _atomic_bytes(out / "heldout.bin", pickle.dumps((bins, issame), protocol=4))
+    write_bytes(out / "heldout.bin", pickle.dumps((bins, issame), protocol=4))
 
     meta = {
         "config": asdict(cfg),
@@ -496,7 +483,7 @@ def generate(
         "files": ["train.rec", "train.idx", "property", "heldout.bin"],
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    _atomic_bytes(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
+    write_bytes(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
     return meta
 
 

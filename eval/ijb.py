@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from eval.atomic import atomic_open, write_json
+from datasets.atomic import atomic_open, write_json
 from eval.extract import Embedder, eval_mode, module_embedder, normalize_pixels
 from eval.ijb_data import IJBMeta, load_aligned, read_ijb_meta
 from eval.metrics import IJB_FAR_TARGETS, roc_curve, tar_at_far

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from eval.atomic import atomic_open
+from datasets.atomic import atomic_open
 
 
 def save_roc_png(

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from eval.atomic import write_json
+from datasets.atomic import write_json
 from eval.bin_io import PairSet, RestrictedUnpickler, load_bin, restricted_loads
 from eval.extract import Embedder, eval_mode, extract_embeddings, module_embedder
 from eval.metrics import evaluate, l2_normalize

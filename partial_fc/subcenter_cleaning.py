@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
+from datasets.atomic import write_bytes
 from partial_fc.collectives import all_reduce_, rank_and_world_size
 from partial_fc.sharding import class_range
 
@@ -221,21 +222,7 @@ def write_face_rec(dataset: Any, order: np.ndarray, labels: np.ndarray, num_clas
         writer.abort()
         raise
     writer.close()
-    _atomic_write(out_dir / "property", f"{num_classes},112,112\n".encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(out_dir / "property", f"{num_classes},112,112\n".encode())
 
 
 def plot_histogram(counts: np.ndarray, threshold: float, path: Path) -> None:
@@ -401,10 +388,10 @@ def _write_outputs(
     for i, label, angle, nearest in outliers:
         key = int(keys[i]) if keys is not None else -1
         lines.append(f"{i}\t{key}\t{label}\t{angle:.3f}\t{nearest}")
-    _atomic_write(out / "removed.tsv", ("\n".join(lines) + "\n").encode())
+    write_bytes(out / "removed.tsv", ("\n".join(lines) + "\n").encode())
     counts = np.asarray(report["angle_histogram"]["counts"])
     plot_histogram(counts, report["threshold_degrees"], out / "angles.png")
-    _atomic_write(out / "report.json", (json.dumps(report) + "\n").encode())
+    write_bytes(out / "report.json", (json.dumps(report) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------- command
