@@ -23,28 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.torchrun_jobs import ROOT, Job
+from tests.torchrun_jobs import ROOT, Job, descendants
 
 STEPS = int(os.environ.get("SOAK_STEPS", "2000"))
 DATA = Path(os.environ.get("SOAK_DATA", ROOT / "data/synthetic"))
 OUT = Path(os.environ.get("SOAK_OUT", ROOT / "work_dirs/soak"))
 LINE = re.compile(r"step (\d+)/\d+ .* samples/s ([\d.]+)")
-
-
-def _children(pid: int) -> list[int]:
-    """Descendant process ids of ``pid`` (from /proc)."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = [int(k) for k in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out
 
 
 def _rss_mib(pid: int) -> float | None:
@@ -84,7 +68,7 @@ def test_soak_memory_flat_and_throughput_steady() -> None:
     started = time.monotonic()
     with Job(["--standalone", "--nproc_per_node=2"], args, OUT / "torchrun.log") as job:
         while job.proc.poll() is None:
-            kids = _children(job.proc.pid)
+            kids = descendants(job.proc.pid)
             rss = {p: r for p in kids if (r := _rss_mib(p)) is not None}
             samples.append((time.monotonic() - started, rss))
             time.sleep(5)
