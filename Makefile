@@ -71,4 +71,4 @@ multinode-test: $(STAMP)
 
 SOAK_STEPS ?= 2000
 soak: $(STAMP) $(DEMO_DATA)/meta.json
-	SOAK_STEPS=$(SOAK_STEPS) SOAK_DATA=$(DEMO_DATA) $(BIN)/python -m pytest -m slow -s -p no:timeout tests/test_soak.py
+	SOAK_STEPS=$(SOAK_STEPS) SOAK_DATA=$(DEMO_DATA) $(BIN)/python -m pytest -m slow -s --timeout=0 tests/test_soak.py
