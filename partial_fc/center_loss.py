@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from partial_fc._aux_common import rowwise_distance, sum_of_partials
-from partial_fc.collectives import gather_batch, rank_and_world_size
+from partial_fc.collectives import gather_for_loss, rank_and_world_size
 from partial_fc.init import block_seeded_normal_
 from partial_fc.sharding import class_range
 
@@ -145,19 +145,16 @@ class ShardedCenterLoss(nn.Module):
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """``(b, D)`` embeddings and ``(b,)`` labels of this rank -> the global loss (0-dim)."""
-        if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"expected embeddings of shape (batch, {self.embedding_size}), got "
-                f"{tuple(local_embeddings.shape)}"
-            )
-        compute_dtype = torch.promote_types(self.centers.dtype, torch.float32)
         with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
-            embeddings, labels, _ = gather_batch(
-                local_embeddings.to(compute_dtype),
-                local_labels.to(torch.int64),
+            embeddings, labels, _ = gather_for_loss(
+                local_embeddings,
+                local_labels,
                 self.group,
                 pad_to=self.max_local_batch,
+                embedding_size=self.embedding_size,
+                param_dtype=self.centers.dtype,
             )
+            compute_dtype = embeddings.dtype
             if self.validate_labels and bool((labels >= self.num_classes).any()):
                 bad = int(labels[labels >= self.num_classes][0])
                 raise ValueError(

@@ -133,3 +133,30 @@ def gather_batch(
     gathered = _GatherRows.apply(packed, sizes, group)
     all_labels = gathered[:, width:].detach().contiguous().view(torch.int64).view(-1)
     return gathered[:, :width], all_labels, sizes
+
+
+def gather_for_loss(
+    local_embeddings: torch.Tensor,
+    local_labels: torch.Tensor,
+    group: ProcessGroup | None,
+    pad_to: int | None = None,
+    embedding_size: int | None = None,
+    param_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """:func:`gather_batch` for a loss computed in at least fp32 (call it, and the
+    loss, with autocast disabled). Checks that the embeddings are ``(b, D)`` (with
+    ``D = embedding_size`` when given) and casts them to
+    ``promote_types(param_dtype, float32)`` before the gather, so the gathered
+    embeddings and their gradient keep that precision whatever the backbone's
+    autocast produced."""
+    width = "D" if embedding_size is None else str(embedding_size)
+    if local_embeddings.dim() != 2 or (
+        embedding_size is not None and local_embeddings.shape[1] != embedding_size
+    ):
+        raise ValueError(
+            f"expected embeddings of shape (batch, {width}), got {tuple(local_embeddings.shape)}"
+        )
+    compute_dtype = torch.promote_types(param_dtype, torch.float32)
+    return gather_batch(
+        local_embeddings.to(compute_dtype), local_labels.to(torch.int64), group, pad_to=pad_to
+    )

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from partial_fc.collectives import PAD_LABEL, gather_batch, rank_and_world_size
+from partial_fc.collectives import PAD_LABEL, gather_for_loss, rank_and_world_size
 from partial_fc.init import block_seeded_normal_
 from partial_fc.margins import CombinedMargin, MarginSpec
 from partial_fc.sampling import sample_classes, sampling_generator
@@ -51,12 +51,11 @@ class PartialFC(nn.Module):
         group: the process group the classes are sharded over (None: the default
             group, or a single process when ``torch.distributed`` is not initialised).
         chunk_classes: classes per logits block; peak extra memory is about one
-            ``(B, chunk_classes * K)`` block of cosines. With all classes in use in one
-            chunk the block is reused by the backward (3 matrix products instead of 4).
-            None (default): per step, the classes in use split evenly into the
-            fewest chunks whose block is at most 40% of the weight shard's gradient
-            (``0.4 * num_local * D / B`` classes, at least 4096). The backward
-            reuses the last chunk's block and recomputes the others.
+            ``(B, chunk_classes * K)`` block of cosines. The backward reuses the last
+            (full) chunk's block and recomputes the others, so a step costs
+            ``3 + (S - chunk) / S`` matrix products for S classes in use. None
+            (default): the largest chunk whose block is at most 40% of the weight
+            shard's gradient (``0.4 * num_local * D / B`` classes, at least 4096).
         seed: seeds the initial centres (identical for any world size) and the
             negative sampling.
         ignore_index: a label value whose samples are skipped (must lie outside
@@ -209,18 +208,14 @@ class PartialFC(nn.Module):
             )
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        if local_embeddings.dim() != 2 or local_embeddings.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"expected embeddings of shape (batch, {self.embedding_size}), got "
-                f"{tuple(local_embeddings.shape)}"
-            )
-        compute_dtype = torch.promote_types(self.weight.dtype, torch.float32)
         with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
-            embeddings, labels, _ = gather_batch(
-                local_embeddings.to(compute_dtype),
-                local_labels.to(torch.int64),
+            embeddings, labels, _ = gather_for_loss(
+                local_embeddings,
+                local_labels,
                 self.group,
                 pad_to=self.max_local_batch,
+                embedding_size=self.embedding_size,
+                param_dtype=self.weight.dtype,
             )
             valid = labels != PAD_LABEL
             if self.validate_labels:
@@ -256,7 +251,7 @@ class PartialFC(nn.Module):
             )
             loss, correct = MarginSoftmaxCE.apply(
                 embeddings,
-                self.weight.to(compute_dtype),
+                self.weight.to(embeddings.dtype),
                 sampled,
                 target_col,
                 torch.where(valid, labels, torch.zeros_like(labels)),
@@ -269,16 +264,12 @@ class PartialFC(nn.Module):
         return loss
 
     def _auto_chunk(self, global_batch: int, num_used: int) -> int:
-        """Classes per block: the ``num_used`` classes split evenly into the fewest
-        chunks whose ``(B, chunk * K)`` block is at most 40% of the weight shard's
-        gradient (at least 4096 classes). The backward reuses the last block, so
-        the peak is the gradient plus one block."""
+        """Classes per block: as many as keep the ``(B, chunk * K)`` block at most 40%
+        of the weight shard's gradient (at least 4096), so the peak is the gradient
+        plus one block and the backward recomputes as few classes as it can."""
         # B * chunk * K <= 0.4 * num_local * K * D: K cancels.
-        budget = max(
-            _MIN_AUTO_CHUNK, (2 * self.num_local * self.embedding_size) // (5 * global_batch)
-        )
-        num_chunks = max(1, -(-num_used // budget))
-        return max(1, -(-num_used // num_chunks))
+        budget = (2 * self.num_local * self.embedding_size) // (5 * global_batch)
+        return max(1, min(num_used, max(_MIN_AUTO_CHUNK, budget)))
 
     def _sample(
         self, local: torch.Tensor, owned: torch.Tensor

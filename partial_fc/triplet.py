@@ -49,7 +49,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from partial_fc._aux_common import pairwise_distance, sum_of_partials
-from partial_fc.collectives import gather_batch, rank_and_world_size
+from partial_fc.collectives import gather_for_loss, rank_and_world_size
 
 Mining = Literal["batch_all", "batch_hard", "semi_hard"]
 TripletDistance = Literal["squared_euclidean", "cosine"]
@@ -106,17 +106,13 @@ class TripletLoss(nn.Module):
         self.num_triplets = torch.zeros(())
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        if local_embeddings.dim() != 2:
-            raise ValueError(
-                f"expected embeddings of shape (batch, D), got {tuple(local_embeddings.shape)}"
-            )
-        compute_dtype = torch.promote_types(local_embeddings.dtype, torch.float32)
         with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
-            embeddings, labels, sizes = gather_batch(
-                local_embeddings.to(compute_dtype),
-                local_labels.to(torch.int64),
+            embeddings, labels, sizes = gather_for_loss(
+                local_embeddings,
+                local_labels,
                 self.group,
                 pad_to=self.max_local_batch,
+                param_dtype=local_embeddings.dtype,
             )
             rank, _ = rank_and_world_size(self.group)
             lo = sum(sizes[:rank])

@@ -218,7 +218,7 @@ def _check_triplet(case: dict, world_size: int, per_rank: list[dict]) -> None:
     where = f"triplet {case} W={world_size}"
     sizes = BATCH_SIZES[world_size]
     if case.get("unknown") != "all":
-        assert float(loss) > 0, where  # the case exercises something
+        assert float(loss.detach()) > 0, where  # the case exercises something
     for rank, got in enumerate(per_rank):
         torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-9, atol=1e-9, msg=where)
         lo = sum(sizes[:rank])

@@ -418,3 +418,11 @@ def _run_too_large(rank: int, world_size: int) -> str:
     except ValueError as error:
         return str(error)
     return "no error"
+
+
+def test_embeddings_of_the_wrong_shape_are_refused() -> None:
+    head = PartialFC(10, 4, ArcFace())
+    with pytest.raises(ValueError, match=r"embeddings of shape \(batch, 4\), got \(2, 5\)"):
+        head(torch.randn(2, 5), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"embeddings of shape \(batch, 4\), got \(4,\)"):
+        head(torch.randn(4), torch.tensor([0]))

@@ -10,6 +10,7 @@ import torch
 from partial_fc import ArcFace, PartialFC
 from partial_fc.optim import PartialFCAdamW, PartialFCSGD
 from partial_fc.sampling import num_sampled_classes
+from partial_fc.softmax_ce import chunk_bounds
 
 NUM_CLASSES, DIM = 200, 16
 
@@ -179,3 +180,28 @@ def test_skipped_rows_whose_entries_are_all_filtered_give_finite_gradients() -> 
     assert torch.isfinite(loss)
     assert torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()
     assert x.grad[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    "num_used,chunk", [(0, 4), (1, 4), (7, 2), (6, 2), (10, 3), (5, 9), (4096, 4096)]
+)
+def test_chunk_bounds_cover_every_class_once_with_the_remainder_first(
+    num_used: int, chunk: int
+) -> None:
+    bounds = chunk_bounds(num_used, chunk)
+    covered = [c for start, stop in bounds for c in range(start, stop)]
+    assert covered == list(range(num_used))
+    assert all(0 < stop - start <= chunk for start, stop in bounds)
+    # Only the first chunk may be short: the last one, reused by the backward, is full.
+    assert all(stop - start == min(chunk, num_used) for start, stop in bounds[1:])
+    if bounds:
+        assert bounds[-1][1] - bounds[-1][0] == min(chunk, num_used)
+
+
+def test_automatic_chunk_keeps_the_block_within_40_percent_of_the_gradient() -> None:
+    head = PartialFC(100_000, 512, ArcFace())
+    # B * chunk <= 0.4 * C * D: 80,000 of 100,000 classes at B = 256, D = 512.
+    assert head._auto_chunk(256, 100_000) == 80_000
+    assert head._auto_chunk(256, 10_000) == 10_000  # sampled: everything fits
+    assert head._auto_chunk(4096, 100_000) == 5_000
+    assert head._auto_chunk(1 << 20, 100_000) == 4096  # never below 4096 classes
