@@ -197,17 +197,25 @@ def _check_center(case: dict, world_size: int, per_rank: list[dict]) -> None:
     for rank, got in enumerate(per_rank):
         start, count = class_range(case["C"], rank, world_size)
         assert got["class_range"] == (start, count), where
-        torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-9, atol=1e-9, msg=where)
-        lo = sum(sizes[:rank])
-        torch.testing.assert_close(
-            got["grad_embeddings"], emb.grad[lo : lo + sizes[rank]], rtol=1e-8, atol=1e-9,
-            msg=f"embedding grad rank {rank} {where}",
-        )  # fmt: skip
+        _assert_rank_matches(got, loss, emb, sizes, rank, where)
         if case.get("learnable", True):
             torch.testing.assert_close(
                 got["grad_centers"], centers.grad[start : start + count], rtol=1e-8, atol=1e-9,
                 msg=f"centre grad rank {rank} {where}",
             )  # fmt: skip
+
+
+def _assert_rank_matches(
+    got: dict, loss: torch.Tensor, emb: torch.Tensor, sizes: list[int], rank: int, where: str
+) -> None:
+    """Rank ``rank``'s loss is the reference loss and its embedding gradient is the
+    reference gradient of its own rows."""
+    torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-9, atol=1e-9, msg=where)
+    lo = sum(sizes[:rank])
+    torch.testing.assert_close(
+        got["grad_embeddings"], emb.grad[lo : lo + sizes[rank]], rtol=1e-8, atol=1e-9,
+        msg=f"embedding grad rank {rank} {where}",
+    )  # fmt: skip
 
 
 def _check_triplet(case: dict, world_size: int, per_rank: list[dict]) -> None:
@@ -220,12 +228,7 @@ def _check_triplet(case: dict, world_size: int, per_rank: list[dict]) -> None:
     if case.get("unknown") != "all":
         assert float(loss.detach()) > 0, where  # the case exercises something
     for rank, got in enumerate(per_rank):
-        torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-9, atol=1e-9, msg=where)
-        lo = sum(sizes[:rank])
-        torch.testing.assert_close(
-            got["grad_embeddings"], emb.grad[lo : lo + sizes[rank]], rtol=1e-8, atol=1e-9,
-            msg=f"embedding grad rank {rank} {where}",
-        )  # fmt: skip
+        _assert_rank_matches(got, loss, emb, sizes, rank, where)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])

@@ -22,17 +22,24 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _pk_overrides(data: Path) -> list[str]:
+    """The demo configuration on ``data`` with 2 identities x 3 images per batch."""
+    return [
+        f"data.root={data}",
+        f"data.num_classes={IDS}",
+        f"data.num_images={IDS * PER_ID}",
+        "data.batch_size=6",
+        "data.num_workers=0",
+        "data.sampler=pk",
+        "data.pk_images_per_identity=3",
+    ]
+
+
 def _config(data: Path, *extra: str):
     return load_config(
         "configs/demo",
         [
-            f"data.root={data}",
-            f"data.num_classes={IDS}",
-            f"data.num_images={IDS * PER_ID}",
-            "data.batch_size=6",
-            "data.num_workers=0",
-            "data.sampler=pk",
-            "data.pk_images_per_identity=3",
+            *_pk_overrides(data),
             *extra,
         ],
     )
@@ -82,13 +89,7 @@ def test_pk_training_with_aux_losses_logs_their_terms(tiny_data: Path, tmp_path:
     out = tmp_path / "run"
     args = [
         "configs/demo",
-        f"data.root={tiny_data}",
-        f"data.num_classes={IDS}",
-        f"data.num_images={IDS * PER_ID}",
-        "data.batch_size=6",
-        "data.num_workers=0",
-        "data.sampler=pk",
-        "data.pk_images_per_identity=3",
+        *_pk_overrides(tiny_data),
         "aux.center_weight=0.1",
         "aux.triplet_weight=0.5",
         f"train.output={out}",
