@@ -8,9 +8,10 @@
         --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train_dist.py CONFIG
 
 CONFIG is a preset (``ms1mv2_r50``, ``configs/demo``, ...) or a ``.json``/``.toml``
-file; ``key=value`` overrides any field (``optimizer.lr=0.05``). The backend is
-``nccl`` on CUDA and ``gloo`` on CPU. This is the only place that initialises the
-process group; the loop lives in :class:`trainer.loop.Trainer` (see docs/training.md).
+file; ``key=value`` overrides any field (``optimizer.lr=0.05``). The process group
+and device come from :func:`trainer.distributed.init_distributed` (``nccl`` on
+``cuda:LOCAL_RANK`` when CUDA is available, ``gloo`` on CPU otherwise); the loop
+lives in :class:`trainer.loop.Trainer` (see docs/training.md).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from datetime import timedelta
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -32,29 +32,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     parser.add_argument("--list-keys", action="store_true", help="print every field and exit")
     return parser.parse_args(argv)
-
-
-def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int, str]:
-    """Join the job started by torchrun (if any): ``(rank, world, local_rank, device)``.
-
-    ``timeout_s`` (``train.collective_timeout_s``) bounds every collective: a hung or
-    dead peer makes the others fail after it instead of waiting forever.
-    """
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = f"cuda:{local_rank}", "nccl"
-    else:
-        device, backend = "cpu", "gloo"
-    if world > 1:
-        kwargs = {"device_id": torch.device(device)} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
-    return rank, world, local_rank, device
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,11 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from trainer.build import build_trainer
     from trainer.checkpoint import CheckpointError
-    from trainer.distributed import DistContext
+    from trainer.distributed import init_distributed
     from trainer.loop import TrainingError
     from trainer.monitor import setup_logging
 
-    rank, world, local_rank, device = init_distributed(cfg.train.collective_timeout_s)
+    # the collective timeout bounds every collective: a hung or dead peer makes the
+    # others fail after it instead of waiting forever
+    ctx = init_distributed(timeout_s=cfg.train.collective_timeout_s)
+    rank, world = ctx.rank, ctx.world_size
     try:
         if not torch.cuda.is_available():
             # CPU ranks share the cores: oversubscribed OpenMP threads spin and crawl
@@ -99,7 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(cfg.train.output, rank)
         if rank == 0:
             save_config(cfg, cfg.train.output)
-        ctx = DistContext(rank, world, local_rank, torch.device(device))
         try:
             trainer = build_trainer(cfg, ctx)
         except ConfigError as exc:

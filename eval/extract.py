@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from partial_fc.collectives import rank_and_world_size
+
 Embedder = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -69,12 +71,6 @@ def module_embedder(model: nn.Module) -> Embedder:
     return embed
 
 
-def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
-
-
 def rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """Contiguous ``[start, stop)`` of ``n`` items for ``rank``; earlier ranks get the remainder."""
     base, extra = divmod(n, world_size)
@@ -91,7 +87,7 @@ def _gather_device(group: dist.ProcessGroup | None) -> torch.device:
 
 def _all_gather_rows(local: torch.Tensor, n: int, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Concatenate every rank's :func:`rank_slice` rows ``(n_r, ...)`` into ``(n, ...)``."""
-    _, world = _world(group)
+    _, world = rank_and_world_size(group)
     sizes = [rank_slice(n, r, world) for r in range(world)]
     max_rows = max(stop - start for start, stop in sizes)
     device = _gather_device(group)
@@ -101,6 +97,23 @@ def _all_gather_rows(local: torch.Tensor, n: int, group: dist.ProcessGroup | Non
     dist.all_gather(out, padded, group=group)
     parts = [o[: stop - start].cpu() for o, (start, stop) in zip(out, sizes, strict=True)]
     return torch.cat(parts, 0)
+
+
+def gather_slices(local: torch.Tensor, n: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every rank's :func:`rank_slice` of ``n`` rows, concatenated: ``(n, D)`` on CPU.
+
+    ``local`` is this rank's ``(stop - start, D)`` float rows (``(0, 0)`` or ``(0, D)``
+    for an empty slice). A collective: every rank of ``group`` must call it. NCCL
+    groups exchange on the current CUDA device (set by
+    ``trainer.distributed.init_distributed``), gloo groups on CPU.
+    """
+    # Ranks with an empty slice do not know D: agree on it first.
+    dim = torch.tensor([local.shape[1] if local.numel() else 0], device=_gather_device(group))
+    dist.all_reduce(dim, op=dist.ReduceOp.MAX, group=group)
+    d = int(dim.item())
+    if local.numel() == 0:
+        local = torch.zeros((0, d), dtype=local.dtype)
+    return _all_gather_rows(local, n, group)
 
 
 def _embed_local(
@@ -146,19 +159,12 @@ def extract_embeddings(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = images.shape[0]
-    rank, world = _world(group)
+    rank, world = rank_and_world_size(group)
     start, stop = rank_slice(n, rank, world)
     emb, emb_flip = _embed_local(embed, images[start:stop], batch_size, flip)
     if world > 1:
-        # Ranks with an empty slice do not know D: agree on it first.
-        dim = torch.tensor([emb.shape[1] if emb.numel() else 0], device=_gather_device(group))
-        dist.all_reduce(dim, op=dist.ReduceOp.MAX, group=group)
-        d = int(dim.item())
-        if emb.numel() == 0:
-            emb = torch.zeros((0, d))
-            emb_flip = torch.zeros((0, d)) if flip else None
-        emb = _all_gather_rows(emb, n, group)
+        emb = gather_slices(emb, n, group)
         if flip:
             assert emb_flip is not None
-            emb_flip = _all_gather_rows(emb_flip, n, group)
+            emb_flip = gather_slices(emb_flip, n, group)
     return emb.numpy(), (emb_flip.numpy() if emb_flip is not None else None)

@@ -12,7 +12,8 @@ Protocol (as the community reference evaluates it):
    bounded-memory chunks: IJB-C has 15.7M pairs);
 5. TAR is read at the ROC point whose FPR is closest to each of 1e-6 .. 1e-1.
 
-Command::
+Command (``torchrun --nproc_per_node N -m eval.ijb ...`` shares the face
+embedding across ranks; rank 0 writes)::
 
     python -m eval.ijb --root /data/IJBC --target IJBC \
         --network r100 --checkpoint backbone.pt --output-dir out/ijbc
@@ -34,14 +35,23 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from datasets.atomic import atomic_open, write_json
-from eval.extract import Embedder, eval_mode, module_embedder, normalize_pixels
+from eval.extract import (
+    Embedder,
+    eval_mode,
+    gather_slices,
+    module_embedder,
+    normalize_pixels,
+    rank_slice,
+)
 from eval.ijb_data import IJBMeta, load_aligned, read_ijb_meta
 from eval.metrics import IJB_FAR_TARGETS, roc_curve, tar_at_far
 from eval.plot import save_roc_png
+from partial_fc.collectives import rank_and_world_size
 
 
 def image_features(
@@ -53,18 +63,24 @@ def image_features(
     workers: int = 4,
     image_size: tuple[int, int] = (112, 112),
     progress: bool = True,
+    group: dist.ProcessGroup | None = None,
 ) -> np.ndarray:
     """Flip-test features of every face in ``meta``: float32 ``(N, D)``, not normalised.
 
     Faces are read and aligned by ``workers`` threads one batch ahead of the model.
+    Under ``torch.distributed`` (``group``, ``None`` = the default group if any) each
+    rank embeds one contiguous slice of the faces and the slices are gathered, so
+    every rank returns all ``N`` rows (a collective: every rank must call it).
     """
     n = len(meta.names)
-    starts = list(range(0, n, batch_size))
+    rank, world = rank_and_world_size(group)
+    lo, hi = rank_slice(n, rank, world)
+    starts = list(range(lo, hi, batch_size))
     out: np.ndarray | None = None
     workers = max(1, workers)
 
     def submit(pool: ThreadPoolExecutor, start: int) -> list[Future[np.ndarray]]:
-        stop = min(start + batch_size, n)
+        stop = min(start + batch_size, hi)
         step = max(1, -(-(stop - start) // workers))
         return [
             pool.submit(_load_range, meta, s, min(s + step, stop), image_size)
@@ -73,7 +89,7 @@ def image_features(
 
     with (
         ThreadPoolExecutor(workers) as pool,
-        tqdm(total=n, unit="img", desc="IJB features", disable=not progress) as bar,
+        tqdm(total=hi - lo, unit="img", desc="IJB features", disable=not progress) as bar,
     ):
         pending = submit(pool, starts[0]) if starts else []
         for k, start in enumerate(starts):
@@ -85,10 +101,13 @@ def image_features(
             if flip:
                 feats = feats + embed(torch.flip(x, dims=[3])).detach().float().cpu()
             if out is None:
-                out = np.empty((n, feats.shape[1]), dtype=np.float32)
-            out[start : start + len(faces)] = feats.numpy()
+                out = np.empty((hi - lo, feats.shape[1]), dtype=np.float32)
+            out[start - lo : start - lo + len(faces)] = feats.numpy()
             bar.update(len(faces))
-    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+    local = out if out is not None else np.zeros((0, 0), dtype=np.float32)
+    if world > 1:
+        return gather_slices(torch.from_numpy(local), n, group).numpy()
+    return local
 
 
 def _load_range(meta: IJBMeta, start: int, stop: int, size: tuple[int, int]) -> np.ndarray:
@@ -210,22 +229,20 @@ def evaluate_ijb(
     workers: int = 4,
     chunk_size: int = 32768,
     progress: bool = True,
+    group: dist.ProcessGroup | None = None,
 ) -> IJBResult:
-    """Run the whole 1:1 protocol on ``meta`` with a backbone or an embedder."""
+    """Run the whole 1:1 protocol on ``meta`` with a backbone or an embedder.
+
+    Under ``torch.distributed`` the face features are shared across the ranks of
+    ``group`` (see :func:`image_features`); every rank then scores all pairs and
+    returns the same result.
+    """
+    kwargs = {"flip": flip, "workers": workers, "progress": progress, "group": group}
     if isinstance(model, nn.Module):
         with eval_mode(model):
-            feats = image_features(
-                module_embedder(model),
-                meta,
-                batch_size,
-                flip=flip,
-                workers=workers,
-                progress=progress,
-            )
+            feats = image_features(module_embedder(model), meta, batch_size, **kwargs)
     else:
-        feats = image_features(
-            model, meta, batch_size, flip=flip, workers=workers, progress=progress
-        )
+        feats = image_features(model, meta, batch_size, **kwargs)
     if faceness:
         feats = feats * meta.faceness[:, None]
     ids, tfeats = template_features(feats, meta.templates, meta.medias)
@@ -283,7 +300,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=4, help="image reading/alignment threads")
     p.add_argument("--chunk-size", type=int, default=32768, help="pairs scored per chunk")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="default: cuda:LOCAL_RANK when CUDA is available, else cpu ('cuda' = cuda:LOCAL_RANK)",
+    )
     p.add_argument("--no-flip", action="store_true", help="skip the mirrored embedding")
     p.add_argument("--no-faceness", action="store_true", help="skip faceness weighting")
     p.add_argument("--no-progress", action="store_true")
@@ -296,27 +317,36 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> IJBResult:
     """Command-line entry point."""
     from eval.models import make_embedder
+    from trainer.distributed import distributed_command, resolve_device
 
     args = _parse_args(argv)
     meta = read_ijb_meta(args.root, args.target)
-    embed = make_embedder(
-        network=args.network, checkpoint=args.checkpoint, onnx_path=args.onnx, device=args.device
-    )
-    result = evaluate_ijb(
-        embed,
-        meta,
-        batch_size=args.batch_size,
-        flip=not args.no_flip,
-        faceness=not args.no_faceness,
-        workers=args.workers,
-        chunk_size=args.chunk_size,
-        progress=not args.no_progress,
-    )
-    paths = write_outputs(result, args.output_dir, args.target)
-    print(format_table(args.target, result.tar_at_far))
-    for kind, path in paths.items():
-        print(f"{kind}: {path}")
-    return result
+    # onnxruntime returns CPU arrays: an ONNX model's ranks gather over gloo on CPU
+    # while the session runs on the rank's device; a backbone checkpoint runs and
+    # gathers on the rank's device (cuda:LOCAL_RANK and nccl under CUDA)
+    with distributed_command("cpu" if args.onnx else args.device) as ctx:
+        device = str(resolve_device(args.device, ctx.local_rank) if args.onnx else ctx.device)
+        if ctx.is_main:
+            print(ctx.describe(), file=sys.stderr, flush=True)
+        embed = make_embedder(
+            network=args.network, checkpoint=args.checkpoint, onnx_path=args.onnx, device=device
+        )
+        result = evaluate_ijb(
+            embed,
+            meta,
+            batch_size=args.batch_size,
+            flip=not args.no_flip,
+            faceness=not args.no_faceness,
+            workers=args.workers,
+            chunk_size=args.chunk_size,
+            progress=not args.no_progress and ctx.is_main,
+        )
+        if ctx.is_main:  # every rank has the same result; one writes it
+            paths = write_outputs(result, args.output_dir, args.target)
+            print(format_table(args.target, result.tar_at_far))
+            for kind, path in paths.items():
+                print(f"{kind}: {path}")
+        return result
 
 
 if __name__ == "__main__":

@@ -17,12 +17,15 @@ DEFAULT_MEAN = 127.5
 DEFAULT_STD = 127.5
 
 
-def _providers(device: str) -> list[str]:
+def _providers(device: str) -> list[str | tuple[str, dict[str, Any]]]:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if device.startswith("cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        # "cuda:N" (a torchrun rank's cuda:LOCAL_RANK) selects GPU N, not always GPU 0
+        _, _, index = device.partition(":")
+        options = {"device_id": int(index)} if index else {}
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -31,7 +34,8 @@ class OnnxEmbedder:
 
     Args:
         path: the ``.onnx`` file.
-        device: ``"cpu"`` or ``"cuda"`` (falls back to CPU without the CUDA provider).
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (falls back to CPU without the
+            CUDA provider).
         intra_op_threads: onnxruntime intra-op threads (0 = its default).
     """
 

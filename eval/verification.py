@@ -18,13 +18,11 @@ the extraction across ranks)::
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -151,7 +149,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--nfolds", type=int, default=10)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="default: cuda:LOCAL_RANK when CUDA is available, else cpu ('cuda' = cuda:LOCAL_RANK)",
+    )
     p.add_argument("--json", help="write the results here (rank 0)")
     args = p.parse_args(argv)
     if args.checkpoint and not args.network:
@@ -159,28 +161,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _init_distributed(device: str) -> bool:
-    """Join the torchrun group if launched under torchrun; True if this call created it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    use_cuda = device.startswith("cuda")
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return True
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Command-line entry point; returns the results (also printed, and written with --json)."""
     from eval.models import make_embedder
+    from trainer.distributed import distributed_command, resolve_device
 
     args = _parse_args(argv)
-    created = _init_distributed(args.device if not args.onnx else "cpu")
-    try:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        device = args.device
-        if device.startswith("cuda") and dist.is_initialized() and not args.onnx:
-            device = f"cuda:{torch.cuda.current_device()}"
+    # onnxruntime returns CPU arrays: an ONNX model's ranks gather over gloo on CPU
+    # while the session itself runs on the rank's device; a backbone checkpoint
+    # runs and gathers on the rank's device (cuda:LOCAL_RANK and nccl under CUDA)
+    with distributed_command("cpu" if args.onnx else args.device) as ctx:
+        device = str(resolve_device(args.device, ctx.local_rank) if args.onnx else ctx.device)
+        if ctx.is_main:
+            print(ctx.describe(), file=sys.stderr, flush=True)
         embed = make_embedder(
             network=args.network, checkpoint=args.checkpoint, onnx_path=args.onnx, device=device
         )
@@ -189,14 +182,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         for path in args.bin:
             pairs = load_bin(path, size)
             results[pairs.name] = verify_pairset(embed, pairs, args.batch_size, None, args.nfolds)
-            if rank == 0:
+            if ctx.is_main:
                 print(format_result(pairs.name, results[pairs.name]), flush=True)
-        if args.json and rank == 0:
+        if args.json and ctx.is_main:
             write_json(args.json, results)
         return results
-    finally:
-        if created:
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

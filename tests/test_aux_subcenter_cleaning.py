@@ -20,9 +20,10 @@ import torch
 from datasets.dataset import open_dataset
 from datasets.pk_sampler import dataset_labels
 from datasets.recordio import IndexedRecordIO, IRHeader, pack
-from partial_fc import subcenter_cleaning as sc
 from partial_fc.sharding import class_range
+from partial_fc.subcenter_cleaning import embed_samples
 from tests.distributed import run_ranks
+from tools import subcenter_cleaning as sc
 
 IDENTITIES, IMAGES, NOISE_RATE, K, D = 24, 10, 0.1, 3, 32
 NUM_CLASSES = IDENTITIES + 1  # the last class has no samples
@@ -184,7 +185,7 @@ def test_cleaning_command_with_trainer_checkpoint_and_head_weights(noisy_data, t
     labels = torch.from_numpy(dataset_labels(ds))
     with torch.no_grad():
         emb = torch.nn.functional.normalize(
-            sc.embed_samples(ds, np.arange(len(ds)), backbone, 64, 0), dim=1
+            embed_samples(ds, np.arange(len(ds)), backbone, 64, 0), dim=1
         )
     # sub-centre 0 of each class at its mean embedding, the others elsewhere
     weight = torch.randn(classes, K, dim)

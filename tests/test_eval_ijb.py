@@ -248,3 +248,41 @@ def test_command_with_onnx(ijb_root, tmp_path, capsys):
     assert table["num_pairs"] == 28 and table["num_genuine"] == 4
     assert table["tar_at_far"]["1e-04"] == 1.0
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def _ijb_command_on_ranks(rank: int, world_size: int, argv: list[str]) -> dict:
+    """``eval.ijb.main`` inside a gloo group, recording the devices the gathers get."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    devices: list[str] = []
+    real = dist.all_gather
+
+    def all_gather_spy(out: list[torch.Tensor], tensor: torch.Tensor, **kw) -> None:
+        devices.extend(str(t.device) for t in [*out, tensor])
+        real(out, tensor, **kw)
+
+    dist.all_gather = all_gather_spy
+    result = ijb.main(argv)
+    return {"scores": result.scores, "devices": devices}
+
+
+def test_command_shares_features_across_ranks(ijb_root, tmp_path):
+    """Under torchrun each rank embeds half of the faces; the gathered features give the
+    single-process scores on every rank, and rank 0 writes the outputs."""
+    from tests.distributed import run_ranks
+
+    root, _ = ijb_root
+    onnx_path = export_onnx(PoolNet(), tmp_path / "pool.onnx", exporter="torchscript")
+    argv = [
+        *("--root", str(root), "--onnx", onnx_path, "--output-dir", str(tmp_path / "out")),
+        *("--no-progress", "--batch-size", "5", "--workers", "1"),
+    ]
+    reference = ijb.evaluate_ijb(PoolNet(), read_ijb_meta(root), progress=False)
+    ranks = run_ranks(_ijb_command_on_ranks, 2, argv)
+    for got in ranks:
+        np.testing.assert_allclose(got["scores"], reference.scores, rtol=1e-5, atol=1e-6)
+        assert got["devices"] and set(got["devices"]) == {"cpu"}  # ONNX: gloo on CPU
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "ijbc_scores.npy"), ranks[0]["scores"])

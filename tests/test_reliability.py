@@ -32,6 +32,7 @@ from tests.test_trainer import (  # noqa: F401 (one_thread is an autouse fixture
 )
 from trainer.build import check_embedding_size
 from trainer.checkpoint import CheckpointError, CheckpointManager
+from trainer.distributed import init_distributed
 from trainer.loop import TrainingError
 from trainer.preflight import OutputDirError, probe_output
 
@@ -161,7 +162,7 @@ def test_collective_timeout_reaches_init_process_group(monkeypatch: pytest.Monke
         torch.distributed, "init_process_group", lambda backend, **kw: seen.update(kw)
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    train_dist.init_distributed(42.5)
+    init_distributed(timeout_s=42.5)
     assert seen["timeout"].total_seconds() == 42.5
 
 

@@ -1,0 +1,358 @@
+"""Sub-centre outlier removal, the command: clean a face dataset with a head trained
+with K sub-centres per class (Sub-center ArcFace, ECCV 2020).
+
+The rule and the sharded search are :mod:`partial_fc.subcenter_cleaning`; this
+command loads the head rows (a trainer checkpoint, any saving world size, or a
+``.pt`` of centres) and the backbone, joins the torchrun job through
+:func:`trainer.distributed.init_distributed` (``nccl`` on ``cuda:LOCAL_RANK`` when
+CUDA is available, ``gloo`` on CPU; ``--device`` overrides), and rank 0 writes the
+dataset without the outliers (labels unchanged, so the class count and a head
+checkpoint stay valid; a class may end up empty) and a report::
+
+    torchrun --nproc_per_node=8 -m tools.subcenter_cleaning \\
+        --checkpoint-dir runs/r50/checkpoints --data /data/ms1mv3 --network r50 \\
+        --output /data/ms1mv3_clean [--threshold-degrees 75]
+
+Outputs in ``--output`` (each written to a temporary name, then renamed):
+``train.rec``/``train.idx``/``property`` (face layout, kept samples in class order),
+``report.json`` (settings, totals, per-class ``samples``/``removed``/``dominant``/
+``dominant_share`` lists indexed by class id; ``dominant = -1`` for a class without
+samples), ``removed.tsv`` (one line per outlier: index, record key, label, angle,
+nearest sub-centre) and ``angles.png`` (histogram of every sample's angle to its
+dominant sub-centre, threshold marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from datasets.atomic import write_bytes
+from partial_fc.collectives import rank_and_world_size
+from partial_fc.sharding import class_range
+from partial_fc.subcenter_cleaning import EmbedFn, Outlier, find_outliers
+from trainer.checkpoint import CheckpointManager
+from trainer.distributed import distributed_command
+
+# ----------------------------------------------------------------------------- head rows
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A complete trainer checkpoint: ``path`` itself (it holds ``meta.json``) or the
+    newest complete ``step-*`` directory under it (or under ``path/checkpoints``)."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = sorted(
+            (p for p in root.glob("step-*") if CheckpointManager.is_complete(p)),
+            key=lambda p: p.name,
+        )
+        if found:
+            return found[-1]
+    raise FileNotFoundError(
+        f"--checkpoint-dir {path}: no complete checkpoint (a directory with meta.json, or "
+        "step-* directories under it or under its checkpoints/)"
+    )
+
+
+def checkpoint_head_layout(checkpoint: Path) -> tuple[int, int]:
+    """``(num_classes, num_subcenters)`` of the head saved in a trainer checkpoint."""
+    shards = CheckpointManager.read_meta(checkpoint)["shards"]
+    return sum(int(s["num_local"]) for s in shards), int(shards[0]["K"])
+
+
+def load_checkpoint_subcenters(
+    checkpoint: Path, class_start: int, num_local: int, num_subcenters: int
+) -> torch.Tensor:
+    """Rows of classes ``[class_start, class_start + num_local)`` as ``(C_l, K, D)``,
+    whatever world size saved the checkpoint (the trainer's resharding loader)."""
+    state, _ = CheckpointManager.load_head_shard(checkpoint, class_start, num_local, num_subcenters)
+    if "weight" not in state:
+        raise KeyError(f"{checkpoint}: the head state has no 'weight' (keys: {sorted(state)})")
+    return state["weight"].reshape(num_local, num_subcenters, -1)
+
+
+def load_head_weights(path: str | os.PathLike, num_subcenters: int | None) -> torch.Tensor:
+    """All centres from a ``.pt`` file, as ``(C, K, D)``.
+
+    Accepted contents: a ``(C, K, D)`` tensor; a ``(C * K, D)`` tensor (K from
+    ``num_subcenters``); or a dict with ``"weight"`` (either shape) and optionally
+    ``"num_subcenters"`` (a head ``state_dict`` is such a dict).
+    """
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    k = num_subcenters
+    if isinstance(obj, dict):
+        if "weight" not in obj:
+            raise KeyError(f"--head-weights {path}: no 'weight' entry (keys: {sorted(obj)})")
+        k = int(obj.get("num_subcenters", k) or 0) or k
+        obj = obj["weight"]
+    if not isinstance(obj, torch.Tensor):
+        raise TypeError(f"--head-weights {path}: expected a tensor or a dict, got {type(obj)}")
+    if obj.dim() == 3:
+        return obj
+    if obj.dim() != 2 or k is None or obj.shape[0] % k:
+        raise ValueError(
+            f"--head-weights {path}: a (C*K, D) weight of shape {tuple(obj.shape)} needs "
+            f"--num-subcenters dividing {obj.shape[0]} (got {k})"
+        )
+    return obj.reshape(obj.shape[0] // k, k, obj.shape[1])
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_face_rec(dataset: Any, order: np.ndarray, labels: np.ndarray, num_classes: int,
+                   out_dir: Path) -> None:  # fmt: skip
+    """Write samples ``order`` (sorted by label) in the face layout, keeping
+    ``num_classes`` identity records even for classes left without samples."""
+    from datasets.recordio import IndexedRecordIO, IRHeader, pack
+
+    writer = IndexedRecordIO(out_dir / "train.idx", out_dir / "train.rec", "w")
+    try:
+        firsts = np.zeros(num_classes, np.int64)
+        ends = np.zeros(num_classes, np.int64)
+        key = 1
+        for i in order.tolist():
+            payload, label, _ = dataset._load(i)
+            label = int(label)
+            if label != int(labels[i]):
+                raise ValueError(f"sample {i}: label {label} differs from the scanned {labels[i]}")
+            if ends[label] == 0:
+                firsts[label] = key
+            ends[label] = key + 1
+            writer.write_idx(key, pack(IRHeader(0, float(label), key, 0), bytes(payload)))
+            key += 1
+        n = key - 1
+        writer.write_idx(0, pack(IRHeader(0, [n + 1, n + 1 + num_classes], 0, 1), b""))
+        next_first = 1
+        for c in range(num_classes):  # empty classes get [k, k) at their position
+            first, end = (firsts[c], ends[c]) if ends[c] else (next_first, next_first)
+            writer.write_idx(n + 1 + c, pack(IRHeader(0, [float(first), float(end)], n + 1 + c, 0),
+                                             b""))  # fmt: skip
+            next_first = end
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    write_bytes(out_dir / "property", f"{num_classes},112,112\n".encode())
+
+
+def plot_histogram(counts: np.ndarray, threshold: float, path: Path) -> None:
+    """PNG bar chart of the angle histogram (``HISTOGRAM_BINS`` bins over [0, 180])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.linspace(0.0, 180.0, len(counts) + 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    try:
+        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue")
+        ax.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:g}°")
+        ax.set_xlabel("angle to the class's dominant sub-centre (degrees)")
+        ax.set_ylabel("samples")
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_xlim(0, 180)
+        ax.legend()
+        fig.tight_layout()
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format="png", dpi=100)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def clean_dataset(
+    dataset: Any,
+    subcenters: torch.Tensor,
+    num_classes: int,
+    embed_fn: EmbedFn,
+    output_dir: str | os.PathLike,
+    threshold_degrees: float = 75.0,
+    group: ProcessGroup | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    labels: np.ndarray | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """:func:`partial_fc.subcenter_cleaning.find_outliers`, then rank 0 writes the outputs.
+
+    A collective call when a process group spans several ranks; the arguments are
+    those of ``find_outliers`` (``device``: where its collectives run, default the
+    device of ``subcenters``) plus ``output_dir`` (created if needed).
+
+    Returns:
+        the report (on every rank; the files are written by rank 0 only).
+    """
+    found = find_outliers(
+        dataset, subcenters, num_classes, embed_fn, threshold_degrees, group,
+        batch_size, num_workers, labels, device,
+    )  # fmt: skip
+    rank, world_size = rank_and_world_size(group)
+    if rank == 0:
+        _write_outputs(dataset, found.labels, found.outliers, found.report, Path(output_dir))
+    if world_size > 1:
+        dist.barrier(group=group)  # the outputs are complete when any rank returns
+    return found.report
+
+
+def _write_outputs(
+    dataset: Any,
+    labels: np.ndarray,
+    outliers: list[Outlier],
+    report: dict[str, Any],
+    out: Path,
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    keep = np.ones(len(labels), bool)
+    keep[[o[0] for o in outliers]] = False
+    order = np.flatnonzero(keep)
+    order = order[np.argsort(labels[order], kind="stable")]
+    write_face_rec(dataset, order, labels, report["num_classes"], out)
+    keys = getattr(dataset, "image_keys", None)
+    lines = ["index\tkey\tlabel\tangle_degrees\tnearest_subcenter"]
+    for i, label, angle, nearest in outliers:
+        key = int(keys[i]) if keys is not None else -1
+        lines.append(f"{i}\t{key}\t{label}\t{angle:.3f}\t{nearest}")
+    write_bytes(out / "removed.tsv", ("\n".join(lines) + "\n").encode())
+    counts = np.asarray(report["angle_histogram"]["counts"])
+    plot_histogram(counts, report["threshold_degrees"], out / "angles.png")
+    write_bytes(out / "report.json", (json.dumps(report) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.subcenter_cleaning",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    head = p.add_mutually_exclusive_group(required=True)
+    head.add_argument(
+        "--checkpoint-dir",
+        help="trainer checkpoint (step-* dir, or a dir holding them / checkpoints/); gives "
+        "the head shards and, unless --backbone-checkpoint is given, the backbone",
+    )
+    head.add_argument("--head-weights", help=".pt with the centres: (C, K, D), (C*K, D), or a "
+                      "dict with 'weight' [and 'num_subcenters']")  # fmt: skip
+    p.add_argument("--num-subcenters", type=int, default=None, help="K for a (C*K, D) weight")
+    p.add_argument("--data", required=True, help="training data (dir with train.rec, .rec, ...)")
+    p.add_argument("--network", required=True, help="backbone name (backbones.get_model)")
+    p.add_argument("--embedding-size", type=int, default=None, help="default: the head's D")
+    p.add_argument(
+        "--model-kwargs",
+        default="{}",
+        help="JSON object of extra backbone arguments (the run's model.kwargs)",
+    )
+    p.add_argument(
+        "--backbone-checkpoint",
+        default=None,
+        help="backbone weights: a state_dict .pt or a trainer.pt (its 'backbone' entry)",
+    )
+    p.add_argument("--output", required=True, help="directory for the cleaned data and report")
+    p.add_argument("--threshold-degrees", type=float, default=75.0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument(
+        "--device",
+        default=None,
+        help="default: cuda:LOCAL_RANK if available, else cpu ('cuda' means cuda:LOCAL_RANK)",
+    )
+    return p
+
+
+def _load_backbone_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--backbone-checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "backbone" in state and isinstance(state["backbone"], dict):
+        state = state["backbone"]
+    if not isinstance(state, dict):
+        raise TypeError(f"{path}: expected a state_dict or a dict with 'backbone'")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (errors raise)."""
+    args = _parser().parse_args(argv)
+    from backbones import get_model
+    from datasets.dataset import open_dataset
+
+    with distributed_command(args.device) as ctx:
+        rank, world_size, device = ctx.rank, ctx.world_size, ctx.device
+        if ctx.is_main:
+            print(ctx.describe(), file=sys.stderr, flush=True)
+        backbone_path = args.backbone_checkpoint
+        if args.checkpoint_dir:
+            checkpoint = find_checkpoint(args.checkpoint_dir)
+            num_classes, k = checkpoint_head_layout(checkpoint)
+            start, count = class_range(num_classes, rank, world_size)
+            subcenters = load_checkpoint_subcenters(checkpoint, start, count, k)
+            backbone_path = backbone_path or str(checkpoint / "trainer.pt")
+        else:
+            if not backbone_path:
+                raise ValueError("--head-weights needs --backbone-checkpoint")
+            every = load_head_weights(args.head_weights, args.num_subcenters)
+            num_classes = every.shape[0]
+            start, count = class_range(num_classes, rank, world_size)
+            subcenters = every[start : start + count].clone()
+            del every
+        dim = args.embedding_size or subcenters.shape[2]
+        try:
+            model_kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--model-kwargs is not valid JSON: {exc}") from None
+        if not isinstance(model_kwargs, dict):
+            raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+        backbone = get_model(args.network, embedding_size=dim, **model_kwargs)
+        backbone.load_state_dict(_load_backbone_state(Path(backbone_path)))
+        backbone.to(device).eval()
+
+        def embed(images: torch.Tensor) -> torch.Tensor:
+            return backbone(images.to(device))
+
+        dataset = open_dataset(args.data, flip=False)
+        report = clean_dataset(
+            dataset,
+            subcenters,
+            num_classes,
+            embed,
+            args.output,
+            args.threshold_degrees,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=device,  # the collectives' tensors: cuda:LOCAL_RANK under NCCL
+        )
+        if rank == 0:
+            pct = 100.0 * report["num_removed"] / max(report["num_samples"], 1)
+            print(
+                f"removed {report['num_removed']} of {report['num_samples']} samples "
+                f"({pct:.2f}%) from {report['classes_with_removals']} classes; "
+                f"{report['classes_without_samples']} classes had no samples; wrote {args.output}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
