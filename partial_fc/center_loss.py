@@ -14,9 +14,10 @@ descent instead of the paper's separate update rule.
 Distribution: rank r holds the centres of classes ``class_range(C, r, W)`` (the
 same ranges as :class:`partial_fc.head.PartialFC`). One step gathers the global
 batch (:func:`partial_fc.collectives.gather_batch`), every rank computes the
-hinge terms of the gathered samples whose labels it owns, and one scalar
-all-reduce adds them up. Memory per rank: the gathered ``(B, D)`` batch and the
-``(C_local, D)`` shard; no replicated ``(C, D)`` matrix.
+hinge terms of the gathered samples whose labels it owns (as a masked term for
+every gathered row, so nothing waits for the device and no shape depends on the
+labels), and one scalar all-reduce adds them up. Memory per rank: the gathered
+``(B, D)`` batch and the ``(C_local, D)`` shard; no replicated ``(C, D)`` matrix.
 """
 
 from __future__ import annotations
@@ -70,7 +71,11 @@ class ShardedCenterLoss(nn.Module):
             ``(seed, class id)``, never on the world size.
         max_local_batch: if given, every rank pads its batch to this size so the
             gather needs no batch-size exchange (padding rows count as unknown).
-        validate_labels: raise ``ValueError`` for labels ``>= num_classes``.
+        validate_labels: assert that every label is ``< num_classes`` with
+            ``torch._assert_async`` (no host synchronisation: on CUDA a device-side
+            assert, which ends the process's CUDA context; on CPU a ``RuntimeError``
+            at once). ``False`` skips the check; labels ``>= num_classes`` then
+            count as known but contribute no term.
         device, dtype: of the centres; the loss is computed in at least float32.
 
     Attributes:
@@ -144,7 +149,14 @@ class ShardedCenterLoss(nn.Module):
             )  # fmt: skip
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        """``(b, D)`` embeddings and ``(b,)`` labels of this rank -> the global loss (0-dim)."""
+        """``(b, D)`` embeddings and ``(b,)`` labels of this rank -> the global loss (0-dim).
+
+        No host synchronisation and no data-dependent shape: every one of the B
+        gathered rows gets a hinge term against the centre at its clamped local
+        index, and the rows this rank does not own are zeroed by a mask (a
+        ``torch.where``, so their gradient is exactly 0). The work is ``O(B * D)``
+        whatever the labels.
+        """
         with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
             embeddings, labels, _ = gather_for_loss(
                 local_embeddings,
@@ -155,19 +167,27 @@ class ShardedCenterLoss(nn.Module):
                 param_dtype=self.centers.dtype,
             )
             compute_dtype = embeddings.dtype
-            if self.validate_labels and bool((labels >= self.num_classes).any()):
-                bad = int(labels[labels >= self.num_classes][0])
-                raise ValueError(
-                    f"label {bad} is outside [0, num_classes={self.num_classes}) "
-                    "(negative labels mark unknown samples)"
+            if self.validate_labels:
+                # Asynchronous on CUDA (a device-side assert; the host does not wait),
+                # a RuntimeError at once on CPU. Naming the offending label would need
+                # a host read, so the message names the range only.
+                torch._assert_async(
+                    (labels < self.num_classes).all(),
+                    f"ShardedCenterLoss: a label is outside [0, num_classes={self.num_classes}) "
+                    "(negative labels mark unknown samples)",
                 )
-            known = labels >= 0
+            known = labels >= 0  # (B,)
             local = labels - self.class_start
-            owned = (known & (local < self.num_local) & (local >= 0)).nonzero().squeeze(1)
+            owned = known & (local >= 0) & (local < self.num_local)  # (B,)
+            # A rank without classes (num_local == 0) has no centre to gather at a
+            # clamped index: it computes on zero rows (a static shape), partial = 0.
+            rows = embeddings.shape[0] if self.num_local > 0 else 0
+            index = torch.where(owned, local, 0)[:rows]  # (B,) in [0, num_local)
             dist = rowwise_distance(
-                embeddings[owned], self.centers.to(compute_dtype)[local[owned]], self.distance
-            )
-            partial = (dist - self.radius).clamp(min=0.0).sum()
+                embeddings[:rows], self.centers.to(compute_dtype)[index], self.distance
+            )  # (B,)
+            hinge = (dist - self.radius).clamp(min=0.0)
+            partial = torch.where(owned[:rows], hinge, 0.0).sum()
             total = sum_of_partials(partial, self.group)
             self.num_known = known.sum()
             return total / self.num_known.clamp(min=1).to(compute_dtype)

@@ -36,8 +36,14 @@ whole gathered batch, and one all-reduce adds ``[sum of losses, count]`` over
 ranks. The gradient that reaches this rank's rows (through the gather's
 reduce-scatter) is the exact gradient of the global loss with respect to them,
 the head's contract (a trainer scales DDP gradients by the world size once).
-Per rank the work is ``O(b * B)`` distances (``O(b * B^2)`` comparisons for
-``batch_all`` and ``semi_hard``, chunked under ``no_grad``).
+Per rank the work is ``O(b * B)`` distances; ``batch_all`` compares ``O(b * B^2)``
+triplets in fixed-size anchor blocks under ``no_grad``, ``semi_hard`` sorts each
+anchor's negative distances (``O(b * B log B)``).
+
+No host synchronisation: the mining is written with ``(b, B)`` masks, arg-reductions
+and gathers at valid (clamped) indices, and counts are tensor sums, so no shape
+depends on the data and a GPU step never waits for the device
+(``tests/test_aux_host_sync.py`` checks this).
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ Mining = Literal["batch_all", "batch_hard", "semi_hard"]
 TripletDistance = Literal["squared_euclidean", "cosine"]
 _MININGS = ("batch_all", "batch_hard", "semi_hard")
 _DISTANCES = ("squared_euclidean", "cosine")
-# Elements of the (anchors, B, B) comparison blocks evaluated at once.
+# Elements of batch_all's (anchors, B, B) comparison blocks evaluated at once; the
+# number of blocks depends only on the static batch sizes.
 _CHUNK_ELEMENTS = 1 << 24
 
 
@@ -106,6 +113,12 @@ class TripletLoss(nn.Module):
         self.num_triplets = torch.zeros(())
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """``(b, D)`` embeddings and ``(b,)`` labels of this rank -> the global loss (0-dim).
+
+        Every shape here follows from the (static) batch sizes, never from the labels
+        or distances, and nothing is read back on the host: the mining works on
+        ``(b, B)`` masks and picks columns with arg-reductions and gathers.
+        """
         with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
             embeddings, labels, sizes = gather_for_loss(
                 local_embeddings,
@@ -124,9 +137,13 @@ class TripletLoss(nn.Module):
             same = anchor_labels[:, None] == labels[None, :]
             valid = known[lo:hi, None] & known[None, :]
             positive = same & valid
-            positive[torch.arange(hi - lo), torch.arange(lo, hi)] = False
+            positive[:, lo:hi].diagonal().fill_(False)  # an anchor is not its own positive
             negative = ~same & valid
-            if self.mining == "batch_all":
+            if embeddings.shape[0] == 0:
+                # Empty global batch (the same on every rank): no triplet, and no
+                # column for batch_hard / semi_hard's arg-reductions to return.
+                partial, count = dist.sum(), positive.sum()
+            elif self.mining == "batch_all":
                 partial, count = self._batch_all(dist, positive, negative)
             elif self.mining == "batch_hard":
                 partial, count = self._batch_hard(dist, positive, negative)
@@ -164,41 +181,55 @@ class TripletLoss(nn.Module):
     def _batch_hard(
         self, dist: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Farthest positive and nearest negative per anchor that has both."""
+        """Farthest positive and nearest negative per anchor that has both.
+
+        ``dist, positive, negative (b, B)``. Every anchor row is evaluated (its argmax
+        and argmin are valid column indices even when it has no positive or no
+        negative); the anchors without both are masked out of the sum and the count,
+        so nothing depends on the data's shape and nothing is read on the host.
+        """
         with torch.no_grad():
             d = dist.detach()
             inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
-            hardest_pos = torch.where(positive, d, -inf).argmax(dim=1)
-            hardest_neg = torch.where(negative, d, inf).argmin(dim=1)
-            anchors = (positive.any(dim=1) & negative.any(dim=1)).nonzero().squeeze(1)
-        d_ap = dist[anchors, hardest_pos[anchors]]
-        d_an = dist[anchors, hardest_neg[anchors]]
-        partial = (d_ap - d_an + self.margin).clamp(min=0.0).sum()
-        return partial, torch.tensor(anchors.numel(), device=dist.device)
+            hardest_pos = torch.where(positive, d, -inf).argmax(dim=1, keepdim=True)  # (b, 1)
+            hardest_neg = torch.where(negative, d, inf).argmin(dim=1, keepdim=True)  # (b, 1)
+            valid = positive.any(dim=1) & negative.any(dim=1)  # (b,)
+        d_ap = dist.gather(1, hardest_pos).squeeze(1)
+        d_an = dist.gather(1, hardest_neg).squeeze(1)
+        # where (not a multiplication) so the masked anchors' gradient is exactly 0.
+        loss = torch.where(valid, (d_ap - d_an + self.margin).clamp(min=0.0), 0.0)
+        return loss.sum(), valid.sum()
 
     def _semi_hard(
         self, dist: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per positive pair: nearest negative farther than the positive, else the farthest."""
+        """Per positive pair: nearest negative farther than the positive, else the farthest.
+
+        ``dist, positive, negative (b, B)``; every ``(a, p)`` entry is evaluated and
+        the pairs that are not positive pairs of an anchor with a negative are masked.
+        Instead of comparing every ``(a, p, n)`` (``O(b * B^2)``), each anchor's
+        negative distances are sorted once (stably: equal distances keep the lowest
+        index first, the tie rule) and the nearest negative farther than ``d(a, p)``
+        is the first sorted one above it, found by binary search: ``O(b * B log B)``
+        with static shapes. ``d(a, n) > d(a, p)`` is the same comparison either way,
+        so the choice is the same.
+        """
         with torch.no_grad():
-            d = dist.detach()
-            has_negative = negative.any(dim=1)
-            pairs = (positive & has_negative[:, None]).nonzero()  # (P, 2): anchor, positive
-            a, p = pairs[:, 0], pairs[:, 1]
-            chosen = torch.empty_like(a)
+            d = dist.detach().contiguous()
             B = d.shape[1]
             inf = torch.tensor(float("inf"), dtype=d.dtype, device=d.device)
-            step = max(1, _CHUNK_ELEMENTS // max(B, 1))
-            for s in range(0, a.numel(), step):
-                aa, pp = a[s : s + step], p[s : s + step]
-                d_an = d[aa]  # (chunk, B)
-                neg = negative[aa]
-                farther = neg & (d_an > d[aa, pp][:, None])
-                nearest_farther = torch.where(farther, d_an, inf).argmin(dim=1)
-                farthest = torch.where(neg, d_an, -inf).argmax(dim=1)
-                chosen[s : s + step] = torch.where(farther.any(dim=1), nearest_farther, farthest)
-        loss = (dist[a, p] - dist[a, chosen] + self.margin).clamp(min=0.0)
-        return loss.sum(), torch.tensor(a.numel(), device=dist.device)
+            # (b, B): each row's negative distances ascending, the non-negatives (+inf) last.
+            neg_sorted, neg_order = torch.where(negative, d, inf).sort(dim=1, stable=True)
+            num_neg = negative.sum(dim=1, keepdim=True)  # (b, 1)
+            # (b, B): position in the sorted row of the first distance > d(a, p).
+            first_farther = torch.searchsorted(neg_sorted, d, right=True)
+            has_farther = first_farther < num_neg
+            nearest_farther = neg_order.gather(1, first_farther.clamp(max=B - 1))
+            farthest = torch.where(negative, d, -inf).argmax(dim=1, keepdim=True)  # (b, 1)
+            chosen = torch.where(has_farther, nearest_farther, farthest)  # (b, B)
+            pairs = positive & (num_neg > 0)  # (b, B)
+        loss = (dist - dist.gather(1, chosen) + self.margin).clamp(min=0.0)
+        return torch.where(pairs, loss, 0.0).sum(), pairs.sum()
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, mining={self.mining!r}, distance={self.distance!r}"

@@ -291,7 +291,8 @@ def test_aux_loss_option_errors() -> None:
         ShardedCenterLoss(4, 3, radius=-1.0)
     with pytest.raises(ValueError, match="magnitude"):
         ShardedCenterLoss(4, 3, magnitude=0.0)
-    with pytest.raises(ValueError, match="label 4 is outside"):
+    # torch._assert_async: a RuntimeError at once on CPU (asynchronous on CUDA).
+    with pytest.raises(RuntimeError, match=r"label is outside \[0, num_classes=4\)"):
         ShardedCenterLoss(4, 3)(torch.randn(2, 3), torch.tensor([0, 4]))
     with pytest.raises(ValueError, match=r"embeddings of shape \(batch, 3\)"):
         ShardedCenterLoss(4, 3)(torch.randn(2, 5), torch.tensor([0, 1]))
