@@ -12,7 +12,7 @@ from torch.distributed import ProcessGroup
 from partial_fc.collectives import PAD_LABEL, gather_for_loss, rank_and_world_size
 from partial_fc.init import block_seeded_normal_
 from partial_fc.margins import CombinedMargin, MarginSpec
-from partial_fc.sampling import sample_classes, sampling_generator
+from partial_fc.sampling import num_sampled_classes, sample_classes, sampling_generator
 from partial_fc.sharding import class_range
 from partial_fc.softmax_ce import CEOptions, MarginSoftmaxCE
 
@@ -44,10 +44,11 @@ class PartialFC(nn.Module):
         margin: the target-logit function (:class:`ArcFace`, :class:`CosFace`, ...).
         num_subcenters: K; a class's cosine is the max over its K sub-centres.
         sample_rate: Partial-FC rate. Below 1, each training step uses all positive
-            classes plus random negatives, ``max(num_positive, round(rate * num_local))``
-            classes per rank; use :mod:`partial_fc.optim` so that unsampled centres
-            are left untouched by the optimizer. Evaluation (``eval()`` or no grad)
-            always uses every class.
+            classes plus random negatives, ``min(num_local, max(round(rate * num_local),
+            B))`` classes per rank for a global batch of B (a size fixed by the shapes:
+            :mod:`partial_fc.sampling`); use :mod:`partial_fc.optim` so that unsampled
+            centres are left untouched by the optimizer. Evaluation (``eval()`` or no
+            grad) always uses every class.
         group: the process group the classes are sharded over (None: the default
             group, or a single process when ``torch.distributed`` is not initialised).
         chunk_classes: classes per logits block; peak extra memory is about one
@@ -60,8 +61,9 @@ class PartialFC(nn.Module):
             negative sampling.
         ignore_index: a label value whose samples are skipped (must lie outside
             ``[0, num_classes)``), or None.
-        validate_labels: check every label lies in ``[0, num_classes)`` (one host
-            sync per step on GPU); out-of-range labels raise ``ValueError``.
+        validate_labels: check every label lies in ``[0, num_classes)`` with an
+            asynchronous device-side assert (no host sync; on CUDA a failure surfaces
+            at the next synchronising call, on CPU at once as ``RuntimeError``).
         max_local_batch: the largest per-rank batch. Given, every rank pads to it
             and the per-step exchange of batch sizes (a host sync on GPU) is skipped;
             padding rows take no part in the loss. None: sizes are exchanged.
@@ -158,12 +160,9 @@ class PartialFC(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(self.num_local * num_subcenters, embedding_size, device=device, dtype=dtype)
         )
-        # Classes that took part in a training step since the optimizer last stepped.
-        self.register_buffer(
-            "touched",
-            torch.zeros(self.num_local, dtype=torch.bool, device=device),
-            persistent=False,
-        )
+        # Rows each backward since the optimizer last stepped gave a gradient to
+        # (None: all of them); see touched_rows().
+        self._grad_rows: list[torch.Tensor | None] = []
         self.accuracy = torch.zeros((), device=device)
         self.last_sampled: torch.Tensor | None = None
         self.reset_parameters()
@@ -181,31 +180,35 @@ class PartialFC(nn.Module):
         self.margin.set_margins(margins, which)
 
     def touched_rows(self) -> torch.Tensor | None:
-        """Rows of ``weight`` used since :meth:`clear_touched`, or None when every
-        step uses every class (``sample_rate == 1``)."""
-        if self.sample_rate >= 1.0:
+        """Rows of ``weight`` that backward passes since :meth:`clear_touched` gave a
+        gradient to, or None when one of them covered every row (a step without
+        sampling). Under sampling: the concatenated ``(S * K,)`` row lists of those
+        backward passes, so the length depends only on the shapes (no host sync);
+        a row that several micro-steps used appears several times."""
+        if any(rows is None for rows in self._grad_rows):
             return None
-        classes = self.touched.nonzero().squeeze(1)
-        k = self.num_subcenters
-        return (classes[:, None] * k + torch.arange(k, device=classes.device)).reshape(-1)
+        if not self._grad_rows:
+            return self.weight.new_empty(0, dtype=torch.int64)
+        return torch.cat(self._grad_rows) if len(self._grad_rows) > 1 else self._grad_rows[0]
 
     def clear_touched(self) -> None:
-        self.touched.zero_()
+        """Forget the recorded rows (the optimizers call it in ``step`` and ``zero_grad``)."""
+        self._grad_rows = []
 
-    def _check_labels(self, labels: torch.Tensor, real: torch.Tensor) -> None:
+    def _record_grad_rows(self, rows: torch.Tensor | None) -> None:
+        self._grad_rows.append(rows)
+
+    def _assert_labels(self, labels: torch.Tensor, real: torch.Tensor) -> None:
+        """Device-side check that every real label is a class id (or ignore_index)."""
         bad = real & ((labels < 0) | (labels >= self.num_classes))
         if self.ignore_index is not None:
             bad &= labels != self.ignore_index
-        if bool(bad.any()):
-            first = labels[bad][0].item()
-            raise ValueError(
-                f"label {first} is outside [0, num_classes={self.num_classes})"
-                + (
-                    ""
-                    if self.ignore_index is None
-                    else f" and is not ignore_index={self.ignore_index}"
-                )
-            )
+        allowed = "" if self.ignore_index is None else f" or ignore_index={self.ignore_index}"
+        torch._assert_async(
+            ~bad.any(),
+            f"PartialFC: a label is outside [0, num_classes={self.num_classes}){allowed}; "
+            "check data.num_classes against the dataset's labels",
+        )
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
@@ -219,7 +222,7 @@ class PartialFC(nn.Module):
             )
             valid = labels != PAD_LABEL
             if self.validate_labels:
-                self._check_labels(labels, valid)
+                self._assert_labels(labels, valid)
             if self.ignore_index is not None:
                 valid &= labels != self.ignore_index
             local = labels - self.class_start
@@ -230,11 +233,6 @@ class PartialFC(nn.Module):
             target_col = torch.where(owned, local, torch.full_like(local, -1))
             if training and self.sample_rate < 1.0 and self.num_local > 0:
                 sampled, target_col = self._sample(local, owned)
-            if training:
-                if sampled is None:
-                    self.touched.fill_(True)
-                else:
-                    self.touched[sampled] = True
             self.last_sampled = sampled
             options = CEOptions(
                 margin=self.margin,
@@ -248,6 +246,7 @@ class PartialFC(nn.Module):
                 filter_threshold=self.interclass_filtering_threshold,
                 filter_mode=self.interclass_filtering_mode,
                 matmul_dtype=self.matmul_dtype,
+                on_weight_grad=self._record_grad_rows,
             )
             loss, correct = MarginSoftmaxCE.apply(
                 embeddings,
@@ -278,7 +277,8 @@ class PartialFC(nn.Module):
         hits = torch.zeros(self.num_local, dtype=torch.int64, device=local.device)
         hits.index_add_(0, local, owned.to(torch.int64))
         generator = sampling_generator(self.seed, self.num_steps, self.class_start, local.device)
-        sampled = sample_classes(hits > 0, self.sample_rate, generator)
+        count = num_sampled_classes(self.num_local, self.sample_rate, local.shape[0])
+        sampled = sample_classes(hits > 0, count, generator)
         column_of = torch.full((self.num_local,), -1, dtype=torch.int64, device=local.device)
         column_of[sampled] = torch.arange(sampled.shape[0], device=local.device)
         return sampled, torch.where(owned, column_of[local], torch.full_like(local, -1))

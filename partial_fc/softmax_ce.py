@@ -42,6 +42,7 @@ reference, so a kernel that stopped allowing it would fail them).
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,6 +69,9 @@ class CEOptions:
     filter_threshold: float | None = None
     filter_mode: Literal["remove", "zero"] = "remove"
     matmul_dtype: torch.dtype | None = None
+    on_weight_grad: Callable[[torch.Tensor | None], None] | None = None
+    """Called by each backward that produces the weight's gradient, with the rows of
+    ``weight`` it covers (``(S * K,)`` int64 under sampling) or None (every row)."""
 
 
 def chunk_bounds(num_used: int, chunk_classes: int) -> list[tuple[int, int]]:
@@ -80,6 +84,11 @@ def chunk_bounds(num_used: int, chunk_classes: int) -> list[tuple[int, int]]:
     return [(0, first)] + [(s, s + chunk_classes) for s in range(first, num_used, chunk_classes)]
 
 
+def _class_rows(classes: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows of ``weight`` holding the K sub-centres of local ``classes`` ``(n,)``: ``(n * K,)``."""
+    return (classes[:, None] * k + torch.arange(k, device=classes.device)).reshape(-1)
+
+
 def _chunk_weight(
     weight: torch.Tensor, sampled: torch.Tensor | None, start: int, stop: int, k: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -87,7 +96,7 @@ def _chunk_weight(
     and, under sampling, their row indices into ``weight``."""
     if sampled is None:
         return weight[start * k : stop * k], None
-    rows = (sampled[start:stop, None] * k + torch.arange(k, device=weight.device)).reshape(-1)
+    rows = _class_rows(sampled[start:stop], k)
     return weight.index_select(0, rows), rows
 
 
@@ -132,23 +141,16 @@ def _normalise_backward(grad_unit: torch.Tensor, unit: torch.Tensor, norms: torc
     return (grad_unit - unit * (unit * grad_unit).sum(dim=1, keepdim=True)) / norms
 
 
-# Rows per block of the weight-gradient projection: a block of the gradient and
-# of the weights (2 * 128 * D floats, 512 KiB at D = 512) stays in a core's L2
-# cache between the row dot products and the update, so each matrix is read
-# from memory once. With two ranks sharing the memory bus this beat 1024-row
-# blocks (head step 1.31-1.38x vs 1.35-1.40x the bare products at C_local 100k).
-_PROJECTION_ROWS = 128
-
-
 def _weight_grad_(scaled_grad: torch.Tensor, w_rows: torch.Tensor, inv_norms: torch.Tensor):
-    """Turn ``A = (G / |w|)^T x_hat`` into the gradient through ``w / |w|`` in place:
-    ``A - w * <w, A> / |w|^2``, row by row. Returns ``scaled_grad``."""
-    for start in range(0, w_rows.shape[0], _PROJECTION_ROWS):
-        stop = start + _PROJECTION_ROWS
-        grad, rows, inv = scaled_grad[start:stop], w_rows[start:stop], inv_norms[start:stop]
-        coef = (rows * grad).sum(dim=1).mul_(inv).mul_(inv)
-        grad.addcmul_(rows, coef.unsqueeze(1), value=-1.0)
-    return scaled_grad
+    """Turn ``A = (G / |w|)^T x_hat`` ``(n, D)`` into the gradient through ``w / |w|``
+    in place: ``A - w * <w, A> / |w|^2`` for every row at once. Returns ``scaled_grad``.
+
+    The row dot products are one batched ``(n, 1, D) @ (n, D, 1)`` product: no ``(n, D)``
+    temporary, and a fixed number of operators whatever ``n`` (a GPU pays per launch).
+    """
+    dots = torch.bmm(w_rows.unsqueeze(1), scaled_grad.unsqueeze(2)).view(-1)
+    coef = dots.mul_(inv_norms).mul_(inv_norms)
+    return scaled_grad.addcmul_(w_rows, coef.unsqueeze(1), value=-1.0)
 
 
 def _target_cosines(
@@ -416,6 +418,9 @@ class MarginSoftmaxCE(torch.autograd.Function):
                     else:
                         grad_weight.index_copy_(0, row_index, chunk_grad)
             del block, probs, w_rows
+
+        if need_weight and opts.on_weight_grad is not None:
+            opts.on_weight_grad(None if sampled is None else _class_rows(sampled, k))
 
         if bounds:
             # The target entries: d loss / d cos_target = r_i * (p_target - 1) * slope_i,

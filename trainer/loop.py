@@ -28,6 +28,15 @@ skipped on every rank: no parameter update, the backbone's buffers (BatchNorm
 statistics) restored, the batch's sample keys logged. ``train.max_bad_steps``
 consecutive skipped steps stop the run (:class:`TrainingError`); so does a failed or
 timed-out collective, with a message naming the step.
+
+No host synchronisation inside a step. The skip decision stays on the device: every
+optimizer steps with ``found_inf`` (:func:`trainer.optim.step_unless`), which makes
+the update a no-op when the step is bad, and the buffers are restored with a
+``torch.where``. The host learns which steps were skipped at the next log step,
+checkpoint or end of training (:meth:`Trainer.settle_bad_steps`, one read of all
+flags since the last time): the warning, ``bad_steps.jsonl`` and the
+``train.max_bad_steps`` stop happen then, naming the step where the streak reached
+the limit (steps between that one and the check have run, skipped or not).
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ from trainer.checkpoint import CheckpointError, CheckpointManager, head_shard_st
 from trainer.distributed import DistContext
 from trainer.gradients import clip_, global_grad_norm, scale_backbone_grad
 from trainer.monitor import Monitor
-from trainer.optim import build_backbone_optimizer, build_head_optimizer
+from trainer.optim import build_backbone_optimizer, build_head_optimizer, step_unless
 from trainer.rng import rng_state, set_rng_state
 from trainer.schedule import WarmupPoly, build_schedulers
 
@@ -113,8 +122,9 @@ class StepResult:
     """Joint gradient norm before clipping, if it was computed."""
     samples: int
     """Samples in this step on this rank."""
-    skipped: bool = False
-    """True if the step was skipped for a non-finite loss or gradient (no update)."""
+    skipped: torch.Tensor
+    """0-dim bool, True if the step was skipped for a non-finite loss or gradient (no
+    update). A device tensor: reading it is a host sync."""
     aux: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     """Unweighted auxiliary loss terms (``center``, ``triplet``) averaged over the
     micro-batches; empty without auxiliary losses."""
@@ -196,10 +206,13 @@ class Trainer:
         self.history: list[dict[str, Any]] = []  # verification results by step
         self._last_saved = -1
         self._last_verified = -1
+        # Sums over the good (not skipped) steps since the last log, on the device.
         self._loss_sum = torch.zeros((), device=ctx.device)
         self._acc_sum = torch.zeros((), device=ctx.device)
-        self._since_log = 0
+        self._good_steps = torch.zeros((), device=ctx.device)
         self._aux_sums: dict[str, torch.Tensor] = {}  # unweighted aux terms since the last log
+        # (step, result, sample keys) of the steps whose skip flags the host has not read.
+        self._unsettled: list[tuple[int, StepResult, list[Any]]] = []
         self._stop = self.total_steps
         self.bad_streak = 0  # consecutive skipped (non-finite) steps
 
@@ -261,10 +274,9 @@ class Trainer:
             acc_sum += self.head.accuracy.detach()
             samples += labels.shape[0]
         grad_norm, skipped = self._optimizer_step(loss_sum)
-        if skipped:
-            with torch.no_grad():
-                for b, saved in zip(self.backbone.buffers(), buffers, strict=True):
-                    b.copy_(saved)
+        with torch.no_grad():
+            for b, saved in zip(self.backbone.buffers(), buffers, strict=True):
+                b.copy_(torch.where(skipped, saved, b))
         self.last_lr = self.opt_backbone.param_groups[0]["lr"]  # the LR this step used
         for scheduler in self.schedulers:
             scheduler.step()
@@ -272,8 +284,9 @@ class Trainer:
         aux_means = {name: total / k for name, total in aux_sums.items()}
         return StepResult(loss_sum / k, acc_sum / k, grad_norm, samples, skipped, aux_means)
 
-    def _optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
-        """Check, clip and apply the gradients; ``(grad_norm, skipped)``.
+    def _optimizer_step(self, loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Check, clip and apply the gradients; ``(grad_norm, skipped)``, both on the
+        device (nothing is read back).
 
         One all-reduce decides for every rank: flag 0 is a non-finite loss, flag 1 a
         non-finite gradient (the head's overflow with fp16 scaling; the global norm
@@ -283,45 +296,47 @@ class Trainer:
         """
         clip = self.cfg.train.clip_grad_norm
         scaling = self.amp.scaling
-        flags = torch.zeros(2, device=self.ctx.device)
-        flags[0] = (~torch.isfinite(loss)).any().float()
+        device = self.ctx.device
+        grad_bad = torch.zeros((), dtype=torch.bool, device=device)
         grad_norm = None
         if scaling:
             # Unscale the head by hand and fold its overflow into the backbone's, so the
-            # scaler skips (and backs off) identically on every rank.
+            # scaler skips (and backs off) identically on every rank. The scale stays a
+            # device tensor (get_scale() would read it back).
+            inv_scale = self.scaler._get_scale_async().double().reciprocal().float()
             for param in self._sharded_params():
                 grad = param.grad
                 if grad is not None:
-                    grad.mul_(1.0 / self.scaler.get_scale())
-                    flags[1] = torch.maximum(flags[1], (~torch.isfinite(grad)).any().float())
+                    grad.mul_(inv_scale)
+                    grad_bad |= ~torch.isfinite(grad).all()
         elif clip is not None:
             grad_norm = global_grad_norm(
                 self.backbone.parameters(), self._sharded_params(), self.ctx
             )
-            flags[1] = (~torch.isfinite(grad_norm)).float()
+            grad_bad = ~torch.isfinite(grad_norm)
+        flags = torch.stack([~torch.isfinite(loss), grad_bad]).float()
         self.ctx.all_reduce_(flags)
-        loss_bad, grad_bad = (flags > 0).tolist()
+        loss_bad = flags[0] > 0
+        bad = flags.sum() > 0
         if not scaling:
-            if loss_bad or grad_bad:
-                return grad_norm, True
             if clip is not None:
                 clip_(self._params(), grad_norm, clip)
             for opt in self._optimizers():
-                opt.step()
-            return grad_norm, False
-        if loss_bad or grad_bad:
-            first = next(p for p in self.backbone.parameters() if p.grad is not None)
-            first.grad.fill_(float("inf"))
+                step_unless(opt, bad)
+            return grad_norm, bad
+        # A bad step poisons the backbone's gradient, so the scaler skips it too.
+        first = next(p for p in self.backbone.parameters() if p.grad is not None)
+        first.grad.masked_fill_(bad, float("inf"))
         self.scaler.unscale_(self.opt_backbone)
         grad_norm = global_grad_norm(self.backbone.parameters(), self._sharded_params(), self.ctx)
         if clip is not None:
             clip_(self._params(), grad_norm, clip)
-        self.scaler.step(self.opt_backbone)
-        if torch.isfinite(grad_norm).item():
-            for opt in self._optimizers()[1:]:
-                opt.step()
+        self.scaler.step(self.opt_backbone)  # fused: the scaler passes found_inf
+        sharded_bad = bad | ~torch.isfinite(grad_norm)
+        for opt in self._optimizers()[1:]:
+            step_unless(opt, sharded_bad)
         self.scaler.update()
-        return grad_norm, bool(loss_bad)
+        return grad_norm, loss_bad
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
@@ -367,14 +382,14 @@ class Trainer:
                         break
                     with self._naming_step(self.step + 1):
                         result = self.train_step(micro)
-                    self._check_finite(result, keys)
                     with self._naming_step(self.step):
-                        self._after_step(result, monitor)
+                        self._after_step(result, keys, monitor)
                 if epoch_done:
                     self.epoch += 1
                 else:
                     with contextlib.suppress(Exception):
                         batches.close()  # type: ignore[attr-defined]
+            self.settle_bad_steps()
             if self._last_saved != self.step:
                 self.save_checkpoint()
             if self.evaluator is not None and self._last_verified != self.step:
@@ -413,51 +428,62 @@ class Trainer:
             )
             raise TrainingError(f"step {step}: {what}: {first}") from exc
 
-    def _check_finite(self, result: StepResult, keys: list[Any]) -> None:
-        """Log a skipped step with every rank's sample keys; stop after
-        ``train.max_bad_steps`` consecutive ones."""
-        if not result.skipped:
-            self.bad_streak = 0
+    def settle_bad_steps(self) -> None:
+        """Read the skip flags of the steps since the last call (one host sync, on every
+        rank alike), log each skipped step with every rank's sample keys, and stop after
+        ``train.max_bad_steps`` consecutive ones (:class:`TrainingError` naming the
+        step where the streak reached the limit)."""
+        pending, self._unsettled = self._unsettled, []
+        if not pending:
             return
-        self.bad_streak += 1
+        flags = torch.stack([result.skipped for _, result, _ in pending]).tolist()
         limit = self.cfg.train.max_bad_steps
-        per_rank = self.ctx.all_gather_object(keys)  # only on bad steps: rare
-        if self.ctx.is_main:
-            loss = result.loss.item()
-            log.warning(
-                "step %d: non-finite loss/gradient (loss %s); step skipped (%d in a row, "
-                "limit train.max_bad_steps=%d); sample keys by rank: %s",
-                self.step,
-                loss,
-                self.bad_streak,
-                limit,
-                "; ".join(f"rank {r}: {k}" for r, k in enumerate(per_rank)),
-            )
-            record = {"step": self.step, "loss": str(loss), "keys": per_rank}
-            self.output.mkdir(parents=True, exist_ok=True)
-            with open(self.output / "bad_steps.jsonl", "a") as fh:
-                fh.write(json.dumps(record, default=_json_default) + "\n")
-        if self.bad_streak >= limit:
-            good = self.checkpoints.latest()
-            raise TrainingError(
-                f"step {self.step}: {self.bad_streak} consecutive steps with a non-finite "
-                f"loss or gradient (train.max_bad_steps={limit}); stopping. Last good "
-                f"checkpoint: {good or 'none'}; skipped batches are listed in "
-                f"{self.output / 'bad_steps.jsonl'}"
-            )
+        for (step, result, keys), skipped in zip(pending, flags, strict=True):
+            if not skipped:
+                self.bad_streak = 0
+                continue
+            self.bad_streak += 1
+            per_rank = self.ctx.all_gather_object(keys)  # only on bad steps: rare
+            if self.ctx.is_main:
+                loss = result.loss.item()
+                log.warning(
+                    "step %d: non-finite loss/gradient (loss %s); step skipped (%d in a row, "
+                    "limit train.max_bad_steps=%d); sample keys by rank: %s",
+                    step,
+                    loss,
+                    self.bad_streak,
+                    limit,
+                    "; ".join(f"rank {r}: {k}" for r, k in enumerate(per_rank)),
+                )
+                record = {"step": step, "loss": str(loss), "keys": per_rank}
+                self.output.mkdir(parents=True, exist_ok=True)
+                with open(self.output / "bad_steps.jsonl", "a") as fh:
+                    fh.write(json.dumps(record, default=_json_default) + "\n")
+            if self.bad_streak >= limit:
+                good = self.checkpoints.latest()
+                raise TrainingError(
+                    f"step {step}: {self.bad_streak} consecutive steps with a non-finite "
+                    f"loss or gradient (train.max_bad_steps={limit}); stopping. Last good "
+                    f"checkpoint: {good or 'none'}; skipped batches are listed in "
+                    f"{self.output / 'bad_steps.jsonl'}"
+                )
 
-    def _after_step(self, result: StepResult, monitor: Monitor) -> None:
+    def _after_step(self, result: StepResult, keys: list[Any], monitor: Monitor) -> None:
         cfg = self.cfg
-        if not result.skipped:  # a skipped step's NaN would poison the logged mean
-            self._loss_sum += result.loss
-            self._acc_sum += result.accuracy
-            for name, value in result.aux.items():
-                self._aux_sums[name] = self._aux_sums.get(name, 0.0) + value
-            self._since_log += 1
+        self._unsettled.append((self.step, result, keys))
+        # A skipped step's NaN would poison the logged mean: masked on the device.
+        good = ~result.skipped
+        self._loss_sum += torch.where(good, result.loss, 0.0)
+        self._acc_sum += torch.where(good, result.accuracy, 0.0)
+        for name, value in result.aux.items():
+            self._aux_sums[name] = self._aux_sums.get(name, 0.0) + torch.where(good, value, 0.0)
+        self._good_steps += good
         monitor.count(result.samples * self.ctx.world_size)
         log_now = self.step % cfg.log.every_steps == 0 or self.step == self._stop
+        if log_now:
+            self.settle_bad_steps()
         if log_now and self.ctx.is_main:
-            n = max(self._since_log, 1)
+            n = max(self._good_steps.item(), 1.0)
             scale = self.scaler.get_scale() if self.amp.scaling else None
             monitor.log_step(
                 self.step,
@@ -471,12 +497,14 @@ class Trainer:
         if log_now:
             self._loss_sum.zero_()
             self._acc_sum.zero_()
+            self._good_steps.zero_()
             self._aux_sums = {}
-            self._since_log = 0
         started = time.perf_counter()
         if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
             self.verify()
         due = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
+        if due:
+            self.settle_bad_steps()
         if due and self.bad_streak == 0:  # never save in the middle of a bad streak
             self.save_checkpoint()
         monitor.exclude(time.perf_counter() - started)

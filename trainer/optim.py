@@ -14,15 +14,48 @@ def build_backbone_optimizer(
 ) -> torch.optim.Optimizer:
     """``torch.optim.SGD`` or ``AdamW`` over the backbone parameters."""
     params = [p for p in params if p.requires_grad]
+    # Fused: one kernel per parameter group, and a skipped step is decided on the
+    # device (``found_inf``, see :func:`step_unless`) instead of read back by the host.
     if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        optimizer = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True
         )
+        if cfg.momentum:
+            # The fused kernel treats a step with no buffers as the first and fills them
+            # from the gradient, skipping that when found_inf is set; a skipped first
+            # step would leave them uninitialised. Zeros give the same first step
+            # (buf = 0 * momentum + g) and make every step alike.
+            for param in params:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+        return optimizer
     if cfg.name == "adamw":
         return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            params,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            fused=True,
         )
     raise ValueError(f"optimizer.name: unknown optimizer {cfg.name!r} (sgd, adamw)")
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()``, a no-op on the device where ``skip`` (0-dim bool) is True.
+
+    Uses the ``found_inf`` protocol of torch's fused optimizers (the one
+    :class:`torch.amp.GradScaler` uses), which :mod:`partial_fc.optim` honours too:
+    nothing is read back to the host. Optimizers without it raise.
+    """
+    if isinstance(optimizer, torch.optim.SGD | torch.optim.AdamW) and not all(
+        group.get("fused") for group in optimizer.param_groups
+    ):
+        raise ValueError(f"step_unless needs a fused {type(optimizer).__name__} (fused=True)")
+    optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf  # type: ignore[attr-defined]
 
 
 def build_head_optimizer(cfg: OptimizerConfig, head: torch.nn.Module) -> torch.optim.Optimizer:
