@@ -74,7 +74,7 @@ def _watch_steps(t: Any) -> list[tuple[int, bool, bool]]:
         before = [p.detach().clone() for p in t._params()]
         result = real(micro)
         changed = any(not torch.equal(a, p) for a, p in zip(before, t._params(), strict=True))
-        seen.append((t.step, result.skipped, changed))
+        seen.append((t.step, bool(result.skipped), changed))
         return result
 
     t.train_step = step
