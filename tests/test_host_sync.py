@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -150,3 +151,63 @@ def test_training_steps_never_read_back_between_log_steps(
         assert r["step"] == 6
         assert r["syncs"] == [], r["syncs"]
         assert r["allowed"] > 0  # the log steps did read back: the counter was live
+
+
+def test_real_pipeline_steps_never_read_back_between_log_steps(
+    tmp_path_factory: pytest.TempPathFactory, device: torch.device
+) -> None:
+    """The demo configuration as ``train_dist`` builds it: RecordIO loader (its hand-off
+    to the device), MobileFaceNet with BatchNorm in train mode, sampled head."""
+    from configs import load_config
+    from datasets.synthetic import SyntheticConfig, generate
+    from trainer.build import build_trainer
+
+    data = tmp_path_factory.mktemp("synthetic_sync")
+    generate(data, SyntheticConfig(8, 4, 4, 2, seed=5), workers=0)
+    cfg = load_config(
+        "configs/demo",
+        [
+            f"data.root={data}",
+            "data.num_classes=8",
+            "data.num_images=32",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "head.sample_rate=0.5",
+            f"train.output={tmp_path_factory.mktemp('run')}",
+            "train.max_steps=4",
+            "log.every_steps=2",
+            "log.tensorboard=false",
+            "log.progress_bar=false",
+            "eval.targets=",
+            "eval.at_start=false",
+            "checkpoint.every_steps=0",
+        ],
+    )
+    t = build_trainer(cfg, DistContext(device=device))
+    counter = _StepSyncs()
+    real_after_step = t._after_step
+
+    def after_step(result, keys, monitor) -> None:
+        counter.allowed = t.step % cfg.log.every_steps == 0
+        try:
+            real_after_step(result, keys, monitor)
+        finally:
+            counter.allowed = t.step >= 4
+
+    t._after_step = after_step  # type: ignore[method-assign]
+    # Each epoch's DataLoader iterator draws its base seed with .item() on a CPU
+    # generator: host memory, no device involved (on CPU the counter cannot tell).
+    real_get_iterator = torch.utils.data.DataLoader._get_iterator
+
+    def get_iterator(loader):
+        counter.allowed = True
+        try:
+            return real_get_iterator(loader)
+        finally:
+            counter.allowed = False
+
+    with mock.patch.object(torch.utils.data.DataLoader, "_get_iterator", get_iterator), counter:
+        t.fit()
+    assert t.step == 4
+    assert counter.host_syncs == [], counter.host_syncs
+    assert counter.allowed_syncs > 0
