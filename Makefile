@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv test test-all demo lint format clean
+.PHONY: venv test test-all demo lint format clean gpu-check gpu-check-smoke
 
 venv: $(STAMP)
 
@@ -18,8 +18,10 @@ $(STAMP): requirements.txt requirements-test.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
 	touch $@
 
+# The GPU check's CPU smoke run follows the suite, so that bench/gpu_check.py never rots.
 test: $(STAMP)
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory gpu-check-smoke
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ""
@@ -72,3 +74,19 @@ multinode-test: $(STAMP)
 SOAK_STEPS ?= 2000
 soak: $(STAMP) $(DEMO_DATA)/meta.json
 	SOAK_STEPS=$(SOAK_STEPS) SOAK_DATA=$(DEMO_DATA) $(BIN)/python -m pytest -m slow -s --timeout=0 tests/test_soak.py
+
+# ---------------------------------------------------------------------------
+# GPU check (docs/benchmarks.md, "GPU check"): on a machine with one CUDA GPU whose
+# system Python already has the requirements; no venv, no pip, no network:
+#   PYTHON=python3 make gpu-check
+# CUDA tests, head / training / loader figures against the goals, in at most 8 minutes;
+# gpu_check.json and gpu_check.md land in GPU_CHECK_OUT. gpu-check-smoke runs the same
+# script on the CPU at tiny sizes inside .venv (part of `make test`).
+GPU_CHECK_OUT ?= work_dirs/gpu_check
+GPU_CHECK_SMOKE_OUT ?= work_dirs/gpu_check_smoke
+
+gpu-check:
+	$(PYTHON) -m bench.gpu_check --out $(GPU_CHECK_OUT)
+
+gpu-check-smoke: $(STAMP)
+	$(BIN)/python -m bench.gpu_check --smoke --out $(GPU_CHECK_SMOKE_OUT)

@@ -85,10 +85,20 @@ def _bare_products(x: torch.Tensor, w: torch.Tensor, grad_logits: torch.Tensor) 
 
 # Each step drops its gradients at the end, so the next measurement's baseline
 # holds only the weights and the inputs.
-def _dense_step(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> None:
-    """A straightforward dense ArcFace head on one shard: full logits, autograd."""
+def _dense_step(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    matmul_dtype: torch.dtype | None = None,
+) -> None:
+    """A straightforward dense ArcFace head on one shard: full logits, autograd.
+    ``matmul_dtype`` (e.g. bf16) rounds the product's operands to it; the logits are
+    fp32 either way, as a mixed-precision dense head keeps them for the softmax."""
     xi = x.clone().requires_grad_(True)
-    cos = F.normalize(xi) @ F.normalize(w).t()
+    if matmul_dtype is None:
+        cos = F.normalize(xi) @ F.normalize(w).t()
+    else:
+        cos = (F.normalize(xi).to(matmul_dtype) @ F.normalize(w).to(matmul_dtype).t()).float()
     target = cos.gather(1, labels[:, None]).clamp(-1 + 1e-7, 1 - 1e-7)
     logits = cos.scatter(1, labels[:, None], torch.cos(torch.acos(target) + 0.5))
     F.cross_entropy(64.0 * logits, labels).backward()

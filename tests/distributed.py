@@ -5,6 +5,11 @@ Tests call :func:`run_ranks` with a module-level function; it is executed as
 per-rank return values come back as a list ordered by rank. Spawning costs a
 torch import per process, so tests should run a whole matrix of cases inside
 one call rather than one call per case.
+
+With ``PFC_TEST_DEVICE=cuda`` (``pytest --device cuda``, see ``tests/conftest.py``)
+the ranks join an nccl group instead, rank ``r`` on GPU ``r``, and
+:func:`device_under_test` names that GPU; a call for more ranks than there are GPUs
+skips the calling test.
 """
 
 from __future__ import annotations
@@ -16,7 +21,23 @@ import tempfile
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+TEST_DEVICE_ENV = "PFC_TEST_DEVICE"
+"""Environment variable naming the device of the on_device tests (``cpu`` or ``cuda``)."""
+
+
+def device_under_test() -> torch.device:
+    """``cpu``, or with ``PFC_TEST_DEVICE=cuda`` this process's current GPU (a rank's own
+    GPU inside :func:`run_ranks`). Read at call time, so spawned ranks see it too."""
+    import torch
+
+    if os.environ.get(TEST_DEVICE_ENV, "cpu") == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _worker(
@@ -33,9 +54,12 @@ def _worker(
 
     # One intra-op thread per rank: 2 cores are shared by up to 4 ranks.
     torch.set_num_threads(1)
+    cuda = os.environ.get(TEST_DEVICE_ENV, "cpu") == "cuda"
     try:
+        if cuda:
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            "nccl" if cuda else "gloo",
             init_method=f"file://{init_file}",
             rank=rank,
             world_size=world_size,
@@ -58,13 +82,21 @@ def run_ranks(
     timeout: float = 300.0,
     pg_timeout: float = 120.0,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks.
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks (nccl ranks, one
+    GPU each, under ``PFC_TEST_DEVICE=cuda``).
 
     ``pg_timeout`` is the process group's collective timeout in seconds.
 
     Returns the ranks' return values ordered by rank. Raises ``RuntimeError``
-    with the failing rank's traceback if any rank raised or timed out.
+    with the failing rank's traceback if any rank raised or timed out; skips the
+    calling test when nccl is asked for more ranks than there are GPUs.
     """
+    if os.environ.get(TEST_DEVICE_ENV, "cpu") == "cuda":
+        import pytest
+        import torch
+
+        if world_size > torch.cuda.device_count():
+            pytest.skip(f"{world_size} nccl ranks need {world_size} GPUs")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,8 +11,10 @@ import torch
 
 from partial_fc import ArcFace, CombinedMargin, CosFace, PartialFC, SphereFace, adaptive_margins
 from partial_fc.sharding import class_range
-from tests.distributed import run_ranks
+from tests.distributed import device_under_test, run_ranks
 from tests.head_reference import MarginSpec, dense_loss
+
+pytestmark = pytest.mark.on_device  # `pytest --device cuda` reruns these on the GPU
 
 EMBEDDING_SIZE = 6
 BATCH_SIZES = {1: [6], 2: [5, 2], 3: [4, 0, 3], 4: [3, 1, 5, 2]}
@@ -128,6 +130,8 @@ def _run_head(
         case["few_classes"],
         case["ignore"],
     )
+    device = device_under_test()
+    embeddings, labels = embeddings.to(device), labels.to(device)
     sizes = BATCH_SIZES[world_size]
     lo = sum(sizes[:rank])
     head = PartialFC(
@@ -142,6 +146,7 @@ def _run_head(
         interclass_filtering_mode=FILTERS.get(case["name"], (None, "remove"))[1],
         max_local_batch=max_local_batch,
         dtype=torch.float64,
+        device=device,
     )
     k = case["k"]
     with torch.no_grad():
@@ -149,11 +154,11 @@ def _run_head(
     local = embeddings[lo : lo + sizes[rank]].clone().requires_grad_(True)
     loss = head(local, labels[lo : lo + sizes[rank]])
     loss.backward()
-    sampled = None if head.last_sampled is None else (head.last_sampled + head.class_start)
-    return dict(
-        loss=loss.detach(),
-        grad_embeddings=local.grad,
-        grad_weight=head.weight.grad,
+    sampled = None if head.last_sampled is None else (head.last_sampled + head.class_start).cpu()
+    return dict(  # on the CPU: the parent process compares them with the reference
+        loss=loss.detach().cpu(),
+        grad_embeddings=local.grad.cpu(),
+        grad_weight=head.weight.grad.cpu(),
         class_start=head.class_start,
         num_local=head.num_local,
         accuracy=float(head.accuracy),
@@ -252,7 +257,9 @@ def test_sampled_head_matches_dense_reference_on_the_sampled_classes(world_size:
                 for c in positives
                 if got["class_start"] <= c < got["class_start"] + got["num_local"]
             }
-            expected = min(got["num_local"], max(len(own), round(SAMPLE_RATE * got["num_local"])))
+            # A size fixed by the shapes: at least the global batch, so positives fit.
+            num_local = got["num_local"]
+            expected = min(num_local, max(round(SAMPLE_RATE * num_local), labels.numel()))
             assert got["sampled"].numel() == expected
             assert own <= set(got["sampled"].tolist())
         classes = torch.cat([got["sampled"] for got in per_rank])
@@ -317,11 +324,12 @@ def test_per_class_margins_from_file_and_set_margins(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("bad", [-2, 10, 123])
-def test_out_of_range_labels_raise(bad: int) -> None:
-    head = PartialFC(10, 4, ArcFace())
-    labels = torch.tensor([1, bad, 3])
-    with pytest.raises(ValueError, match=rf"label {bad} is outside \[0, num_classes=10\)"):
-        head(torch.randn(3, 4), labels)
+def test_out_of_range_labels_raise(bad: int, device: torch.device) -> None:
+    head = PartialFC(10, 4, ArcFace(), device=device)
+    labels = torch.tensor([1, bad, 3], device=device)
+    # A device-side assert: no value is read back, so the message names the range.
+    with pytest.raises(RuntimeError, match=r"a label is outside \[0, num_classes=10\)"):
+        head(torch.randn(3, 4, device=device), labels)
 
 
 def test_ignore_index_must_not_be_a_class() -> None:
@@ -329,23 +337,24 @@ def test_ignore_index_must_not_be_a_class() -> None:
         PartialFC(10, 4, ArcFace(), ignore_index=3)
 
 
-def test_loss_is_not_capped() -> None:
+def test_loss_is_not_capped(device: torch.device) -> None:
     # A sample pointing away from its centre with a large scale: arcface_torch's
     # clamped probability would cap this loss at 69.08.
-    head = PartialFC(2, 2, CosFace(scale=100.0, margin=0.0), dtype=torch.float64)
+    head = PartialFC(2, 2, CosFace(scale=100.0, margin=0.0), dtype=torch.float64, device=device)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64))
-    loss = head(torch.tensor([[-1.0, 0.0]], dtype=torch.float64), torch.tensor([0]))
+    x = torch.tensor([[-1.0, 0.0]], dtype=torch.float64, device=device)
+    loss = head(x, torch.tensor([0], device=device))
     assert loss.item() == pytest.approx(200.0 + math.log1p(math.exp(-200.0)))
 
 
-def test_head_computes_in_fp32_under_autocast() -> None:
+def test_head_computes_in_fp32_under_autocast(device: torch.device) -> None:
     torch.manual_seed(0)
-    head = PartialFC(20, 8, ArcFace())
-    x = torch.randn(6, 8)
-    y = torch.randint(0, 20, (6,))
+    head = PartialFC(20, 8, ArcFace(), device=device)
+    x = torch.randn(6, 8).to(device)
+    y = torch.randint(0, 20, (6,)).to(device)
     plain = head(x, y)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         mixed = head(x.to(torch.bfloat16), y)
     assert mixed.dtype == torch.float32
     # Only the bf16 rounding of the input embeddings differs.
@@ -369,13 +378,15 @@ def test_initial_centres_do_not_depend_on_world_size() -> None:
             torch.testing.assert_close(head.weight, full[start * 2 : (start + count) * 2])
 
 
-def test_bf16_matrix_products_stay_close_to_fp32() -> None:
+def test_bf16_matrix_products_stay_close_to_fp32(device: torch.device) -> None:
     torch.manual_seed(0)
-    x = torch.randn(16, 32)
-    y = torch.randint(0, 300, (16,))
+    x = torch.randn(16, 32).to(device)
+    y = torch.randint(0, 300, (16,)).to(device)
     results = []
     for matmul_dtype in (None, torch.bfloat16):
-        head = PartialFC(300, 32, ArcFace(), chunk_classes=100, matmul_dtype=matmul_dtype)
+        head = PartialFC(
+            300, 32, ArcFace(), chunk_classes=100, matmul_dtype=matmul_dtype, device=device
+        )
         xi = x.clone().requires_grad_(True)
         loss = head(xi, y)
         loss.backward()
@@ -420,9 +431,9 @@ def _run_too_large(rank: int, world_size: int) -> str:
     return "no error"
 
 
-def test_embeddings_of_the_wrong_shape_are_refused() -> None:
-    head = PartialFC(10, 4, ArcFace())
+def test_embeddings_of_the_wrong_shape_are_refused(device: torch.device) -> None:
+    head = PartialFC(10, 4, ArcFace(), device=device)
     with pytest.raises(ValueError, match=r"embeddings of shape \(batch, 4\), got \(2, 5\)"):
-        head(torch.randn(2, 5), torch.tensor([0, 1]))
+        head(torch.randn(2, 5, device=device), torch.tensor([0, 1], device=device))
     with pytest.raises(ValueError, match=r"embeddings of shape \(batch, 4\), got \(4,\)"):
-        head(torch.randn(4), torch.tensor([0]))
+        head(torch.randn(4, device=device), torch.tensor([0], device=device))

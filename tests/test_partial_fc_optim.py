@@ -11,6 +11,9 @@ from partial_fc import ArcFace, PartialFC
 from partial_fc.optim import PartialFCAdamW, PartialFCSGD
 from partial_fc.sampling import num_sampled_classes
 from partial_fc.softmax_ce import chunk_bounds
+from tests.distributed import device_under_test
+
+pytestmark = pytest.mark.on_device  # `pytest --device cuda` reruns these on the GPU
 
 NUM_CLASSES, DIM = 200, 16
 
@@ -28,15 +31,18 @@ OPTIMIZERS = {
 
 def _batch(step: int, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(batch, DIM, generator=g), torch.randint(
+    device = device_under_test()
+    return torch.randn(batch, DIM, generator=g).to(device), torch.randint(
         0, NUM_CLASSES, (batch,), generator=g
-    )
+    ).to(device)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("num_subcenters", [1, 3])
-def test_unsampled_rows_and_their_state_are_untouched(name: str, num_subcenters: int) -> None:
-    head = PartialFC(NUM_CLASSES, DIM, ArcFace(), num_subcenters, sample_rate=0.1)
+def test_unsampled_rows_and_their_state_are_untouched(
+    name: str, num_subcenters: int, device: torch.device
+) -> None:
+    head = PartialFC(NUM_CLASSES, DIM, ArcFace(), num_subcenters, sample_rate=0.1, device=device)
     optimizer = OPTIMIZERS[name][0](head)
     for step in range(4):
         before = head.weight.detach().clone()
@@ -46,11 +52,11 @@ def test_unsampled_rows_and_their_state_are_untouched(name: str, num_subcenters:
         head(x, y).backward()
         sampled = head.last_sampled
         positives = set(y.tolist())
-        assert sampled.numel() == num_sampled_classes(len(positives), NUM_CLASSES, 0.1) == 20
+        assert sampled.numel() == num_sampled_classes(NUM_CLASSES, 0.1, len(y)) == 20
         assert positives <= set(sampled.tolist())
         optimizer.step()
 
-        used = torch.zeros(NUM_CLASSES, dtype=torch.bool)
+        used = torch.zeros(NUM_CLASSES, dtype=torch.bool, device=device)
         used[sampled] = True
         used_rows = used.repeat_interleave(num_subcenters)
         assert torch.equal(head.weight[~used_rows], before[~used_rows])
@@ -61,12 +67,12 @@ def test_unsampled_rows_and_their_state_are_untouched(name: str, num_subcenters:
             assert value[~used_rows].abs().sum() == 0 or step > 0, key
 
 
-def test_accumulated_micro_steps_update_the_union_of_their_classes() -> None:
-    head = PartialFC(NUM_CLASSES, DIM, ArcFace(), sample_rate=0.05)
+def test_accumulated_micro_steps_update_the_union_of_their_classes(device: torch.device) -> None:
+    head = PartialFC(NUM_CLASSES, DIM, ArcFace(), sample_rate=0.05, device=device)
     optimizer = PartialFCSGD(head, lr=0.1)
     before = head.weight.detach().clone()
     optimizer.zero_grad()
-    used = torch.zeros(NUM_CLASSES, dtype=torch.bool)
+    used = torch.zeros(NUM_CLASSES, dtype=torch.bool, device=device)
     for micro in range(3):
         x, y = _batch(micro)
         (head(x, y) / 3).backward()
@@ -78,10 +84,10 @@ def test_accumulated_micro_steps_update_the_union_of_their_classes() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_dense_steps_equal_torch_optimizers(name: str) -> None:
+def test_dense_steps_equal_torch_optimizers(name: str, device: torch.device) -> None:
     # float64: Adam divides by sqrt(v), which magnifies fp32 rounding of near-zero gradients.
-    ours = PartialFC(50, DIM, ArcFace(), dtype=torch.float64)
-    theirs = PartialFC(50, DIM, ArcFace(), dtype=torch.float64)
+    ours = PartialFC(50, DIM, ArcFace(), dtype=torch.float64, device=device)
+    theirs = PartialFC(50, DIM, ArcFace(), dtype=torch.float64, device=device)
     make_ours, make_theirs = OPTIMIZERS[name]
     opt_ours, opt_theirs = make_ours(ours), make_theirs(theirs.parameters())
     for step in range(5):
@@ -94,9 +100,9 @@ def test_dense_steps_equal_torch_optimizers(name: str) -> None:
     torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-9, atol=1e-12)
 
 
-def test_sampling_is_seeded_and_reproducible() -> None:
+def test_sampling_is_seeded_and_reproducible(device: torch.device) -> None:
     def draws(seed: int) -> list[list[int]]:
-        head = PartialFC(NUM_CLASSES, DIM, ArcFace(), sample_rate=0.2, seed=seed)
+        head = PartialFC(NUM_CLASSES, DIM, ArcFace(), sample_rate=0.2, seed=seed, device=device)
         out = []
         for step in range(3):
             x, y = _batch(step)
@@ -112,11 +118,11 @@ def test_sampling_is_seeded_and_reproducible() -> None:
     assert first[0] != first[1]  # a fresh draw every step
 
 
-def test_sampling_resumes_from_state_dict() -> None:
-    head = PartialFC(NUM_CLASSES, DIM, ArcFace(), sample_rate=0.2, seed=5)
+def test_sampling_resumes_from_state_dict(device: torch.device) -> None:
+    head = PartialFC(NUM_CLASSES, DIM, ArcFace(), sample_rate=0.2, seed=5, device=device)
     for step in range(2):
         head(*_batch(step)).backward()
-    resumed = PartialFC(NUM_CLASSES, DIM, ArcFace(), sample_rate=0.2, seed=5)
+    resumed = PartialFC(NUM_CLASSES, DIM, ArcFace(), sample_rate=0.2, seed=5, device=device)
     resumed.load_state_dict(head.state_dict())
     assert resumed.num_steps == 2
     head(*_batch(2)).backward()
@@ -124,43 +130,47 @@ def test_sampling_resumes_from_state_dict() -> None:
     assert torch.equal(head.last_sampled, resumed.last_sampled)
 
 
-def test_evaluation_uses_every_class() -> None:
-    head = PartialFC(NUM_CLASSES, DIM, ArcFace(), sample_rate=0.1).eval()
+def test_evaluation_uses_every_class(device: torch.device) -> None:
+    head = PartialFC(NUM_CLASSES, DIM, ArcFace(), sample_rate=0.1, device=device).eval()
     with torch.no_grad():
         head(*_batch(0))
     assert head.last_sampled is None and head.num_steps == 0
 
 
-def test_more_positives_than_the_sample_size_keeps_them_all() -> None:
-    head = PartialFC(20, DIM, ArcFace(), sample_rate=0.1)
-    x = torch.randn(12, DIM)
-    y = torch.arange(12)
+def test_more_positives_than_the_sample_size_keeps_them_all(device: torch.device) -> None:
+    head = PartialFC(20, DIM, ArcFace(), sample_rate=0.1, device=device)
+    x = torch.randn(12, DIM).to(device)
+    y = torch.arange(12, device=device)
     head(x, y).backward()
     assert head.last_sampled.tolist() == list(range(12))
 
 
-def test_chunked_and_unchunked_agree_in_fp32() -> None:
+def test_chunked_and_unchunked_agree_in_fp32(device: torch.device) -> None:
     torch.manual_seed(0)
-    x = torch.randn(32, DIM)
-    y = torch.randint(0, 1000, (32,))
+    x = torch.randn(32, DIM).to(device)
+    y = torch.randint(0, 1000, (32,)).to(device)
     results = []
     for chunk in (1000, 97, 7):
-        head = PartialFC(1000, DIM, ArcFace(), num_subcenters=2, chunk_classes=chunk)
+        head = PartialFC(1000, DIM, ArcFace(), num_subcenters=2, chunk_classes=chunk, device=device)
         xi = x.clone().requires_grad_(True)
         loss = head(xi, y)
         loss.backward()
         results.append((loss.detach(), xi.grad, head.weight.grad))
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            # atol 2e-6: the weight-gradient projection w <w, A> / |w|^2 cancels against A
+            # (terms ~30x the result), and a batched row product sums in a shape-dependent order.
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("chunk", [None, 300, 1000])
-def test_second_backward_with_retained_graph_matches_the_first(chunk: int | None) -> None:
+def test_second_backward_with_retained_graph_matches_the_first(
+    chunk: int | None, device: torch.device
+) -> None:
     torch.manual_seed(0)
-    head = PartialFC(1000, DIM, ArcFace(), chunk_classes=chunk)
-    x = torch.randn(16, DIM, requires_grad=True)
-    loss = head(x, torch.randint(0, 1000, (16,)))
+    head = PartialFC(1000, DIM, ArcFace(), chunk_classes=chunk, device=device)
+    x = torch.randn(16, DIM).to(device).requires_grad_(True)
+    loss = head(x, torch.randint(0, 1000, (16,)).to(device))
     loss.backward(retain_graph=True)
     first = (x.grad.clone(), head.weight.grad.clone())
     loss.backward()  # the kept block is gone: this one recomputes every chunk
@@ -168,14 +178,18 @@ def test_second_backward_with_retained_graph_matches_the_first(chunk: int | None
     torch.testing.assert_close(head.weight.grad, 2 * first[1])
 
 
-def test_skipped_rows_whose_entries_are_all_filtered_give_finite_gradients() -> None:
+def test_skipped_rows_whose_entries_are_all_filtered_give_finite_gradients(
+    device: torch.device,
+) -> None:
     # Padding-like rows (zero embeddings have cosine 0 everywhere) filtered with a
     # negative threshold: every entry of the ignored row is removed.
-    head = PartialFC(50, DIM, ArcFace(), ignore_index=-1, interclass_filtering_threshold=-0.5)
-    x = torch.randn(4, DIM)
+    head = PartialFC(
+        50, DIM, ArcFace(), ignore_index=-1, interclass_filtering_threshold=-0.5, device=device
+    )
+    x = torch.randn(4, DIM).to(device)
     x[1] = 0.0
     x.requires_grad_(True)
-    loss = head(x, torch.tensor([3, -1, 7, 9]))
+    loss = head(x, torch.tensor([3, -1, 7, 9], device=device))
     loss.backward()
     assert torch.isfinite(loss)
     assert torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()

@@ -19,9 +19,11 @@ from torch import nn
 from configs import Config, load_config
 from datasets.sampler import DistributedFaceSampler
 from partial_fc import ArcFace, PartialFC
-from tests.distributed import run_ranks
+from tests.distributed import device_under_test, run_ranks
 from trainer import DistContext, Trainer
 from trainer.schedule import WarmupPoly
+
+pytestmark = pytest.mark.on_device  # `pytest --device cuda` reruns these on the GPU
 
 IN_DIM, EMB, CLASSES = 12, 8, 11
 
@@ -104,10 +106,11 @@ def make_backbone(dropout: float = 0.0) -> nn.Module:
 
 
 def make_trainer(cfg: Config, loader: Any, dropout: float = 0.0) -> Trainer:
-    ctx = DistContext.current()
+    ctx = DistContext.current(device_under_test())
     head = PartialFC(
-        CLASSES, EMB, ArcFace(16.0, 0.3), sample_rate=cfg.head.sample_rate, seed=cfg.train.seed
-    )
+        CLASSES, EMB, ArcFace(16.0, 0.3), sample_rate=cfg.head.sample_rate, seed=cfg.train.seed,
+        device=ctx.device,
+    )  # fmt: skip
     return Trainer(cfg, make_backbone(dropout), head, loader, ctx)
 
 
@@ -213,6 +216,7 @@ def test_fit_exports_weights_only_backbone(tmp_path: Path) -> None:
     weights = torch.load(tmp_path / "backbone.pt", weights_only=True)
     fresh = make_backbone()
     fresh.load_state_dict(weights)
+    fresh.to(t.ctx.device)  # the exported weights are CPU tensors, the trained ones need not be
     torch.testing.assert_close(fresh.state_dict(), t.backbone.state_dict())
     assert (tmp_path / "checkpoints" / "step-00000012" / "meta.json").exists()
 

@@ -1,0 +1,105 @@
+"""bench.gpu_check's goal bookkeeping: a goal is judged only on the figure measured at
+its own configuration, and the report renders whatever was measured. (The script
+itself runs in `make test` as `make gpu-check-smoke`; no timing is asserted here.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.gpu_check import evaluate_goals, markdown
+
+
+def _head_row(c_local: int, matmul: str, rate: float, ratio: float, mem: float | None) -> dict:
+    bare = 0.010
+    return dict(
+        c_local=c_local, batch=1024, matmul=matmul, sample_rate=rate,
+        head_s=ratio * bare, bare_s=bare, dense_s=3 * bare, head_over_bare=ratio,
+        dense_over_bare=3.0, head_mem_mib=None if mem is None else mem * 512.0,
+        weight_grad_mib=512.0, head_mem_over_grad=mem,
+        dense_mem_mib=None if mem is None else 4096.0,
+    )  # fmt: skip
+
+
+def _train_row(network: str, channels_last: bool, img_s: float, amp: str = "bf16") -> dict:
+    return dict(
+        network=network, channels_last=channels_last, batch=256, classes=100_000, amp=amp,
+        head_matmul="bf16", timed_steps=30, img_s=img_s, median_step_s=256 / img_s,
+        peak_mem_gib=20.0, skipped_steps=0, final_loss=40.0,
+    )  # fmt: skip
+
+
+def _report(smoke: bool, head: list, train: list, loader: list, total_s: float) -> dict[str, Any]:
+    ok = dict(status="ok", seconds=1.0, error=None)
+    return dict(
+        started="now",
+        smoke=smoke,
+        total_s=total_s,
+        exit_status=0,
+        environment=dict(torch="2.x", python="3.x", cpus=16),
+        sections=dict(
+            head=dict(ok, rows=head, batch=1024, dim=512, margin="ArcFace", repeats=10),
+            train=dict(ok, rows=train, cudnn_benchmark=True),
+            loader=dict(
+                ok,
+                rows=loader,
+                dataset=dict(images=32000, classes=800, jpeg_bytes_mean=2200.0, generated_in_s=3.0),
+            ),
+            tests=dict(ok, not_run="pytest missing from python3"),
+        ),
+        goals=[],
+    )
+
+
+def _status(goals: list[dict], prefix: str) -> list[str]:
+    return [g["status"] for g in goals if g["goal"].startswith(prefix)]
+
+
+def test_goals_are_judged_at_their_own_configuration_only() -> None:
+    report = _report(
+        smoke=False,
+        head=[
+            _head_row(65_536, "bf16", 1.0, 1.5, 1.2),  # another size: not the goal's row
+            _head_row(262_144, "fp32", 1.0, 1.1, 1.2),  # fp32 products: neither
+            _head_row(262_144, "bf16", 0.1, 0.3, 0.5),  # sampled: neither
+            _head_row(262_144, "bf16", 1.0, 1.9, 1.6),  # the goal's row: time met, memory not
+        ],
+        train=[
+            _train_row("r50", False, 5_500.0),
+            _train_row("r50", True, 6_100.0),  # the faster format counts
+            _train_row("r100", True, 9_000.0),  # another network does not
+        ],
+        loader=[dict(workers=8, batch=256, timed_batches=150, device="cuda:0", img_s=9_000.0),
+                dict(workers=14, batch=256, timed_batches=150, device="cuda:0", img_s=7_900.0)],
+        total_s=490.0,
+    )  # fmt: skip
+    goals = evaluate_goals(report)
+    assert _status(goals, "head at C_local 256k, B 1024, bf16, rate 1.0: time") == ["pass"]
+    assert _status(goals, "head at C_local 256k, B 1024, bf16, rate 1.0: memory") == ["FAIL"]
+    assert _status(goals, "r50 training") == ["pass"]
+    assert "channels_last=True" in next(g for g in goals if g["goal"].startswith("r50"))["measured"]
+    assert _status(goals, "loader with 14 workers") == ["FAIL"]
+    assert _status(goals, "whole check") == ["FAIL"]  # 490 s > 8 minutes
+    report["goals"] = goals
+    text = markdown(report)
+    for fragment in ("262,144", "1.90x", "6,100", "7,900", "Not run: pytest missing"):
+        assert fragment in text
+
+
+def test_smoke_sizes_and_missing_memory_leave_goals_unmeasured() -> None:
+    report = _report(
+        smoke=True,
+        head=[_head_row(2_000, "bf16", 1.0, 7.0, None)],
+        train=[_train_row("mbf_tiny", False, 66.0, amp="none")],
+        loader=[dict(workers=2, batch=16, timed_batches=4, device="cpu", img_s=2_800.0)],
+        total_s=11.0,
+    )
+    goals = evaluate_goals(report)
+    assert {g["status"] for g in goals} == {"not measured"}
+    assert not any(g["goal"] == "whole check" for g in goals)  # no 8-minute budget on CPU
+    # bf16 goal row without memory figures (CPU): time judged, memory not measured
+    report["sections"]["head"]["rows"] = [_head_row(262_144, "bf16", 1.0, 2.5, None)]
+    goals = evaluate_goals(report)
+    assert _status(goals, "head at C_local 256k, B 1024, bf16, rate 1.0: time") == ["FAIL"]
+    assert _status(goals, "head at C_local 256k, B 1024, bf16, rate 1.0: memory") == [
+        "not measured"
+    ]
