@@ -54,6 +54,9 @@ from partial_fc.collectives import all_reduce_
 from partial_fc.margins import CombinedMargin
 
 _NORM_EPS = 1e-12
+# torch.mm(..., out_dtype=) (bf16/fp16 operands, fp32 output) exists on CUDA in recent
+# releases; without it the low-precision product is rounded before the cast back.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 _NEG_INF = float("-inf")
 
 
@@ -113,7 +116,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, low_precision: torch.dtype | None)
     if low_precision is None:
         return a @ b
     a_low, b_low = a.to(low_precision), b.to(low_precision)
-    if a.is_cuda:
+    if a.is_cuda and _MM_OUT_DTYPE:
         return torch.mm(a_low, b_low, out_dtype=a.dtype)
     return (a_low @ b_low).to(a.dtype)
 

@@ -64,7 +64,12 @@ from trainer.checkpoint import CheckpointError, CheckpointManager, head_shard_st
 from trainer.distributed import DistContext
 from trainer.gradients import clip_, global_grad_norm, scale_backbone_grad
 from trainer.monitor import Monitor
-from trainer.optim import build_backbone_optimizer, build_head_optimizer, step_unless
+from trainer.optim import (
+    build_backbone_optimizer,
+    build_head_optimizer,
+    load_optimizer_state,
+    step_unless,
+)
 from trainer.rng import rng_state, set_rng_state
 from trainer.schedule import WarmupPoly, build_schedulers
 
@@ -594,7 +599,7 @@ class Trainer:
         )
         c.load_state_dict(model_state)
         if self.opt_center is not None and optim_state["param_groups"]:
-            self.opt_center.load_state_dict(optim_state)
+            load_optimizer_state(self.opt_center, optim_state)
 
     def resolve_resume(self) -> Path | None:
         """The checkpoint ``checkpoint.resume`` asks for (``auto``: latest complete one)."""
@@ -632,7 +637,7 @@ class Trainer:
             )
         shared = CheckpointManager.load_shared(path, self.ctx.device)
         self.backbone.load_state_dict(shared["backbone"])
-        self.opt_backbone.load_state_dict(shared["backbone_optimizer"])
+        load_optimizer_state(self.opt_backbone, shared["backbone_optimizer"])
         saved = shared["schedulers"]
         for i, s in enumerate(self.schedulers):
             # The centre scheduler follows the same rule and step count as the others:

@@ -40,6 +40,17 @@ def build_backbone_optimizer(
     raise ValueError(f"optimizer.name: unknown optimizer {cfg.name!r} (sgd, adamw)")
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)`` keeping this build's implementation flags:
+    the saved hyperparameters (lr, momentum, ...) and buffers come from the checkpoint,
+    but ``fused``/``foreach`` stay as :func:`build_backbone_optimizer` set them, so a
+    checkpoint written by a non-fused optimizer (an older version) resumes fused."""
+    flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, flags, strict=True):
+        group.update(kept)
+
+
 def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
     """``optimizer.step()``, a no-op on the device where ``skip`` (0-dim bool) is True.
 
