@@ -139,7 +139,7 @@ SMOKE_PLAN = Plan(
     loader_batches=4,
     loader_cap_s=60.0,
     tests_cap_s=120.0,
-    tests_collect_only=True,  # `make test` has just run the suite
+    tests_collect_only=True,  # `make test` runs the suite itself, right after
 )
 
 # The issue's goals, checked only where the measured configuration is the goal's own.
@@ -520,7 +520,7 @@ _SUMMARY = re.compile(r"\d+ (passed|failed|skipped|deselected|errors?|tests? col
 
 def _pytest_runs(plan: Plan, clock: Clock) -> list[tuple[str, list[str]]]:
     """(name, argv) of each pytest run: the gpu-marked tests, then the three files on
-    the check's device. The smoke run only collects (the suite has just run)."""
+    the check's device. The smoke run only collects (`make test` runs the suite)."""
     base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     extra = ["--collect-only"] if plan.tests_collect_only else []
     device = "cuda" if clock.cuda else "cpu"
