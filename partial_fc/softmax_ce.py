@@ -44,7 +44,7 @@ from __future__ import annotations
 import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -75,6 +75,19 @@ class CEOptions:
     on_weight_grad: Callable[[torch.Tensor | None], None] | None = None
     """Called by each backward that produces the weight's gradient, with the rows of
     ``weight`` it covers (``(S * K,)`` int64 under sampling) or None (every row)."""
+
+
+class _KeptBlock(NamedTuple):
+    """The forward's last chunk, handed to the backward instead of recomputed."""
+
+    start: int
+    """First class (index into the classes in use) of the chunk."""
+    probs: torch.Tensor
+    """``(B, w)`` the chunk's row softmax (target entries 0)."""
+    choice: torch.Tensor | None
+    """``(B, w)`` winning sub-centre per class (K > 1), else None."""
+    conflict: torch.Tensor | None
+    """``(B, w)`` filtered entries in "zero" mode (their gradient is masked), else None."""
 
 
 def chunk_bounds(num_used: int, chunk_classes: int) -> list[tuple[int, int]]:
@@ -280,7 +293,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
         max_other = xn.new_full((xn.shape[0],), _NEG_INF)  # largest non-target logit
         chunk_stats: list[torch.Tensor] = []  # per chunk: [peak logit, sum exp(logit - peak)]
         inv_norms: list[torch.Tensor] = []  # 1/|w| of the rows in use, for the backward
-        kept: tuple = ()
+        kept: _KeptBlock | None = None
 
         for start, stop in bounds:
             w_rows, _ = _chunk_weight(weight, sampled, start, stop, k)
@@ -311,7 +324,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
                 # and frees it before recomputing any other chunk. In "zero" mode the
                 # conflicts' gradient is masked, so keep the mask too.
                 zero_mode = conflict is not None and opts.filter_mode == "zero"
-                kept = (start, probs, choice, conflict if zero_mode else None)
+                kept = _KeptBlock(start, probs, choice, conflict if zero_mode else None)
             del logits, probs, conflict, choice
 
         stats_max = all_reduce_(torch.stack([local_max, max_other]), dist.ReduceOp.MAX, opts.group)
@@ -349,7 +362,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
         )  # fmt: skip
         # An intermediate, not an input or output: held on ctx so the backward can
         # drop it as soon as it is used (saved tensors live until the backward ends).
-        ctx.kept = kept or None
+        ctx.kept = kept
         ctx.opts, ctx.bounds = opts, bounds
         return loss, correct
 
@@ -381,7 +394,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
             start, stop = bounds[index]
             w_rows, row_index = _chunk_weight(weight, sampled, start, stop, k)
             inv_norms = all_inv_norms[start * k : stop * k]
-            if kept is not None and kept[0] == start:
+            if kept is not None and kept.start == start:
                 _, probs, choice, conflict = kept
                 kept = None
             else:
