@@ -21,8 +21,13 @@ def is_distributed(group: ProcessGroup | None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def rank_and_world_size(group: ProcessGroup | None) -> tuple[int, int]:
-    """This process's rank in ``group`` and the group's size; ``(0, 1)`` without a process group."""
+def rank_and_world_size(group: ProcessGroup | None = None) -> tuple[int, int]:
+    """This process's rank in ``group`` (``None``: the default group) and the group's
+    size; ``(0, 1)`` without a process group.
+
+    The project's one rank lookup: the head, the losses, the samplers, evaluation and
+    the cleaning command all ask here, so "no process group" means one rank everywhere.
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
@@ -55,7 +60,7 @@ class _GatherRows(torch.autograd.Function):
         _all_gather_single(gathered, padded, group=group)
         if all(s == max_rows for s in sizes):
             return gathered
-        blocks = gathered.view(world_size, max_rows, -1)
+        blocks = gathered.view(world_size, max_rows, rows.shape[1])
         return torch.cat([blocks[r, :s] for r, s in enumerate(sizes)])
 
     @staticmethod
@@ -66,7 +71,8 @@ class _GatherRows(torch.autograd.Function):
         for r, block in enumerate(torch.split(grad, sizes)):
             padded[r, : sizes[r]] = block
         mine = grad.new_empty((max_rows, grad.shape[1]))
-        _reduce_scatter_single(mine, padded.view(world_size * max_rows, -1), group=ctx.group)
+        width = grad.shape[1]  # explicit: -1 is ambiguous when every rank has 0 rows
+        _reduce_scatter_single(mine, padded.view(world_size * max_rows, width), group=ctx.group)
         return mine[: sizes[ctx.rank]], None, None
 
 
@@ -155,6 +161,16 @@ def gather_for_loss(
     ):
         raise ValueError(
             f"expected embeddings of shape (batch, {width}), got {tuple(local_embeddings.shape)}"
+        )
+    if (
+        local_labels.is_floating_point()
+        or local_labels.is_complex()
+        or (local_labels.dtype == torch.bool)
+    ):
+        # A float label would be truncated (and NaN would become the padding label,
+        # silently ignoring the sample): class ids must arrive as integers.
+        raise TypeError(
+            f"labels must be an integer tensor of class ids, got dtype {local_labels.dtype}"
         )
     compute_dtype = torch.promote_types(param_dtype, torch.float32)
     return gather_batch(

@@ -267,7 +267,8 @@ class PartialFC(nn.Module):
         of the weight shard's gradient (at least 4096), so the peak is the gradient
         plus one block and the backward recomputes as few classes as it can."""
         # B * chunk * K <= 0.4 * num_local * K * D: K cancels.
-        budget = (2 * self.num_local * self.embedding_size) // (5 * global_batch)
+        # An empty global batch (no sample on any rank) has no block: any chunk will do.
+        budget = (2 * self.num_local * self.embedding_size) // (5 * max(global_batch, 1))
         return max(1, min(num_used, max(_MIN_AUTO_CHUNK, budget)))
 
     def _sample(
