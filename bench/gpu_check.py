@@ -363,7 +363,7 @@ def _train_one(
 ) -> dict[str, Any]:
     """One network and memory format: warm-up steps, then the timed ones; its row."""
     from configs import load_config
-    from datasets.transforms import normalize_batch
+    from datasets.transforms import IMAGE_SIZE, normalize_batch
     from trainer.build import build_backbone, build_head
     from trainer.distributed import DistContext
     from trainer.loop import Trainer
@@ -394,7 +394,7 @@ def _train_one(
     head = build_head(cfg, device)
     trainer = Trainer(cfg, backbone, head, _RepeatedBatch(steps), DistContext(device=device))
     generator = torch.Generator().manual_seed(1)
-    size = cfg.data.image_size
+    size = IMAGE_SIZE  # the loader's (and every backbone's) 112x112
     raw = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=generator)
     raw = raw.to(device)
     labels = torch.randint(0, plan.train_classes, (batch,), generator=generator).to(device)

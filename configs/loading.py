@@ -1,8 +1,9 @@
 """Load a configuration from a preset or a file, apply overrides, save it resolved.
 
-A *spec* names a preset module (``ms1mv2_r50``, ``configs/demo``, ``configs/demo.py``)
-exposing ``get_config() -> Config``, or a ``.json``/``.toml`` file whose nested
-tables override the defaults (a resolved ``config.json`` written by a run loads back
+A *spec* names a preset, one module of ``configs/presets/`` exposing
+``get_config() -> Config`` (``ms1mv2_r50``, ``configs/demo``, ``configs/demo.py``,
+``configs/presets/demo.py``), or a ``.json``/``.toml`` file whose nested tables
+override the defaults (a resolved ``config.json`` written by a run loads back
 unchanged). Optional ``base = "<preset>"`` at the top of a file starts from a preset.
 """
 
@@ -22,39 +23,38 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import configs
+import configs.presets
 from configs.overrides import apply_overrides, update_from_mapping
 from configs.schema import Config, ConfigError
 
-_NOT_PRESETS = {"schema", "overrides", "loading", "base"}
-
 
 def preset_names() -> list[str]:
-    """Names of the preset modules shipped in ``configs/``."""
-    return sorted(
-        m.name
-        for m in pkgutil.iter_modules(configs.__path__)
-        if not m.name.startswith("_") and m.name not in _NOT_PRESETS
-    )
+    """Names of the preset modules shipped in ``configs/presets/`` (every module there)."""
+    return sorted(m.name for m in pkgutil.iter_modules(configs.presets.__path__))
 
 
 def load_preset(name: str) -> Config:
-    """Return a fresh :class:`Config` from the preset module ``configs.<name>``."""
+    """Return a fresh :class:`Config` from the preset module ``configs.presets.<name>``."""
     names = preset_names()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=1, cutoff=0.0)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown config preset '{name}'{hint} (presets: {', '.join(names)})")
-    module = importlib.import_module(f"configs.{name}")
+    module = importlib.import_module(f"configs.presets.{name}")
     cfg = module.get_config()
     if not isinstance(cfg, Config):
-        raise ConfigError(f"configs.{name}.get_config() must return a Config")
+        raise ConfigError(f"configs.presets.{name}.get_config() must return a Config")
     return cfg
 
 
 def _preset_name(spec: str) -> str | None:
+    """``demo`` for ``demo``, ``configs/demo``, ``configs/presets/demo`` (each also
+    with ``.py``); ``None`` for anything else."""
     path = Path(spec)
-    if path.suffix in ("", ".py") and (len(path.parts) == 1 or path.parent.name == "configs"):
+    if path.suffix not in ("", ".py"):
+        return None
+    parent = path.parent.parts
+    if not parent or parent[-1:] == ("configs",) or parent[-2:] == ("configs", "presets"):
         return path.stem
     return None
 

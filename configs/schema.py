@@ -46,30 +46,33 @@ class HeadConfig:
     """Margin type: additive angular (arcface), additive cosine (cosface),
     multiplicative angular (sphereface) or the combined ``cos(m1*t + m2) - m3``."""
     scale: float = 64.0
-    """Logit scale ``s`` applied to the cosines."""
+    """Logit scale ``s`` applied to the cosines; positive and finite."""
     margin: float = 0.5
-    """Margin of arcface (radians), cosface (cosine) or sphereface (angle multiplier);
-    ignored by ``combined``."""
+    """Margin of arcface (radians, in [0, pi)), cosface (cosine, in [0, 2)) or
+    sphereface (angle multiplier, >= 1); ignored by ``combined``."""
     m1: float = 1.0
-    """Combined margin: multiplicative angular margin (used only by ``loss=combined``)."""
+    """Combined margin: multiplicative angular margin, >= 1 (used only by ``loss=combined``)."""
     m2: float = 0.0
-    """Combined margin: additive angular margin (used only by ``loss=combined``)."""
+    """Combined margin: additive angular margin in radians, in [0, pi) (used only by
+    ``loss=combined``)."""
     m3: float = 0.0
-    """Combined margin: additive cosine margin (used only by ``loss=combined``)."""
+    """Combined margin: additive cosine margin, in [0, 2) (used only by ``loss=combined``)."""
     sample_rate: float = 1.0
-    """Fraction of negative class centres sampled per step (Partial FC); 1.0 = full softmax."""
+    """Fraction of negative class centres sampled per step (Partial FC), in (0, 1];
+    1.0 = full softmax."""
     num_subcenters: int = 1
-    """Sub-centres per class (sub-center ArcFace); 1 disables them."""
+    """Sub-centres per class (sub-center ArcFace), >= 1; 1 disables them."""
     chunk_size: int | None = None
-    """Classes per logits block of the head; ``None``: the head's automatic choice (a
-    block of at most half the size of the weight shard's gradient)."""
+    """Classes per logits block of the head (> 0); ``None``: the head's automatic choice
+    (a block of at most half the size of the weight shard's gradient)."""
     easy_margin: bool = False
     """Apply the angular margin only where ``cos(theta) > 0`` (ArcFace paper option)."""
     straight_through: bool = False
     """Use ``arcface_torch``'s straight-through margin gradient instead of the exact one."""
     margins_file: str = ""
     """Per-class margins: a ``.txt`` file with one value per class (replaces ``margin``,
-    or ``m2`` for ``combined``); empty: the same margin for every class."""
+    or ``m2`` for ``combined``; each value in that margin's range, checked at start-up);
+    empty: the same margin for every class."""
     sphereface_annealing: bool = False
     """SphereFace only: A-Softmax's lambda annealing (1000 decaying to 5)."""
     interclass_filtering_threshold: float | None = None
@@ -82,7 +85,45 @@ class HeadConfig:
     fp32 accumulation and fp32 softmax statistics)."""
 
     def validate(self) -> None:
-        _check(self.scale > 0, "head.scale", "must be > 0", self.scale)
+        # The margin classes own the ranges of the scale and of m1/m2/m3; the same
+        # checks run here so that a bad value stops the run before anything starts.
+        from partial_fc.margins import (
+            ArcFace,
+            CombinedMargin,
+            CosFace,
+            SphereFace,
+            check_margin,
+            check_scale,
+        )
+
+        kinds = {
+            "arcface": ArcFace,
+            "cosface": CosFace,
+            "sphereface": SphereFace,
+            "combined": CombinedMargin,
+        }
+        _check(self.loss in kinds, "head.loss", f"must be one of {', '.join(kinds)}", self.loss)
+        # head.margins_file replaces the kind's primary margin (its ``margin``; m2 for
+        # combined), as trainer.build.build_margin passes it
+        per_class = kinds[self.loss].primary
+        if self.loss == "combined":
+            checks = [("m1", self.m1, "head.m1"), ("m2", self.m2, "head.m2")]
+            checks.append(("m3", self.m3, "head.m3"))
+        else:
+            checks = [(per_class, self.margin, "head.margin")]
+        if self.margins_file:
+            checks = [c for c in checks if c[0] != per_class]
+            checks.append((per_class, self.margins_file, "head.margins_file"))
+        try:
+            check_scale(self.scale, "head.scale")
+            for which, value, option in checks:
+                check_margin(which, value, option)
+        except OSError as exc:
+            raise ConfigError(
+                f"head.margins_file: cannot read {self.margins_file!r} ({exc.strerror or exc})"
+            ) from None
+        except ValueError as exc:  # the message names the option and says why
+            raise ConfigError(str(exc)) from None
         threshold = self.interclass_filtering_threshold
         _check(
             threshold is None or -1.0 <= threshold <= 1.0,
@@ -103,23 +144,23 @@ class HeadConfig:
             self.matmul_dtype,
         )
         _check(
-            0.0 < self.sample_rate <= 1.0, "head.sample_rate", "must be in (0, 1]", self.sample_rate
+            0.0 < self.sample_rate <= 1.0,
+            "head.sample_rate",
+            "must be in (0, 1]: the fraction of negative class centres sampled per step",
+            self.sample_rate,
         )
-        _check(self.num_subcenters >= 1, "head.num_subcenters", "must be >= 1", self.num_subcenters)
+        _check(
+            self.num_subcenters >= 1,
+            "head.num_subcenters",
+            "must be >= 1 (sub-centres per class)",
+            self.num_subcenters,
+        )
         _check(
             self.chunk_size is None or self.chunk_size > 0,
             "head.chunk_size",
-            "must be > 0 or null",
+            "must be > 0 classes per block, or null",
             self.chunk_size,
         )
-        if self.loss in ("arcface", "cosface"):
-            _check(self.margin >= 0, "head.margin", "must be >= 0", self.margin)
-        if self.loss == "sphereface":
-            _check(self.margin >= 1, "head.margin", "must be >= 1 for sphereface", self.margin)
-        if self.loss == "combined":
-            _check(self.m1 >= 1.0, "head.m1", "must be >= 1", self.m1)
-            _check(self.m2 >= 0.0, "head.m2", "must be >= 0", self.m2)
-            _check(self.m3 >= 0.0, "head.m3", "must be >= 0", self.m3)
 
 
 @dataclass
@@ -136,8 +177,6 @@ class DataConfig:
     """Per-rank micro-batch size (the global batch is ``batch_size * world_size``)."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 loads in the training process)."""
-    image_size: int = 112
-    """Side of the square input images fed to the backbone."""
     random_flip: bool = True
     """Horizontal-flip augmentation during training."""
     sampler: Literal["random", "pk"] = "random"
@@ -156,7 +195,6 @@ class DataConfig:
         _check(self.num_images > 0, "data.num_images", "must be > 0", self.num_images)
         _check(self.batch_size > 0, "data.batch_size", "must be > 0", self.batch_size)
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
-        _check(self.image_size > 0, "data.image_size", "must be > 0", self.image_size)
         _check(
             self.sampler in ("random", "pk"), "data.sampler", "must be random or pk", self.sampler
         )

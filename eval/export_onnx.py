@@ -20,11 +20,13 @@ batch sizes and the maximum absolute difference to PyTorch is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -51,28 +53,74 @@ def normalization_metadata(image_size: tuple[int, int], embedding_size: int) -> 
 EXPORTERS = ("dynamo", "torchscript")
 
 
+class _DropMissingTorchvision(logging.Filter):
+    """Drops the exporter's "torchvision is not installed. Skipping torchvision::nms"
+    records (one per torchvision op: nms, roi_align, roi_pool, deform_conv2d).
+
+    Building the dynamo exporter's default op registry looks up torchvision's
+    custom ops and logs a warning for each when torchvision is absent. Backbones
+    use no torchvision op and torchvision is not a dependency, so the records say
+    nothing about the export; there is no export option to skip the lookup.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("torchvision is not installed")
+
+
+# The logger of torch/onnx/_internal/exporter/_registration.py.
+_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+@contextlib.contextmanager
+def _quiet_exporter(exporter: str) -> Iterator[None]:
+    """Silence the exporter's messages that do not concern the exported model."""
+    registry_log = logging.getLogger(_REGISTRY_LOGGER)
+    drop = _DropMissingTorchvision()
+    registry_log.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            # torch's own deep copy of the exported program's pytree specs trips
+            # torch's deprecation of isinstance(spec, LeafSpec); nothing of ours.
+            warnings.filterwarnings(
+                "ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning
+            )
+            if exporter == "torchscript":
+                # Chosen explicitly (--exporter torchscript, documented as torch's
+                # legacy exporter): its deprecation notices tell the user nothing new.
+                warnings.filterwarnings("ignore", r".*legacy TorchScript", DeprecationWarning)
+                warnings.filterwarnings("ignore", "", DeprecationWarning, r"torch\.onnx\.")
+            yield
+    finally:
+        registry_log.removeFilter(drop)
+
+
 def _torch_export(
     model: nn.Module, dummy: torch.Tensor, path: str, opset: int | None, exporter: str
 ) -> None:
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
-    common = {
-        "input_names": [INPUT_NAME],
-        "output_names": [OUTPUT_NAME],
-        "dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        "opset_version": opset,
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
+    with _quiet_exporter(exporter):
         if exporter == "dynamo":
             try:
+                # dynamic_shapes (not the TorchScript-era dynamic_axes, which dynamo
+                # converts with a deprecation warning): a symbolic batch axis.
+                batch = torch.export.Dim("batch")
                 torch.onnx.export(
-                    model, (dummy,), path, dynamo=True, external_data=False, verbose=False, **common
+                    model,
+                    (dummy,),
+                    path,
+                    dynamo=True,
+                    external_data=False,
+                    verbose=False,
+                    dynamic_shapes=({0: batch},),
+                    **names,
                 )
                 return
             except Exception as exc:  # the dynamo exporter cannot trace everything
                 print(f"dynamo export failed ({type(exc).__name__}: {exc}); using TorchScript")
-        torch.onnx.export(model, (dummy,), path, dynamo=False, **common)
+        dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+        torch.onnx.export(model, (dummy,), path, dynamo=False, dynamic_axes=dynamic_axes, **names)
 
 
 def export_onnx(
@@ -157,7 +205,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (exporter default if unset)")
-    p.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
+    p.add_argument(
+        "--exporter",
+        choices=EXPORTERS,
+        default="dynamo",
+        help="dynamo (torch.export; default) or torchscript (torch's legacy exporter, faster)",
+    )
     return p.parse_args(argv)
 
 

@@ -11,7 +11,9 @@ All margins here are :class:`CombinedMargin`, whose target logit is
 with ``m1`` multiplicative angular (SphereFace), ``m2`` additive angular
 (ArcFace) and ``m3`` additive cosine (CosFace) margins, all three honoured
 together. Each of ``m1``, ``m2``, ``m3`` is either one float or one value per
-class (see :func:`load_margins` and :func:`adaptive_margins`).
+class (see :func:`load_margins` and :func:`adaptive_margins`), within the range
+where it makes the target harder to reach (:data:`MARGIN_RANGES`, checked by
+:func:`check_margin`): ``m1 >= 1``, ``0 <= m2 < pi``, ``0 <= m3 < 2``.
 
 Where ``m1 * theta + m2`` passes pi, ``cos`` would turn back up and reward a
 *larger* angle. Two fallbacks keep the logit decreasing in theta:
@@ -114,25 +116,100 @@ def _as_margin_tensor(spec: MarginSpec, name: str) -> torch.Tensor:
         values = torch.as_tensor(spec, dtype=torch.float64).flatten()
     if values.numel() == 0:
         raise ValueError(f"{name}: no margin values given")
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"{name}: margins must be finite")
     return values.clone()
+
+
+# The meaningful range [low, high) of each margin of ``cos(m1*theta + m2) - m3``
+# (theta in [0, pi]), what the margin is, and why values outside the range are
+# refused: they do not make the target harder to reach, so training would run and
+# report falling losses while learning nothing useful.
+MARGIN_RANGES: dict[str, tuple[float, float, str, str, str]] = {
+    "m1": (
+        1.0,
+        math.inf,
+        ">= 1",
+        "the multiplicative angular margin",
+        "below 1 it shrinks the angle (cos(m1*theta) > cos(theta)) and rewards the "
+        "target; 1 disables it",
+    ),
+    "m2": (
+        0.0,
+        math.pi,
+        "in [0, pi)",
+        "the additive angular margin (radians)",
+        "from pi on, theta + m2 is past pi at every angle and the fallback "
+        "cos(theta) - m2*sin(m2) adds nothing or rewards the target (m2 = 3.5 trains "
+        "to loss 0); below 0 it rewards the target; 0 disables it",
+    ),
+    "m3": (
+        0.0,
+        2.0,
+        "in [0, 2)",
+        "the additive cosine margin",
+        "cosines lie in [-1, 1], so from 2 on the target stays below every other class "
+        "even at theta = 0; below 0 it rewards the target; 0 disables it",
+    ),
+}
+"""``which: (low, high, range, what it is, why)``: valid values are finite,
+``>= low`` and ``< high``."""
+
+
+def check_scale(scale: float, option: str = "scale") -> None:
+    """Raise ``ValueError`` naming ``option`` unless ``scale`` is a positive finite number."""
+    try:
+        ok = math.isfinite(float(scale)) and float(scale) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{option}: must be a positive finite number (the logit scale s multiplies "
+            f"every cosine), got {scale!r}"
+        )
+
+
+def check_margin(which: str, values: MarginSpec, option: str | None = None) -> torch.Tensor:
+    """Check margin ``which`` (``"m1"``, ``"m2"`` or ``"m3"``) against
+    :data:`MARGIN_RANGES`; return its values as a new float64 tensor.
+
+    ``values`` is anything a margin accepts (one value, one per class, a ``.txt``
+    file). Raises ``ValueError`` naming ``option`` (default ``which``), the range and
+    why, and for per-class values the first class out of range. The margin classes
+    and the training configuration (``configs.HeadConfig``) both validate with this.
+    """
+    if which not in MARGIN_RANGES:
+        raise ValueError(f"which must be 'm1', 'm2' or 'm3', got {which!r}")
+    option = option or which
+    if isinstance(values, str | os.PathLike):
+        option = f"{option} (from {os.fspath(values)})"
+    tensor = _as_margin_tensor(values, option)
+    low, high, limits, role, why = MARGIN_RANGES[which]
+    bad = ~(torch.isfinite(tensor) & (tensor >= low) & (tensor < high))
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        where = f" for class {index}" if tensor.numel() > 1 else ""
+        raise ValueError(
+            f"{option}: must be finite and {limits}, got {float(tensor[index]):g}{where} "
+            f"({which}, {role} in cos(m1*theta + m2) - m3: {why})"
+        )
+    return tensor
 
 
 class CombinedMargin(nn.Module):
     """Target logit ``scale * (cos(m1 * theta + m2) - m3)``; see the module docstring.
 
     Args:
-        scale: the logit scale ``s`` applied to every cosine.
-        m1: multiplicative angular margin (SphereFace); 1 disables it.
-        m2: additive angular margin in radians (ArcFace); 0 disables it.
-        m3: additive cosine margin (CosFace); 0 disables it.
+        scale: the logit scale ``s`` applied to every cosine; positive and finite.
+        m1: multiplicative angular margin (SphereFace), >= 1; 1 disables it.
+        m2: additive angular margin in radians (ArcFace), in [0, pi); 0 disables it.
+        m3: additive cosine margin (CosFace), in [0, 2); 0 disables it.
         easy_margin: apply the angular part only where ``cos(theta) > 0``.
         straight_through: use ``d logit / d cos = scale`` at the target instead of
             the exact derivative (``arcface_torch``'s gradient).
 
-    Each of ``m1``, ``m2``, ``m3`` may be one value or one per class; per-class
-    values are checked against the head's ``num_classes`` by :meth:`check_num_classes`.
+    Each of ``m1``, ``m2``, ``m3`` may be one value or one per class; every value is
+    checked against :data:`MARGIN_RANGES` by :func:`check_margin` (a ``ValueError``
+    says which and why), and per-class values against the head's ``num_classes`` by
+    :meth:`check_num_classes`.
     The margin values are buffers, so they follow ``.to(device)`` and are saved
     in the head's ``state_dict``.
     """
@@ -148,19 +225,22 @@ class CombinedMargin(nn.Module):
         straight_through: bool = False,
     ) -> None:
         super().__init__()
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale must be a positive finite number, got {scale}")
+        check_scale(scale)
         self.scale = float(scale)
         self._num_classes: int | None = None
         self.easy_margin = bool(easy_margin)
         self.straight_through = bool(straight_through)
         for name, spec in (("m1", m1), ("m2", m2), ("m3", m3)):
-            self.register_buffer(name, _as_margin_tensor(spec, name))
-        if bool((self.m1 <= 0).any()):
-            raise ValueError("m1 must be > 0")
+            self.register_buffer(name, check_margin(name, spec, self._option(name)))
 
-    # The margin a user tunes for this kind: set_margins() writes it.
+    # The margin a user tunes for this kind (the subclasses' ``margin`` argument):
+    # set_margins() writes it by default.
     primary = "m2"
+
+    @classmethod
+    def _option(cls, which: str) -> str:
+        """The constructor argument that sets margin ``which`` (for error messages)."""
+        return "margin" if cls is not CombinedMargin and which == cls.primary else which
 
     def set_margins(self, margins: MarginSpec, which: str | None = None) -> None:
         """Replace a margin at run time (``which``: "m1", "m2" or "m3"; default
@@ -169,9 +249,7 @@ class CombinedMargin(nn.Module):
         if which not in ("m1", "m2", "m3"):
             raise ValueError(f"which must be 'm1', 'm2' or 'm3', got {which!r}")
         current = getattr(self, which)
-        values = _as_margin_tensor(margins, which).to(current.device)
-        if which == "m1" and bool((values <= 0).any()):
-            raise ValueError("m1 must be > 0")
+        values = check_margin(which, margins, self._option(which)).to(current.device)
         if self._num_classes is not None and values.numel() not in (1, self._num_classes):
             raise ValueError(
                 f"{which}: got {values.numel()} margins, expected 1 or num_classes="

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import pkgutil
+import re
+import sys
+from pathlib import Path
 
 import pytest
 
+import configs
+import configs.presets
 from configs import (
     Config,
     ConfigError,
+    DataConfig,
+    config_to_dict,
     describe,
     load_config,
     load_preset,
@@ -40,9 +50,59 @@ def test_presets_exist_and_validate() -> None:
     assert load_preset("webface42m_vit_t").optimizer.name == "adamw"
 
 
-@pytest.mark.parametrize("spec", ["demo", "configs/demo", "configs/demo.py"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "demo",
+        "configs/demo",
+        "configs/demo.py",
+        "./configs/demo",
+        "configs/presets/demo",
+        "configs/presets/demo.py",
+    ],
+)
 def test_spec_forms(spec: str) -> None:
     assert load_config(spec).name == "demo"
+
+
+def test_presets_live_in_their_own_package() -> None:
+    presets_dir = Path(configs.presets.__file__).parent
+    assert presets_dir == Path(configs.__file__).parent / "presets"
+    # every module of configs/presets/ is a preset (no exclusion list) ...
+    assert preset_names() == sorted(
+        p.stem for p in presets_dir.glob("*.py") if p.stem != "__init__"
+    )
+    # ... and none is left beside the configuration's own modules
+    beside = [m.name for m in pkgutil.iter_modules(configs.__path__) if not m.ispkg]
+    assert sorted(beside) == ["loading", "overrides", "recipes", "schema"]
+    assert type(load_preset("ms1mv3_r50")).__module__ == "configs.schema"
+    assert "configs.presets.ms1mv3_r50" in sys.modules
+
+
+def test_a_new_preset_module_is_a_preset(tmp_path, monkeypatch) -> None:
+    (tmp_path / "mine_r18.py").write_text(
+        "from configs.presets.demo import get_config as demo\n\n"
+        "def get_config():\n"
+        "    cfg = demo()\n"
+        "    cfg.name = 'mine_r18'\n"
+        "    return cfg\n"
+    )
+    monkeypatch.setattr(configs.presets, "__path__", [*configs.presets.__path__, str(tmp_path)])
+    try:
+        assert "mine_r18" in preset_names()
+        assert load_config("configs/mine_r18").name == "mine_r18"
+    finally:
+        sys.modules.pop("configs.presets.mine_r18", None)
+
+
+def test_list_keys(capsys) -> None:
+    import train_dist
+
+    assert train_dist.main(["ms1mv3_r50", "--list-keys"]) == 0
+    printed = capsys.readouterr().out
+    keys = [line.split()[0] for line in printed.splitlines()]
+    assert keys == valid_keys()
+    assert "data.image_size" not in keys
 
 
 def test_overrides_are_typed() -> None:
@@ -175,3 +235,144 @@ def test_head_options_reach_the_head(tmp_path) -> None:
 def test_bad_head_options_name_the_option(override: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         load_config("demo", [override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "option", "why"),
+    [
+        (["head.scale=0"], "head.scale", "positive finite"),
+        (["head.scale=inf"], "head.scale", "positive finite"),
+        (["head.scale=nan"], "head.scale", "positive finite"),
+        (["head.loss=arcface", "head.margin=3.5"], "head.margin", "trains to loss 0"),
+        (["head.loss=arcface", "head.margin=3.1416"], "head.margin", r"in \[0, pi\)"),
+        (["head.loss=arcface", "head.margin=-0.1"], "head.margin", "rewards the target"),
+        (["head.loss=cosface", "head.margin=2"], "head.margin", "below every other class"),
+        (["head.loss=cosface", "head.margin=-0.1"], "head.margin", "rewards the target"),
+        (["head.loss=sphereface", "head.margin=0.5"], "head.margin", "shrinks the angle"),
+        (["head.loss=sphereface"], "head.margin", ">= 1"),  # the default 0.5 is arcface's
+        (["head.loss=combined", "head.m1=0.5"], "head.m1", "shrinks the angle"),
+        (["head.loss=combined", "head.m1=inf"], "head.m1", "finite"),
+        (["head.loss=combined", "head.m2=3.5"], "head.m2", "trains to loss 0"),
+        (["head.loss=combined", "head.m2=-0.2"], "head.m2", "rewards the target"),
+        (["head.loss=combined", "head.m3=2.5"], "head.m3", "below every other class"),
+        (["head.loss=combined", "head.m3=nan"], "head.m3", "finite"),
+        (["head.sample_rate=0"], "head.sample_rate", "negative class centres"),
+        (["head.sample_rate=nan"], "head.sample_rate", r"\(0, 1\]"),
+        (["head.num_subcenters=0"], "head.num_subcenters", "sub-centres"),
+        (["head.chunk_size=0"], "head.chunk_size", "classes per block"),
+        (["head.loss=tripletface"], "head.loss", "one of"),
+    ],
+)
+def test_bad_head_values_name_the_option_and_say_why(
+    overrides: list[str], option: str, why: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"^{re.escape(option)}: ") as info:
+        load_config("demo", overrides)
+    assert re.search(why, str(info.value)), str(info.value)
+
+
+def test_margins_file_is_read_and_checked_at_start_up(tmp_path) -> None:
+    path = tmp_path / "margins.txt"
+    path.write_text("0.3\n0.4\n3.5\n")
+    with pytest.raises(ConfigError, match=r"^head\.margins_file \(from .*margins\.txt\): ") as info:
+        load_config("demo", [f"head.margins_file={path}"])
+    assert "for class 2" in str(info.value) and "in [0, pi)" in str(info.value)
+    with pytest.raises(ConfigError, match=r"^head\.margins_file: cannot read .*missing\.txt"):
+        load_config("demo", [f"head.margins_file={tmp_path / 'missing.txt'}"])
+    # the file replaces the kind's margin (sphereface: m1), so head.margin is not checked
+    path.write_text("1.5\n4\n")
+    cfg = load_config("demo", ["head.loss=sphereface", f"head.margins_file={path}"])
+    assert cfg.head.margin == 0.3  # the demo's, ignored: below sphereface's 1
+    path.write_text("1.5\n0.5\n")
+    with pytest.raises(ConfigError, match=r"^head\.margins_file .*for class 1.*shrinks the angle"):
+        load_config("demo", ["head.loss=sphereface", f"head.margins_file={path}"])
+
+
+# (which margin, value, valid): the configuration and the margin classes agree on
+# every one, because both run partial_fc.margins.check_margin.
+MARGIN_CASES = [
+    ("m1", 1.0, True),
+    ("m1", 4.0, True),
+    ("m1", 1.35, True),
+    ("m1", 0.999, False),
+    ("m1", 0.0, False),
+    ("m2", 0.0, True),
+    ("m2", 3.14, True),
+    ("m2", math.pi, False),
+    ("m2", 3.5, False),
+    ("m2", -0.01, False),
+    ("m3", 0.0, True),
+    ("m3", 1.99, True),
+    ("m3", 2.0, False),
+    ("m3", -0.01, False),
+]
+
+
+@pytest.mark.parametrize(("which", "value", "valid"), MARGIN_CASES)
+def test_config_and_margin_classes_agree(which: str, value: float, valid: bool) -> None:
+    from partial_fc.margins import ArcFace, CombinedMargin, CosFace, SphereFace
+
+    combined = {"m1": 1.0, "m2": 0.0, "m3": 0.0, which: value}
+    # the kind whose ``margin`` is this one of m1/m2/m3
+    loss, kind = {
+        "m1": ("sphereface", SphereFace),
+        "m2": ("arcface", ArcFace),
+        "m3": ("cosface", CosFace),
+    }[which]
+    attempts = [
+        (
+            ["head.loss=combined", *(f"head.{k}={v!r}" for k, v in combined.items())],
+            f"head.{which}",
+            lambda: CombinedMargin(32.0, **combined),
+            which,
+        ),
+        (
+            [f"head.loss={loss}", f"head.margin={value!r}"],
+            "head.margin",
+            lambda: kind(32.0, value),
+            "margin",
+        ),
+    ]
+    for overrides, option, construct, argument in attempts:
+        if valid:
+            load_config("demo", overrides)
+            construct()
+            continue
+        with pytest.raises(ConfigError, match=rf"^{re.escape(option)}: must be finite and "):
+            load_config("demo", overrides)
+        with pytest.raises(ValueError, match=rf"^{argument}: must be finite and "):
+            construct()
+
+
+def test_set_margins_checks_the_range() -> None:
+    from partial_fc.margins import ArcFace, CombinedMargin
+
+    margin = ArcFace(64.0, 0.5)
+    margin.set_margins([0.1, 0.2])
+    with pytest.raises(ValueError, match=r"^margin: .*got 3\.5 for class 1"):
+        margin.set_margins([0.1, 3.5])
+    with pytest.raises(ValueError, match=r"^m1: .*got 0\.5"):
+        CombinedMargin(64.0).set_margins(0.5, "m1")
+
+
+def test_image_size_is_gone_but_old_configs_load(tmp_path) -> None:
+    assert "image_size" not in {f.name for f in dataclasses.fields(DataConfig)}
+    assert "data.image_size" not in valid_keys()
+    cfg = load_config("demo")
+    old = config_to_dict(cfg)
+    old["data"]["image_size"] = 112  # what every earlier run wrote
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    assert load_config(str(path)) == cfg
+    assert load_config("demo", ["data.image_size=112"]) == cfg
+    old["data"]["image_size"] = 128
+    path.write_text(json.dumps(old))
+    for attempt in (
+        lambda: load_config(str(path)),
+        lambda: load_config("demo", ["data.image_size=96"]),
+    ):
+        with pytest.raises(
+            ConfigError, match=r"^data\.image_size: this option was removed"
+        ) as info:
+            attempt()
+        assert "112x112" in str(info.value)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
+import warnings
 
 import cv2
 import numpy as np
@@ -44,6 +46,34 @@ def test_export_graph_interface_and_metadata(tiny_onnx):
 def test_onnx_parity_dynamic_batch(tiny_onnx):
     model, path = tiny_onnx
     assert check_parity(model, path, image_size=(32, 32), batch_sizes=(1, 4, 7)) < 1e-4
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_export_is_quiet(tmp_path, exporter: str) -> None:
+    # Neither exporter prints anything that does not concern the model: no Python
+    # warning, and (without torchvision) no "torchvision is not installed" records,
+    # which the dynamo exporter's registry logs on every export.
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    collect = Collect(level=logging.DEBUG)
+    registry.addHandler(collect)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_onnx(
+                TinyNet().eval(), tmp_path / "m.onnx", image_size=(32, 32), exporter=exporter
+            )
+    finally:
+        registry.removeHandler(collect)
+    assert [str(w.message) for w in caught] == []
+    assert not [m for m in seen if "torchvision" in m]
+    batch_dim = onnx.load(tmp_path / "m.onnx").graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param == "batch"
 
 
 def test_embed_faces_normalises_and_handles_bgr(tiny_onnx):

@@ -182,12 +182,13 @@ def build_evaluator(cfg: Config) -> Evaluator | None:
     """A collective verification callable over the configured ``.bin`` targets."""
     if not cfg.eval.targets:
         return None
+    from datasets.transforms import IMAGE_SIZE
     from eval.verification import load_bin, verify_targets
 
     targets = {}
     for name in cfg.eval.targets:
         path = resolve_target(cfg, name)
-        targets[Path(name).stem] = load_bin(str(path), image_size=(cfg.data.image_size,) * 2)
+        targets[Path(name).stem] = load_bin(str(path), image_size=(IMAGE_SIZE, IMAGE_SIZE))
     batch_size = cfg.eval.batch_size
 
     def evaluate(model: torch.nn.Module) -> dict[str, dict[str, float]]:
@@ -199,7 +200,8 @@ def build_evaluator(cfg: Config) -> Evaluator | None:
 def check_embedding_size(backbone: torch.nn.Module, cfg: Config) -> None:
     """Run the backbone once on two blank images (eval mode, no gradient) and check
     that it produces ``model.embedding_size`` features, as the head expects."""
-    size = cfg.data.image_size
+    from datasets.transforms import IMAGE_SIZE as size
+
     was_training = backbone.training
     backbone.eval()
     try:
@@ -207,8 +209,8 @@ def check_embedding_size(backbone: torch.nn.Module, cfg: Config) -> None:
             out = backbone(torch.zeros(2, 3, size, size))
     except RuntimeError as exc:
         raise ConfigError(
-            f"model.network={cfg.model.network!r} cannot run on {size}x{size} images "
-            f"(data.image_size): {str(exc).splitlines()[0]}"
+            f"model.network={cfg.model.network!r} cannot run on {size}x{size} images: "
+            f"{str(exc).splitlines()[0]}"
         ) from None
     finally:
         backbone.train(was_training)

@@ -1,6 +1,6 @@
 """WebFace42M + ViT-Tiny, ArcFace with Partial FC 0.3, AdamW 40 epochs (transformer recipe)."""
 
-from configs.base import DATASETS, arcface
+from configs.recipes import DATASETS, arcface
 from configs.schema import (
     Config,
     DataConfig,

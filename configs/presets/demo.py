@@ -30,7 +30,6 @@ def get_config() -> Config:
             num_images=12000,
             batch_size=32,
             num_workers=1,
-            image_size=112,
             random_flip=True,
         ),
         optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4),

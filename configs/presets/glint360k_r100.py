@@ -1,6 +1,6 @@
 """Glint360K + IResNet-100, CosFace (s=64, m=0.4), full softmax, SGD 20 epochs."""
 
-from configs.base import cosface, sgd_recipe
+from configs.recipes import cosface, sgd_recipe
 from configs.schema import Config
 
 

@@ -1,6 +1,6 @@
 """WebFace42M + IResNet-100, ArcFace with Partial FC at sample rate 0.2, SGD 20 epochs."""
 
-from configs.base import arcface, sgd_recipe
+from configs.recipes import arcface, sgd_recipe
 from configs.schema import Config
 
 

@@ -1,6 +1,6 @@
 """MS1MV3 + IResNet-100, ArcFace (s=64, m=0.5), full softmax, SGD 20 epochs."""
 
-from configs.base import arcface, sgd_recipe
+from configs.recipes import arcface, sgd_recipe
 from configs.schema import Config
 
 

@@ -1,4 +1,4 @@
-"""Shared building blocks of the presets (field-standard recipes)."""
+"""Shared building blocks of the presets in ``configs/presets/`` (field-standard recipes)."""
 
 from __future__ import annotations
 
