@@ -22,14 +22,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from datasets.atomic import write_json
+from datasets.atomic import atomic_path, write_json
 from datasets.dataset import FaceDataset, ImageFolderDataset, RecordIODataset
 
 SCHEMA_FIELDS = (("label", "int64"), ("image", "binary"), ("key", "int64"))
@@ -67,11 +66,10 @@ def _write_shard(path: Path, rows: Iterator[tuple[int, bytes, int]]) -> int:
     """Write one shard atomically; returns its row count."""
     pa = _pa()
     schema = _schema()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     n = 0
-    try:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+    # pyarrow opens the file by name; atomic_path renames it into place once closed
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, schema) as writer:
             labels: list[int] = []
             images: list[bytes] = []
             keys: list[int] = []
@@ -100,11 +98,6 @@ def _write_shard(path: Path, rows: Iterator[tuple[int, bytes, int]]) -> int:
                     flush()
             if labels:
                 flush()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return n
 
 
@@ -293,7 +286,7 @@ def shards_to_rec(
     ds = ArrowDataset(shard_dir)
     labels = np.concatenate([b[0] for b in ds._batches]) if ds._batches else np.zeros(0)
     order = np.argsort(labels, kind="stable")
-    writer = FaceRecWriter(out_dir)
+    writer = FaceRecWriter(out_dir, num_classes=ds.num_classes)
     try:
         for i in _progress(order, progress, f"-> {out_dir}"):
             payload, label, _ = ds._load(int(i))
@@ -315,6 +308,7 @@ def shuffled_rec(
     DALI decodes every record of a file, so header and identity records must not be there.
     Keys are ``0..N-1`` in the shuffled order; each header's ``id`` is the source index.
     """
+    from datasets.face_layout import write_property
     from datasets.recordio import IndexedRecordIO, IRHeader, pack
 
     out = Path(out_dir)
@@ -328,9 +322,7 @@ def shuffled_rec(
     except BaseException:
         w.abort()
         raise
-    tmp = out / "property.tmp"
-    tmp.write_text(f"{source.num_classes},112,112\n")
-    os.replace(tmp, out / "property")
+    write_property(out, source.num_classes)
     return len(order)
 
 

@@ -1,8 +1,20 @@
 """Atomic output files: write a temporary sibling, fsync it, then ``os.replace``.
 
 A reader never sees a half-written file, and a crash leaves the previous file
-(if any) in place. Every command that writes outputs (RecordIO index, Arrow
-manifests, the synthetic dataset, evaluation results, cleaning reports) uses this.
+(if any) in place. This module is the one home of that pattern: every command
+that writes outputs (RecordIO ``.rec``/``.idx`` and ``property``, Arrow shards and
+manifests, the synthetic dataset, evaluation results, cleaning reports) uses it.
+
+Three shapes, one mechanism (:class:`AtomicFile`):
+
+* :func:`atomic_open` — a context manager yielding an open file object;
+* :func:`atomic_path` — a context manager yielding a temporary *path*, for writers
+  that insist on opening the file themselves (``pyarrow.OSFile``);
+* :class:`AtomicFile` itself — for a file that stays open across calls (the RecordIO
+  writer), committed or discarded explicitly.
+
+Plus one-call writers: :func:`write_bytes`, :func:`write_text`, :func:`write_json`,
+:func:`write_torch`.
 """
 
 from __future__ import annotations
@@ -11,29 +23,127 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import IO, Any
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename inside ``directory`` durable (the rename lives in the directory's
+    entries, not in the file). Some file systems refuse to fsync a directory; the
+    rename itself has still happened, so that is not an error."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """A temporary sibling of ``path`` that becomes ``path`` on :meth:`commit`.
+
+    Args:
+        path: the final file name; missing parent directories are created.
+        mode: open the temporary file in this mode (``"w"``, ``"wb"``, ...) and expose it
+            as :attr:`file`; ``None`` leaves it closed for a writer that opens
+            :attr:`tmp` by name.
+
+    The temporary file is ``.<name>.<random>.tmp`` in the same directory (same file
+    system, so :func:`os.replace` is atomic). :meth:`commit` flushes and fsyncs it,
+    makes it world-readable (0644; ``mkstemp`` creates 0600), renames it over ``path``
+    and fsyncs the directory. :meth:`discard` removes it and leaves ``path`` untouched.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mode: str | None = "wb") -> None:
+        self.path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        self._directory = directory
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=directory
+        )
+        self.tmp = tmp
+        self.file: IO[Any] | None = None
+        self._done = False
+        if mode is None:
+            os.close(fd)
+        else:
+            try:
+                self.file = os.fdopen(fd, mode)
+            except BaseException:
+                os.close(fd)
+                os.unlink(tmp)
+                raise
+
+    def commit(self) -> None:
+        """Make the written bytes durable and move them to ``path``."""
+        if self._done:
+            raise ValueError(f"{self.path}: atomic write already committed or discarded")
+        try:
+            if self.file is not None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+                self.file.close()
+                self.file = None
+            else:  # written by name by another writer, which has closed it
+                fd = os.open(self.tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.chmod(self.tmp, 0o644)
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        self._done = True
+        _fsync_directory(self._directory)
+
+    def discard(self) -> None:
+        """Close and delete the temporary file; ``path`` keeps its previous content (if any).
+        Safe to call more than once, and after a failed :meth:`commit`."""
+        if self._done:
+            return
+        self._done = True
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary sibling of ``path`` (parents created); on success it is
     fsynced, made world-readable (0644) and replaces ``path``; on error it is removed."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    target = AtomicFile(path, mode)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
+        assert target.file is not None  # a mode was given
+        yield target.file
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        target.discard()
         raise
+    target.commit()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` for a writer that opens files by name;
+    once the block exits normally (the writer having closed the file) the file is
+    fsynced and replaces ``path``; on error it is removed."""
+    target = AtomicFile(path, None)
+    try:
+        yield Path(target.tmp)
+    except BaseException:
+        target.discard()
+        raise
+    target.commit()
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -48,8 +158,25 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
         f.write(text)
 
 
-def write_json(path: str | os.PathLike[str], obj: Any, indent: int = 2) -> None:
-    """Atomically write ``obj`` as indented, key-sorted JSON."""
+def write_json(
+    path: str | os.PathLike[str],
+    obj: Any,
+    indent: int | None = 2,
+    sort_keys: bool = True,
+    default: Callable[[Any], Any] | None = None,
+) -> None:
+    """Atomically write ``obj`` as JSON followed by a newline.
+
+    ``indent``, ``sort_keys`` and ``default`` are :func:`json.dump`'s (``default``
+    converts objects JSON does not know, e.g. numpy scalars)."""
     with atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=indent, sort_keys=True)
+        json.dump(obj, f, indent=indent, sort_keys=sort_keys, default=default)
         f.write("\n")
+
+
+def write_torch(path: str | os.PathLike[str], obj: Any) -> None:
+    """Atomically ``torch.save`` ``obj`` (loadable with ``torch.load(path)``)."""
+    import torch  # here, so that text and JSON writers do not need torch
+
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)

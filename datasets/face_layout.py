@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.atomic import write_text
 from datasets.recordio import IndexedRecordIO, IRHeader, RecordIOError, pack, unpack
 
 _EXACT_FLOAT = 1 << 24
@@ -51,6 +52,17 @@ def read_property(directory: str | os.PathLike) -> tuple[int, int, int] | None:
     except ValueError:
         raise RecordIOError(f"{path}: expected 'num_classes,height,width', got {text!r}") from None
     return c, h, w
+
+
+def write_property(
+    directory: str | os.PathLike, num_classes: int, image_size: tuple[int, int] = (112, 112)
+) -> Path:
+    """Write ``directory/property`` (``num_classes,height,width``) atomically; the one
+    writer of the file :func:`read_property` reads. Returns its path."""
+    path = Path(directory) / "property"
+    h, w = image_size
+    write_text(path, f"{int(num_classes)},{int(h)},{int(w)}\n")
+    return path
 
 
 def _is_identity_record(reader: IndexedRecordIO, key: int) -> bool:
@@ -111,52 +123,73 @@ def scan_num_classes(reader: IndexedRecordIO, image_keys: np.ndarray) -> int:
 
 
 class FaceRecWriter:
-    """Write a face-layout ``train.rec``/``train.idx`` (+ ``property``) as insightface does.
+    """The one writer of the face layout: ``train.rec``/``train.idx`` + ``property``, as
+    insightface writes them.
 
-    Call :meth:`add` for every image in class order (labels ``0..C-1``, non-decreasing,
-    each class contiguous), then :meth:`close`, which appends header record 0 and one
-    identity record per class. Files appear atomically at close.
+    Args:
+        out_dir: output directory (created if needed).
+        prefix: file stem (``train`` gives ``train.rec``/``train.idx``).
+        num_classes: identity count to record; classes after the last label written
+            get empty identity records. ``None``: last label + 1.
+        image_size: ``(height, width)`` written to ``property``.
+
+    Call :meth:`add` for every image in class order (labels non-decreasing, each
+    class contiguous), then :meth:`close`, which appends header record 0
+    (``label = [N+1, N+1+C]``, ``id2 = 1``) and one identity record per class
+    (``label = [first_key, end_key)``; a class without images gets ``[k, k)`` at the
+    key where its images would have been). Image ``i`` (1-based) is stored at key
+    ``i`` with ``IRHeader(0, label, i, 0)``. Files appear atomically at close.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, prefix: str = "train") -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        prefix: str = "train",
+        num_classes: int | None = None,
+        image_size: tuple[int, int] = (112, 112),
+    ) -> None:
         self.out_dir = Path(out_dir)
+        self.num_classes = num_classes
+        self.image_size = image_size
         self._w = IndexedRecordIO(
             self.out_dir / f"{prefix}.idx", self.out_dir / f"{prefix}.rec", "w"
         )
         self._next_key = 1
-        self._ranges: list[list[int]] = []
-        self.image_size = (112, 112)
+        self._ranges: list[list[int]] = []  # [first_key, end_key) per class so far
 
     def add(self, label: int, encoded_image: bytes) -> int:
         """Append one encoded image of class ``label``; returns its key."""
         label = int(label)
-        expected = len(self._ranges)
-        if label == expected - 1:
-            self._ranges[-1][1] = self._next_key + 1
-        elif label == expected:
-            self._ranges.append([self._next_key, self._next_key + 1])
-        else:
+        last = len(self._ranges) - 1
+        if label < last or label < 0:
             raise ValueError(
-                f"face-layout writer needs labels in order 0, 1, 2, ...: got {label} after "
-                f"{expected - 1}"
+                f"{self._w.uri}: face-layout writer needs labels in non-decreasing order "
+                f"(each class contiguous): got {label} after {last}"
+            )
+        if self.num_classes is not None and label >= self.num_classes:
+            raise ValueError(
+                f"{self._w.uri}: label {label} is outside [0, num_classes={self.num_classes})"
             )
         key = self._next_key
+        while len(self._ranges) <= label:  # skipped classes stay empty: [key, key)
+            self._ranges.append([key, key])
+        self._ranges[label][1] = key + 1
         self._w.write_idx(key, pack(IRHeader(0, float(label), key, 0), encoded_image))
         self._next_key += 1
         return key
 
     def close(self) -> tuple[int, int]:
         """Write header and identity records and the property file; ``(N images, C classes)``."""
-        n, c = self._next_key - 1, len(self._ranges)
+        n = self._next_key - 1
+        c = len(self._ranges) if self.num_classes is None else self.num_classes
+        ranges = self._ranges + [[n + 1, n + 1]] * (c - len(self._ranges))
         self._w.write_idx(0, pack(IRHeader(0, [n + 1, n + 1 + c], 0, 1), b""))
-        for i, (first, end) in enumerate(self._ranges):
+        for i, (first, end) in enumerate(ranges):
             self._w.write_idx(n + 1 + i, pack(IRHeader(0, [first, end], n + 1 + i, 0), b""))
         self._w.close()
-        h, w = self.image_size
-        tmp = self.out_dir / "property.tmp"
-        tmp.write_text(f"{c},{h},{w}\n")
-        os.replace(tmp, self.out_dir / "property")
+        write_property(self.out_dir, c, self.image_size)
         return n, c
 
     def abort(self) -> None:
+        """Discard everything written so far (no file appears)."""
         self._w.abort()

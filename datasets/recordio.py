@@ -26,14 +26,13 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from datasets.atomic import write_text
+from datasets.atomic import AtomicFile, write_text
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -248,8 +247,9 @@ class MXRecordIO:
     """Sequential RecordIO file, mode ``"r"`` or ``"w"`` (as ``mxnet.recordio.MXRecordIO``).
 
     ``read()`` returns the next record's bytes or ``None`` at the end of file;
-    ``write(buf)`` appends one record. Writers write to ``<uri>.tmp`` and move it into
-    place on :meth:`close`, so a crashed write never leaves a half file under the real name.
+    ``write(buf)`` appends one record. Writers write to a temporary sibling
+    (:class:`datasets.atomic.AtomicFile`) moved into place on :meth:`close`, so a
+    crashed write never leaves a half file under the real name.
     """
 
     def __init__(self, uri: str | os.PathLike, flag: str) -> None:
@@ -261,17 +261,13 @@ class MXRecordIO:
         self._file: Any = None
         self._map: mmap.mmap | bytes | None = None
         self._pos = 0
-        self._tmp: Path | None = None
+        self._out: AtomicFile | None = None
         if flag == "r":
             if not self.uri.is_file():
                 raise FileNotFoundError(f"RecordIO file {self.uri} does not exist")
         else:
-            self.uri.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(
-                prefix=self.uri.name + ".", suffix=".tmp", dir=self.uri.parent
-            )
-            self._tmp = Path(tmp)
-            self._file = os.fdopen(fd, "wb")
+            self._out = AtomicFile(self.uri, "wb")
+            self._file = self._out.file
             self._pid = os.getpid()
 
     # Reading ---------------------------------------------------------------
@@ -337,12 +333,8 @@ class MXRecordIO:
     def close(self) -> None:
         """Close; for writers, flush, fsync and atomically move the file into place."""
         if self.flag == "w" and self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
             self._file = None
-            os.chmod(self._tmp, 0o644)
-            os.replace(self._tmp, self.uri)
+            self._out.commit()
         if isinstance(self._map, mmap.mmap) and self._pid == os.getpid():
             try:
                 self._map.close()
@@ -353,9 +345,8 @@ class MXRecordIO:
     def abort(self) -> None:
         """Discard a writer's output (the temporary file) without touching ``uri``."""
         if self.flag == "w" and self._file is not None:
-            self._file.close()
             self._file = None
-            self._tmp.unlink(missing_ok=True)
+            self._out.discard()
 
     def __enter__(self) -> MXRecordIO:
         return self

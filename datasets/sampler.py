@@ -27,20 +27,19 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from partial_fc.collectives import rank_and_world_size
+
 _MASK64 = (1 << 64) - 1
 
 
 def _dist_default(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return (
-            dist.get_rank() if rank is None else rank,
-            dist.get_world_size() if world_size is None else world_size,
-        )
-    return (0 if rank is None else rank), (1 if world_size is None else world_size)
+    """``rank``/``world_size`` as given, each ``None`` replaced by the default process
+    group's (:func:`partial_fc.collectives.rank_and_world_size`: ``0``/``1`` without one)."""
+    group_rank, group_world = rank_and_world_size()
+    return (
+        group_rank if rank is None else rank,
+        group_world if world_size is None else world_size,
+    )
 
 
 class DistributedFaceSampler(Sampler[tuple[int, int]]):

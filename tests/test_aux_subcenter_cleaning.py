@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from datasets.dataset import open_dataset
+from datasets.face_layout import FaceRecWriter
 from datasets.pk_sampler import dataset_labels
-from datasets.recordio import IndexedRecordIO, IRHeader, pack
 from partial_fc.sharding import class_range
 from partial_fc.subcenter_cleaning import embed_samples
 from tests.distributed import run_ranks
@@ -40,21 +40,10 @@ def _write_noisy(src, dst) -> dict:
     for i in noisy_src:
         label[i] = (true[i] + rng.integers(1, IDENTITIES)) % IDENTITIES
     order = np.argsort(label, kind="stable")
-    dst.mkdir(parents=True, exist_ok=True)
-    w = IndexedRecordIO(dst / "train.idx", dst / "train.rec", "w")
-    ranges = {}
-    for key, i in enumerate(order.tolist(), start=1):
-        payload = bytes(ds._load(i)[0])
-        w.write_idx(key, pack(IRHeader(0, float(label[i]), key, 0), payload))
-        first, _ = ranges.get(int(label[i]), (key, key))
-        ranges[int(label[i])] = (first, key + 1)
-    n = len(order)
-    w.write_idx(0, pack(IRHeader(0, [n + 1, n + 1 + NUM_CLASSES], 0, 1), b""))
-    for c in range(NUM_CLASSES):
-        first, end = ranges.get(c, (n + 1, n + 1))
-        w.write_idx(n + 1 + c, pack(IRHeader(0, [first, end], n + 1 + c, 0), b""))
-    w.close()
-    (dst / "property").write_text(f"{NUM_CLASSES},112,112\n")
+    writer = FaceRecWriter(dst, num_classes=NUM_CLASSES)  # the last class stays empty
+    for i in order.tolist():
+        writer.add(int(label[i]), bytes(ds._load(i)[0]))
+    writer.close()
     is_noisy = np.zeros(len(true), bool)
     is_noisy[noisy_src] = True
     return {
@@ -166,7 +155,6 @@ def test_cleaning_command_with_trainer_checkpoint_and_head_weights(noisy_data, t
     """The CLI end to end with a real (random) backbone: head rows from a 2-shard trainer
     checkpoint (read back for 1 rank) or from a (C*K, D) file give the same report."""
     from backbones import get_model
-    from datasets.face_layout import FaceRecWriter
     from trainer.checkpoint import head_shard_state
 
     # a small copy (4 classes x 5 images): the backbone's CPU forward dominates the time

@@ -94,3 +94,22 @@ def test_bad_arguments_and_state() -> None:
     s = DistributedFaceSampler(10, 2, rank=0, world_size=1, seed=1)
     with pytest.raises(ValueError, match="for 10 samples, this dataset has 20"):
         DistributedFaceSampler(20, 2, rank=0, world_size=1, seed=1).load_state_dict(s.state_dict())
+
+
+def test_rank_and_world_size_default_to_the_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of rank / world_size left out comes from the default group (the library's one
+    lookup, partial_fc.collectives.rank_and_world_size); without a group, 0 and 1."""
+    import torch.distributed as dist
+
+    assert (DistributedFaceSampler(30, 2).rank, DistributedFaceSampler(30, 2).world_size) == (0, 1)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 3)
+    for kwargs, expected in (
+        ({}, (2, 3)),
+        ({"rank": 1}, (1, 3)),
+        ({"world_size": 5}, (2, 5)),
+        ({"rank": 0, "world_size": 1}, (0, 1)),
+    ):
+        s = DistributedFaceSampler(30, 2, **kwargs)
+        assert (s.rank, s.world_size) == expected, kwargs

@@ -197,6 +197,40 @@ def test_layering_check_sees_lazy_imports(tmp_path: Path) -> None:
     assert _imported_roots(probe) & FORBIDDEN == {"trainer"}
 
 
+RANK_HOME = ROOT / "partial_fc" / "collectives.py"  # rank_and_world_size, the one lookup
+
+
+def _rank_lookups(path: Path) -> list[str]:
+    """Calls of ``get_rank``/``get_world_size`` (``dist.get_rank()``, ``get_rank()``, ...)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in ("get_rank", "get_world_size"):
+                found.append(f"{path}:{node.lineno} {name}")
+    return found
+
+
+def test_one_rank_lookup_outside_the_trainer() -> None:
+    """Library, evaluation and tools ask partial_fc.collectives.rank_and_world_size;
+    no second helper that could disagree about "no process group"."""
+    offenders = []
+    for package in (*LIBRARY_PACKAGES, "eval", "tools"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path != RANK_HOME:
+                offenders += _rank_lookups(path)
+    assert not offenders, "\n".join(offenders)
+    assert _rank_lookups(RANK_HOME)  # the home itself is seen
+
+
+def test_rank_lookup_check_sees_calls(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("import torch.distributed as dist\nr = dist.get_rank() + get_world_size()\n")
+    assert [line.split()[-1] for line in _rank_lookups(probe)] == ["get_rank", "get_world_size"]
+
+
 # ------------------------------------------------------------------ commands on gloo ranks
 
 

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from datasets.atomic import write_bytes
+from datasets.atomic import atomic_open, write_json, write_text
+from datasets.face_layout import FaceRecWriter
 from partial_fc.collectives import rank_and_world_size
 from partial_fc.sharding import class_range
 from partial_fc.subcenter_cleaning import EmbedFn, Outlier, find_outliers
@@ -116,36 +116,17 @@ def write_face_rec(dataset: Any, order: np.ndarray, labels: np.ndarray, num_clas
                    out_dir: Path) -> None:  # fmt: skip
     """Write samples ``order`` (sorted by label) in the face layout, keeping
     ``num_classes`` identity records even for classes left without samples."""
-    from datasets.recordio import IndexedRecordIO, IRHeader, pack
-
-    writer = IndexedRecordIO(out_dir / "train.idx", out_dir / "train.rec", "w")
+    writer = FaceRecWriter(out_dir, num_classes=num_classes)
     try:
-        firsts = np.zeros(num_classes, np.int64)
-        ends = np.zeros(num_classes, np.int64)
-        key = 1
         for i in order.tolist():
             payload, label, _ = dataset._load(i)
-            label = int(label)
-            if label != int(labels[i]):
+            if int(label) != int(labels[i]):
                 raise ValueError(f"sample {i}: label {label} differs from the scanned {labels[i]}")
-            if ends[label] == 0:
-                firsts[label] = key
-            ends[label] = key + 1
-            writer.write_idx(key, pack(IRHeader(0, float(label), key, 0), bytes(payload)))
-            key += 1
-        n = key - 1
-        writer.write_idx(0, pack(IRHeader(0, [n + 1, n + 1 + num_classes], 0, 1), b""))
-        next_first = 1
-        for c in range(num_classes):  # empty classes get [k, k) at their position
-            first, end = (firsts[c], ends[c]) if ends[c] else (next_first, next_first)
-            writer.write_idx(n + 1 + c, pack(IRHeader(0, [float(first), float(end)], n + 1 + c, 0),
-                                             b""))  # fmt: skip
-            next_first = end
+            writer.add(int(label), bytes(payload))
+        writer.close()
     except BaseException:
         writer.abort()
         raise
-    writer.close()
-    write_bytes(out_dir / "property", f"{num_classes},112,112\n".encode())
 
 
 def plot_histogram(counts: np.ndarray, threshold: float, path: Path) -> None:
@@ -166,14 +147,8 @@ def plot_histogram(counts: np.ndarray, threshold: float, path: Path) -> None:
         ax.set_xlim(0, 180)
         ax.legend()
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png", dpi=100)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
     finally:
         plt.close(fig)
 
@@ -233,10 +208,10 @@ def _write_outputs(
     for i, label, angle, nearest in outliers:
         key = int(keys[i]) if keys is not None else -1
         lines.append(f"{i}\t{key}\t{label}\t{angle:.3f}\t{nearest}")
-    write_bytes(out / "removed.tsv", ("\n".join(lines) + "\n").encode())
+    write_text(out / "removed.tsv", "\n".join(lines) + "\n")
     counts = np.asarray(report["angle_histogram"]["counts"])
     plot_histogram(counts, report["threshold_degrees"], out / "angles.png")
-    write_bytes(out / "report.json", (json.dumps(report) + "\n").encode())
+    write_json(out / "report.json", report, indent=None, sort_keys=False)
 
 
 # ----------------------------------------------------------------------------- command
