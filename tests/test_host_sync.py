@@ -116,13 +116,12 @@ def _syncs_between_log_steps(rank: int, world: int, tmp: str, fp16: bool) -> dic
     )
     ctx = DistContext.current(device_under_test())
     aux = build_aux_losses(cfg, ctx.device)
+    amp = AmpPolicy("fp16", ctx.device, scaler_only=ctx.device.type == "cpu") if fp16 else None
     t = Trainer(
         cfg, make_backbone(), build_head(cfg, ctx.device), TensorLoader(x, y, 8, rank, world),
-        ctx, aux=aux,
+        ctx, aux=aux, amp=amp,
     )  # fmt: skip
-    if fp16:
-        t.amp = AmpPolicy("fp16", ctx.device, scaler_only=ctx.device.type == "cpu")
-        t.scaler = t.amp.scaler
+    assert t.amp.scaling == fp16
     counter = _StepSyncs()
     real_after_step = t._after_step
 

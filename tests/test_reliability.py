@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,9 +72,11 @@ def _watch_steps(t: Any) -> list[tuple[int, bool, bool]]:
     real = t.train_step
 
     def step(micro):
-        before = [p.detach().clone() for p in t._params()]
+        before = [p.detach().clone() for p in t.stepper.params()]
         result = real(micro)
-        changed = any(not torch.equal(a, p) for a, p in zip(before, t._params(), strict=True))
+        changed = any(
+            not torch.equal(a, p) for a, p in zip(before, t.stepper.params(), strict=True)
+        )
         seen.append((t.step, bool(result.skipped), changed))
         return result
 
@@ -125,11 +128,32 @@ def test_consecutive_bad_steps_stop_with_last_good_checkpoint(
     assert "step 8" in message and "train.max_bad_steps=3" in message
     assert "step-00000004" in message  # step 6 fell in the streak: not saved
     assert "sample keys by rank" in caplog.text
-    good = t.checkpoints.latest()
+    good = t.checkpointer.latest()
     assert good is not None and good.name == "step-00000004"
     fresh = make_trainer(make_cfg(tmp_path), TensorLoader(x, y, 8, 0, 1))
     assert fresh.maybe_resume() == good and fresh.step == 4
-    assert all(torch.isfinite(p).all() for p in fresh._params())
+    assert all(torch.isfinite(p).all() for p in fresh.stepper.params())
+
+
+def test_skipped_steps_are_logged_as_skipped_not_as_zero_loss(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Log windows of 2 steps over steps 1-3 good, 4-6 bad: the second line averages
+    its good step and counts the skipped one; the third, all skipped, says so instead
+    of ``loss 0.0000 acc 0.0000``."""
+    x, y = dataset()
+    cfg = make_cfg(tmp_path, "train.max_steps=6", "log.every_steps=2", "train.max_bad_steps=5")
+    t = make_trainer(cfg, KeyedLoader(x, y, 8, 0, 1, poison_from=3))
+    with caplog.at_level("INFO", logger="trainer"):
+        t.fit()
+    lines = {
+        int(m.group(1)): m.group(2) for m in re.finditer(r"step (\d)/\d+ epoch 0 (.*)", caplog.text)
+    }
+    assert re.match(r"loss \d+\.\d{4} acc \d\.\d{4} lr ", lines[2]), lines[2]
+    assert re.match(r"loss \d+\.\d{4} acc \d\.\d{4} \(1 skipped\) lr ", lines[4]), lines[4]
+    assert lines[6].startswith("all 2 steps since the last log skipped"), lines[6]
+    assert len(lines) == 3 and not any("0.0000" in line or "nan" in line for line in lines.values())
+    assert t.bad_streak == 3
 
 
 def _hung_peer(rank: int, world: int, out: str) -> str:
@@ -221,7 +245,7 @@ def test_disk_full_during_save_names_path_and_keeps_previous(
     assert ".tmp-step-00000002" in message and str(good) in message
     monkeypatch.setattr(checkpoint_module, "save_file", real_save)
     assert not (tmp_path / "checkpoints" / ".tmp-step-00000002").exists()  # cleaned up
-    assert t.checkpoints.latest() == good
+    assert t.checkpointer.latest() == good
     fresh = make_trainer(make_cfg(tmp_path), TensorLoader(x, y, 8, 0, 1))
     assert fresh.maybe_resume() == good and fresh.step == 1
 
@@ -282,7 +306,7 @@ def test_checkpoint_with_other_embedding_size_is_refused(tmp_path: Path) -> None
     meta["embedding_size"] = 4
     (ckpt / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match=r"model\.embedding_size=8 .* size 4"):
-        t.load_checkpoint(ckpt)
+        t.checkpointer.load(ckpt)
 
 
 def test_batch_too_large_for_one_step_is_named(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,8 @@ from datasets.sampler import DistributedFaceSampler
 from partial_fc import ArcFace, PartialFC
 from tests.distributed import device_under_test, run_ranks
 from trainer import DistContext, Trainer
+from trainer.amp import AmpPolicy
+from trainer.monitor import Monitor
 from trainer.schedule import WarmupPoly
 
 pytestmark = pytest.mark.on_device  # `pytest --device cuda` reruns these on the GPU
@@ -105,13 +109,15 @@ def make_backbone(dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def make_trainer(cfg: Config, loader: Any, dropout: float = 0.0) -> Trainer:
+def make_trainer(
+    cfg: Config, loader: Any, dropout: float = 0.0, amp: AmpPolicy | None = None
+) -> Trainer:
     ctx = DistContext.current(device_under_test())
     head = PartialFC(
         CLASSES, EMB, ArcFace(16.0, 0.3), sample_rate=cfg.head.sample_rate, seed=cfg.train.seed,
         device=ctx.device,
     )  # fmt: skip
-    return Trainer(cfg, make_backbone(dropout), head, loader, ctx)
+    return Trainer(cfg, make_backbone(dropout), head, loader, ctx, amp=amp)
 
 
 def gather_state(t: Trainer) -> dict[str, torch.Tensor]:
@@ -223,13 +229,10 @@ def test_fit_exports_weights_only_backbone(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------- fp16 scaling
 def _scaled_steps(rank: int, world: int, tmp: str) -> dict:
-    from trainer.amp import AmpPolicy
-
     x, y = dataset()
     cfg = make_cfg(tmp, "data.batch_size=8", "train.clip_grad_norm=1.0")
-    t = make_trainer(cfg, TensorLoader(x, y, 8, rank, world))
-    t.amp = AmpPolicy("fp16", torch.device("cpu"), scaler_only=True)
-    t.scaler = t.amp.scaler
+    amp = AmpPolicy("fp16", torch.device("cpu"), scaler_only=True)
+    t = make_trainer(cfg, TensorLoader(x, y, 8, rank, world), amp=amp)
     scale0 = t.scaler.get_scale()
     poison = {"on": True}
 
@@ -293,3 +296,31 @@ def test_amp_on_cuda(tmp_path: Path, amp: str) -> None:
         assert torch.isfinite(result.loss)
     assert t.head.weight.dtype == torch.float32
     assert not torch.equal(t.head.weight.detach(), start)
+
+
+# ------------------------------------------------------------------ monitor
+class _Stderr(io.StringIO):
+    """A stderr that is, or is not, a terminal."""
+
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize(("tty", "asked"), [(False, True), (True, True), (True, False)])
+def test_progress_bar_only_when_asked_and_stderr_is_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, tty: bool, asked: bool
+) -> None:
+    """In a log file a bar would write a carriage-return frame per step."""
+    stderr = _Stderr(tty)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monitor = Monitor(True, 10, 0, None, progress_bar=asked)
+    shown = monitor.bar is not None
+    for _ in range(3):
+        monitor.count(8)
+    monitor.close()
+    assert shown == (tty and asked)
+    assert ("\r" in stderr.getvalue()) == (tty and asked)

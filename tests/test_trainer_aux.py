@@ -103,7 +103,7 @@ def test_step_loss_is_head_plus_weighted_terms(tmp_path: Path) -> None:
     torch.testing.assert_close(result.aux["triplet"].double(), triplet, atol=1e-5, rtol=1e-5)
     assert not torch.equal(t.center.centers.detach(), centres)  # the centres learned
     assert len(t.schedulers) == 3
-    lrs = {o.param_groups[0]["lr"] for o in t._optimizers()}
+    lrs = {o.param_groups[0]["lr"] for o in t.stepper.optimizers()}
     assert len(lrs) == 1 and t.opt_center.param_groups[0]["weight_decay"] == 0.0
 
 

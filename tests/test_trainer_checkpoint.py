@@ -1,4 +1,5 @@
-"""Checkpoints: exact resume, resharded resume (4 -> 2, 2 -> 3), atomic save."""
+"""Checkpoints: exact resume, resharded resume (4 -> 2, 2 -> 3; K=3 sub-centres 2 -> 1, 3),
+the on-disk format, older checkpoints, atomic save."""
 
 from __future__ import annotations
 
@@ -10,15 +11,20 @@ import pytest
 import torch
 
 import trainer.checkpoint as checkpoint_module
+from partial_fc import ArcFace, PartialFC
 from tests.distributed import run_ranks
 from tests.test_trainer import (  # noqa: F401 (one_thread is an autouse fixture)
+    EMB,
     TensorLoader,
     dataset,
     gather_state,
+    make_backbone,
     make_cfg,
     make_trainer,
     one_thread,
 )
+from tests.test_trainer_aux import make_aux_trainer
+from trainer import DistContext, Trainer
 from trainer.checkpoint import CheckpointManager
 
 # 96 samples, global batch 24 -> 4 steps per epoch; 3 epochs -> 12 steps.
@@ -110,7 +116,7 @@ def test_head_shards_reslice_by_global_class(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, "train.max_steps=2")
     t = make_trainer(cfg, TensorLoader(x, y, 8, 0, 1))
     t.fit()
-    ckpt = t.checkpoints.latest()
+    ckpt = t.checkpointer.latest()
     full_w = t.head.weight.detach()
     full_m = next(iter(t.opt_head.state.values()))["momentum_buffer"]
     for world in (2, 3, 4, 12):  # 12 > 11 classes: the last rank holds none
@@ -146,15 +152,15 @@ def test_atomic_save_survives_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(checkpoint_module, "save_file", real_save)
     directory = tmp_path / "checkpoints"
     assert (directory / ".tmp-step-00000002").is_dir()  # the partial save is there...
-    assert t.checkpoints.latest() == good  # ...but never picked
+    assert t.checkpointer.latest() == good  # ...but never picked
     # a renamed directory that lost a file (or has a truncated one) is not picked either
     broken = directory / "step-00000007"
     broken.mkdir()
     (broken / "meta.json").write_text(json.dumps({"files": {"trainer.pt": 10**6}}))
-    assert t.checkpoints.latest() == good
+    assert t.checkpointer.latest() == good
     os.rename(broken, directory / "step-00000008")  # no meta at all after removing it
     (directory / "step-00000008" / "meta.json").unlink()
-    assert t.checkpoints.latest() == good
+    assert t.checkpointer.latest() == good
 
     fresh = make_trainer(make_cfg(tmp_path), TensorLoader(x, y, 8, 0, 1))
     assert fresh.maybe_resume() == good and fresh.step == 1
@@ -166,4 +172,138 @@ def test_atomic_save_survives_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     fresh.train_step([(x[:8], y[:8])])
     third = fresh.save_checkpoint()
     assert not (directory / ".tmp-step-00000002").exists()
-    assert [p.name for p in fresh.checkpoints.complete()] == [second.name, third.name]
+    assert [p.name for p in fresh.checkpointer.storage.complete()] == [second.name, third.name]
+
+
+# ------------------------------------------------- sub-centres, AdamW, margins
+# 101 classes (labels use 11): a sample of half the classes is larger than the global
+# batch of 24, so rows take part in different numbers of steps.
+K3_CLASSES = 101
+K3_ARGS = (
+    "train.epochs=3", "head.sample_rate=0.5", "optimizer.name=adamw",
+    f"data.num_classes={K3_CLASSES}",
+)  # fmt: skip
+
+
+def _k3_trainer(rank: int, world: int, out: str, *extra: str) -> Trainer:
+    """A K=3 sampled head with AdamW (row-indexed ``exp_avg``, ``exp_avg_sq``,
+    ``row_step``) and per-class margins, global batch 24 at any world size."""
+    x, y = dataset()
+    batch = 24 // world
+    cfg = make_cfg(out, f"data.batch_size={batch}", *K3_ARGS, *extra)
+    ctx = DistContext.current()
+    head = PartialFC(
+        K3_CLASSES, EMB, ArcFace(16.0, torch.full((K3_CLASSES,), 0.3)), num_subcenters=3,
+        sample_rate=0.5, seed=cfg.train.seed,
+    )  # fmt: skip
+    return Trainer(cfg, make_backbone(), head, TensorLoader(x, y, batch, rank, world), ctx)
+
+
+def _gather_k3(t: Trainer) -> dict[str, torch.Tensor]:
+    """The full head matrix and its optimizer state, by global class (rows of class c
+    are ``3c .. 3c + 2``), and the head's per-class margins."""
+    state = next(iter(t.opt_head.state.values()))
+    local = {"weight": t.head.weight.detach().clone()}
+    local.update({k: v.detach().clone() for k, v in state.items()})
+    rows = t.ctx.all_gather_object((t.head.class_start, local))
+    rows.sort(key=lambda r: r[0])
+    out = {key: torch.cat([r[1][key] for r in rows]) for key in local}
+    out["m2"] = t.head.margin.m2.detach().clone()
+    return out
+
+
+def _k3_save(rank: int, world: int, out: str) -> dict:
+    t = _k3_trainer(rank, world, out, "train.max_steps=5")
+    # margins changed at run time (an annealing schedule would): saved with the head
+    t.head.set_margins(torch.linspace(0.2, 0.5, K3_CLASSES))
+    t.fit()
+    return _gather_k3(t)
+
+
+def _k3_resume(rank: int, world: int, out: str) -> dict:
+    t = _k3_trainer(rank, world, out)
+    assert t.maybe_resume() is not None and t.step == 5
+    return _gather_k3(t)
+
+
+def test_subcentre_head_and_adamw_state_reshard_by_global_class(tmp_path: Path) -> None:
+    """K=3 sub-centres saved on 2 ranks resume on 1 and on 3 ranks: the gathered head
+    weight, every AdamW tensor (moments and the per-row step) and the margins equal
+    the saved ones, by global class."""
+    out = str(tmp_path / "run")
+    saved = run_ranks(_k3_save, 2, out)[0]
+    rows = 3 * K3_CLASSES
+    assert saved["weight"].shape == (rows, 8) and saved["row_step"].shape == (rows,)
+    # sampling left rows with different step counts: a shift of rows would show
+    assert len(set(saved["row_step"].tolist())) > 1
+    for resumed in (_k3_resume(0, 1, out), run_ranks(_k3_resume, 3, out)[0]):
+        assert resumed.keys() == saved.keys()
+        for key, value in saved.items():
+            assert torch.equal(resumed[key], value), key
+
+
+# ------------------------------------------------------------- on-disk format
+def _aux_trainer(out: Path, *extra: str) -> Trainer:
+    x, y = dataset()
+    return make_aux_trainer(make_cfg(out, *extra), TensorLoader(x, y, 8, 0, 1))
+
+
+def test_on_disk_format_is_unchanged(tmp_path: Path) -> None:
+    """The names under which the parts are saved are the format (FORMAT_VERSION 1):
+    checkpoints written by earlier versions of the trainer must keep loading."""
+    t = _aux_trainer(tmp_path, "aux.center_weight=0.1")
+    t.train_step([(dataset()[0][:8], dataset()[1][:8])])
+    ckpt = t.save_checkpoint()
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "center-00000.pt", "head-00000.pt", "meta.json", "rank-00000.pt", "trainer.pt",
+    ]  # fmt: skip
+    shared = torch.load(ckpt / "trainer.pt", weights_only=True)
+    assert set(shared) == {
+        "backbone", "backbone_optimizer", "schedulers", "scaler", "progress", "loader",
+        "history", "config",
+    }  # fmt: skip
+    assert shared["progress"] == {"step": 1, "epoch": 0}
+    assert len(shared["schedulers"]) == 3 and shared["schedulers"][0]["lr_lambdas"] == [None]
+    assert isinstance(shared["history"], str) and isinstance(shared["config"], str)
+    assert set(torch.load(ckpt / "rank-00000.pt", weights_only=True)) == {"rng"}
+    shard_keys = {
+        "class_start", "num_local", "num_subcenters", "row_start", "rows", "model",
+        "model_row_keys", "optim_state", "optim_row_keys", "param_groups",
+    }  # fmt: skip
+    head = torch.load(ckpt / "head-00000.pt", weights_only=True)
+    center = torch.load(ckpt / "center-00000.pt", weights_only=True)
+    assert set(head) == set(center) == shard_keys
+    assert head["model_row_keys"] == ["weight"] and center["model_row_keys"] == ["centers"]
+    assert head["optim_row_keys"] == ["momentum_buffer"]
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert {"format", "step", "world_size", "shards", "center_shards", "files"} <= set(meta)
+    assert (meta["format"], meta["num_classes"], meta["embedding_size"]) == (1, 11, 8)
+    assert meta["shards"] == [{"file": "head-00000.pt", "class_start": 0, "num_local": 11, "K": 1}]
+
+
+def test_checkpoint_without_centres_resumes_a_run_with_centres(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint written without centre shards (and with two schedulers: an older
+    run, or one without ``aux.center_weight``) resumes a run with learnable centres:
+    the centres start afresh, at the resumed step's learning rate."""
+    x, y = dataset()
+    plain = _aux_trainer(tmp_path)
+    for i in range(3):
+        plain.train_step([(x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8])])
+    ckpt = plain.save_checkpoint()
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert "center_shards" not in meta
+    del meta["embedding_size"]  # not recorded by the first versions: not required
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    resumed = _aux_trainer(tmp_path, "aux.center_weight=0.1")
+    fresh_centres = resumed.center.centers.detach().clone()
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert resumed.maybe_resume() == ckpt and resumed.step == 3
+    assert "no center shards" in caplog.text
+    assert torch.equal(resumed.center.centers.detach(), fresh_centres)
+    torch.testing.assert_close(resumed.head.weight, plain.head.weight, atol=0, rtol=0)
+    lr = plain.opt_backbone.param_groups[0]["lr"]
+    assert lr != resumed.cfg.optimizer.lr  # the schedule has moved: the test means something
+    assert [o.param_groups[0]["lr"] for o in resumed.stepper.optimizers()] == [lr, lr, lr]
+    assert resumed.schedulers[2].last_epoch == 3

@@ -6,6 +6,7 @@ loader. See ``docs/training.md``.
 """
 
 from trainer.distributed import DistContext
-from trainer.loop import AuxLosses, StepResult, Trainer, TrainLoader
+from trainer.loop import AuxLosses, Trainer, TrainLoader
+from trainer.step import StepResult
 
 __all__ = ["AuxLosses", "DistContext", "StepResult", "TrainLoader", "Trainer"]

@@ -1,15 +1,20 @@
-"""Atomic, world-size-independent checkpoints.
+"""Checkpoint storage: atomic, world-size-independent checkpoint directories.
+
+This module knows files, not the trainer: :class:`CheckpointManager` writes the
+states it is handed, finds complete checkpoints and reads them back, resharding
+class-sharded states by global class. *What* goes into a checkpoint (the stateful
+parts of a run) is :class:`trainer.checkpointer.Checkpointer`'s business.
 
 Layout of ``<output>/checkpoints/step-00001234/``::
 
     meta.json            written last; lists every file with its size
-    trainer.pt           rank 0: backbone, its optimizer, schedulers, grad scaler,
-                         loop position, loader position (replicated state)
+    trainer.pt           rank 0: the replicated parts by name (backbone, its optimizer,
+                         schedulers, grad scaler, progress, loader position, history)
     head-00000.pt ...    one per saving rank: its head rows and the head optimizer's
                          row state, with the rank's global class range
     center-00000.pt ...  the same for other class-sharded modules (the center loss's
                          centres and their optimizer), when the trainer has them
-    rank-00000.pt ...    one per saving rank: RNG states
+    rank-00000.pt ...    one per saving rank: its private parts (RNG states)
 
 Atomicity: every rank writes into ``.tmp-step-XXXXXXXX/``; after a barrier rank 0
 writes ``meta.json`` (fsynced) and renames the directory to its final name, which is
@@ -17,15 +22,17 @@ atomic on POSIX file systems. A crash at any point leaves either no new director
 ``.tmp-*`` one, which :meth:`CheckpointManager.latest` never picks (it also checks
 that each file listed in ``meta.json`` exists with its recorded size). Old
 checkpoints are first renamed to ``.trash-*`` and then deleted, so a crash while
-pruning cannot leave a half-deleted directory that looks complete.
+pruning cannot leave a half-deleted directory that looks complete. (The files inside
+the temporary directory need no atomic replace of their own: the directory rename
+publishes them all at once.)
 
 Resharding: head rows are stored with their global class offsets. On load each rank
 computes its new class range and copies the overlapping rows out of every saved shard
 (memory-mapped, so only the needed rows are read). Tensors of the head's state dict
 and of the head optimizer's per-parameter state whose first dimension is the shard's
-row count are re-sliced this way; other entries (step counters, hyper-parameters) are
-replicated and taken from shard 0. Multi-node jobs need ``<output>`` on a shared file
-system.
+row count are re-sliced this way; other entries (step counters, hyper-parameters,
+per-class margins, which every rank holds whole) are replicated and taken from shard 0.
+Multi-node jobs need ``<output>`` on a shared file system.
 """
 
 from __future__ import annotations
@@ -160,22 +167,21 @@ class CheckpointManager:
         self,
         step: int,
         shared: dict[str, Any],
-        head_shard: dict[str, Any],
+        shards: dict[str, dict[str, Any]],
         rank_state: dict[str, Any],
         extra_meta: dict[str, Any] | None = None,
-        extra_shards: dict[str, dict[str, Any]] | None = None,
     ) -> Path:
         """Write a checkpoint for ``step`` from every rank (a collective call).
 
         Args:
             step: optimizer steps done.
-            shared: replicated state, written by rank 0 only.
-            head_shard: this rank's :func:`head_shard_state`.
-            rank_state: this rank's private state (RNG).
+            shared: replicated state, written by rank 0 only (``trainer.pt``).
+            shards: this rank's class-sharded states (:func:`head_shard_state`) by
+                name, written as ``<name>-<rank>.pt`` and listed in ``meta.json``
+                under ``shards`` (``head``) or ``<name>_shards``; read back with
+                :meth:`load_shard`.
+            rank_state: this rank's private state (``rank-<rank>.pt``).
             extra_meta: JSON-able facts recorded in ``meta.json``.
-            extra_shards: other class-sharded states (:func:`head_shard_state`) by name,
-                written as ``<name>-<rank>.pt`` and listed in ``meta.json`` under
-                ``<name>_shards``; read back with ``load_head_shard(..., name=name)``.
         Returns:
             the final checkpoint directory.
         """
@@ -190,7 +196,6 @@ class CheckpointManager:
         rank = ctx.rank
         # Every rank writes its files; a failure (ENOSPC, EIO, ...) is reported to all
         # ranks, so none waits in a collective for a rank that gave up.
-        shards = {"head": head_shard, **(extra_shards or {})}
         error = _attempt(self._write_rank_files, tmp, rank, shards, rank_state, shared)
         reports = ctx.all_gather_object(
             (
@@ -357,14 +362,15 @@ class CheckpointManager:
         return _shards_key(name) in CheckpointManager.read_meta(path)
 
     @staticmethod
-    def load_head_shard(
-        path: Path, class_start: int, num_local: int, num_subcenters: int, name: str = "head"
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Assemble the head state for classes ``[class_start, class_start + num_local)``.
+    def load_shard(
+        path: Path, name: str, class_start: int, num_local: int, num_subcenters: int
+    ) -> dict[str, Any]:
+        """The ``name`` shards of ``path`` resharded to classes ``[class_start,
+        class_start + num_local)``, whatever world size wrote them.
 
-        Returns ``(head_state_dict, head_optimizer_state_dict)`` ready for
-        ``load_state_dict``, whatever world size wrote the checkpoint. ``name`` selects
-        other class shards saved with ``extra_shards`` (e.g. ``"center"``).
+        Returns a state in :func:`head_shard_state`'s format for that range, as if
+        saved by a rank that owned it (so ``part.load_state_dict(state)`` works alike
+        for a same-size resume and a resharded one).
         """
         meta = CheckpointManager.read_meta(path)
         key = _shards_key(name)
@@ -418,8 +424,40 @@ class CheckpointManager:
             )
         for (kind, k), t in out.items():
             (model_state if kind == "m" else optim_state)[k] = t
-        optim = {
-            "state": {0: optim_state} if optim_state else {},
+        return {
+            "class_start": class_start,
+            "num_local": num_local,
+            "num_subcenters": K,
+            "row_start": lo,
+            "rows": hi - lo,
+            "model": model_state,
+            "model_row_keys": model_rows,
+            "optim_state": optim_state,
+            "optim_row_keys": [k for (kind, k) in out if kind == "o"],
             "param_groups": first["param_groups"],
         }
-        return model_state, optim
+
+    @staticmethod
+    def load_head_shard(
+        path: Path, class_start: int, num_local: int, num_subcenters: int, name: str = "head"
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Assemble the head state for classes ``[class_start, class_start + num_local)``.
+
+        Returns ``(head_state_dict, head_optimizer_state_dict)`` ready for
+        ``load_state_dict``, whatever world size wrote the checkpoint (see
+        :meth:`load_shard`). ``name`` selects other class shards (e.g. ``"center"``).
+        """
+        return split_shard(
+            CheckpointManager.load_shard(path, name, class_start, num_local, num_subcenters)
+        )
+
+
+def split_shard(shard: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A :func:`head_shard_state` as ``(module_state_dict, optimizer_state_dict)``: the
+    optimizer's one parameter has index 0 (no state at all if it never stepped)."""
+    optim_state = shard["optim_state"]
+    optim = {
+        "state": {0: dict(optim_state)} if optim_state else {},
+        "param_groups": shard["param_groups"],
+    }
+    return dict(shard["model"]), optim

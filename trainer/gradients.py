@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 import torch
 
+from partial_fc.sparse_grad import grad_square_norm
 from trainer.distributed import DistContext
 
 
@@ -34,9 +35,11 @@ def scale_backbone_grad(embeddings: torch.Tensor, world_size: int) -> torch.Tens
 
 
 def _sum_sq(grads: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
+    # grad_square_norm: a sampled head's sparse gradient counts each row once, without
+    # coalesce() (whose output size would make the host wait for the GPU).
     total = torch.zeros((), dtype=torch.float32, device=device)
     for g in grads:
-        total = total + g.detach().float().pow(2).sum()
+        total = total + grad_square_norm(g)
     return total
 
 

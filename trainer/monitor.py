@@ -82,14 +82,20 @@ class Monitor:
         self,
         step: int,
         epoch: int,
-        loss: float,
-        acc: float,
+        loss: float | None,
+        acc: float | None,
         lr: float,
         scale: float | None,
         terms: dict[str, float] | None = None,
+        skipped: int = 0,
     ) -> None:
-        """Emit one log line and the matching TensorBoard scalars; ``terms`` are the
-        unweighted auxiliary losses (``center``, ``triplet``), if any."""
+        """Emit one log line and the matching TensorBoard scalars.
+
+        ``loss``, ``acc`` and ``terms`` (the unweighted auxiliary losses ``center``,
+        ``triplet``) are means over the steps since the last line that were not
+        skipped; ``skipped`` counts the others. ``loss=None`` means every step since
+        the last line was skipped: the line says so instead of showing a mean of
+        nothing."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -99,13 +105,16 @@ class Monitor:
         eta_s = (self.total_steps - step) * elapsed / steps_done
         eta = str(datetime.timedelta(seconds=round(eta_s)))
         scale_txt = f"{scale:.0f}" if scale is not None else "-"
+        if loss is None or acc is None:
+            what = f"all {skipped} steps since the last log skipped (non-finite loss/gradient)"
+        else:
+            what = f"loss {loss:.4f} acc {acc:.4f}" + (f" ({skipped} skipped)" if skipped else "")
         log.info(
-            "step %d/%d epoch %d loss %.4f acc %.4f lr %.6f samples/s %.1f scale %s eta %s",
+            "step %d/%d epoch %d %s lr %.6f samples/s %.1f scale %s eta %s",
             step,
             self.total_steps,
             epoch,
-            loss,
-            acc,
+            what,
             lr,
             speed,
             scale_txt,
@@ -114,11 +123,13 @@ class Monitor:
         terms = terms or {}
         if terms:
             log.info("step %d aux %s", step, " ".join(f"{k} {v:.4f}" for k, v in terms.items()))
-        if self.bar is not None:
+        if self.bar is not None and loss is not None and acc is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", lr=f"{lr:.4g}")
         if self.writer is not None:
-            self.writer.add_scalar("train/loss", loss, step)
-            self.writer.add_scalar("train/accuracy", acc, step)
+            if loss is not None and acc is not None:
+                self.writer.add_scalar("train/loss", loss, step)
+                self.writer.add_scalar("train/accuracy", acc, step)
+            self.writer.add_scalar("train/skipped_steps", skipped, step)
             self.writer.add_scalar("train/lr", lr, step)
             self.writer.add_scalar("train/samples_per_s", speed, step)
             self.writer.add_scalar("train/epoch", epoch, step)

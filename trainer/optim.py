@@ -73,10 +73,22 @@ def build_head_optimizer(cfg: OptimizerConfig, head: torch.nn.Module) -> torch.o
     """The row-sparse Partial-FC optimizer matching ``cfg.name`` for ``head.weight``."""
     from partial_fc.optim import PartialFCAdamW, PartialFCSGD
 
+    state_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.head_state_dtype]
     if cfg.name == "sgd":
-        return PartialFCSGD(head, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return PartialFCSGD(
+            head,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            state_dtype=state_dtype,
+        )
     if cfg.name == "adamw":
         return PartialFCAdamW(
-            head, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            head,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            state_dtype=state_dtype,
         )
     raise ValueError(f"optimizer.name: unknown optimizer {cfg.name!r} (sgd, adamw)")
