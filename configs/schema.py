@@ -231,9 +231,19 @@ class OptimizerConfig:
     """AdamW moment decay rates (``adamw`` only)."""
     eps: float = 1e-8
     """AdamW denominator epsilon (``adamw`` only)."""
+    head_state_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Storage of the head optimizer's momentum / Adam moments: ``bf16`` halves their
+    memory (updates are still computed in fp32; see docs/partial_fc.md for the measured
+    trade-off)."""
 
     def validate(self) -> None:
         _check(self.lr > 0, "optimizer.lr", "must be > 0", self.lr)
+        _check(
+            self.head_state_dtype in ("fp32", "bf16"),
+            "optimizer.head_state_dtype",
+            "must be fp32 or bf16",
+            self.head_state_dtype,
+        )
         _check(0.0 <= self.momentum < 1.0, "optimizer.momentum", "must be in [0, 1)", self.momentum)
         _check(self.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0", self.weight_decay)
         _check(

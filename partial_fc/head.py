@@ -3,6 +3,7 @@ distributed margin-softmax loss over all of them."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Literal
 
 import torch
@@ -46,9 +47,11 @@ class PartialFC(nn.Module):
         sample_rate: Partial-FC rate. Below 1, each training step uses all positive
             classes plus random negatives, ``min(num_local, max(round(rate * num_local),
             B))`` classes per rank for a global batch of B (a size fixed by the shapes:
-            :mod:`partial_fc.sampling`); use :mod:`partial_fc.optim` so that unsampled
-            centres are left untouched by the optimizer. Evaluation (``eval()`` or no
-            grad) always uses every class.
+            :mod:`partial_fc.sampling`). Such a step's weight gradient is sparse: a
+            COO tensor of the sampled rows only (never a ``(num_local * K, D)``
+            allocation); :mod:`partial_fc.optim` updates those rows and leaves the
+            others and their state untouched. Evaluation (``eval()`` or no grad)
+            always uses every class.
         group: the process group the classes are sharded over (None: the default
             group, or a single process when ``torch.distributed`` is not initialised).
         chunk_classes: classes per logits block; peak extra memory is about one
@@ -160,12 +163,14 @@ class PartialFC(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(self.num_local * num_subcenters, embedding_size, device=device, dtype=dtype)
         )
-        # Rows each backward since the optimizer last stepped gave a gradient to
-        # (None: all of them); see touched_rows().
-        self._grad_rows: list[torch.Tensor | None] = []
         self.accuracy = torch.zeros((), device=device)
         self.last_sampled: torch.Tensor | None = None
         self.reset_parameters()
+        # Sampled steps' gradients are sparse and built coalesced (sorted, unique rows);
+        # autograd's accumulation drops that flag. See _mark_coalesced.
+        self._single_backward_nnz: int | None = None
+        self._fresh_grad: weakref.ref | None = None  # weak: .grad = None must free it
+        self.weight.register_post_accumulate_grad_hook(self._mark_coalesced)
 
     def reset_parameters(self) -> None:
         """Draw the centres from N(0, 0.01^2), a class's centre depending only on
@@ -178,25 +183,6 @@ class PartialFC(nn.Module):
     def set_margins(self, margins: MarginSpec, which: str | None = None) -> None:
         """Replace the margin (one value, one per class, or a ``.txt`` file) at run time."""
         self.margin.set_margins(margins, which)
-
-    def touched_rows(self) -> torch.Tensor | None:
-        """Rows of ``weight`` that backward passes since :meth:`clear_touched` gave a
-        gradient to, or None when one of them covered every row (a step without
-        sampling). Under sampling: the concatenated ``(S * K,)`` row lists of those
-        backward passes, so the length depends only on the shapes (no host sync);
-        a row that several micro-steps used appears several times."""
-        if any(rows is None for rows in self._grad_rows):
-            return None
-        if not self._grad_rows:
-            return self.weight.new_empty(0, dtype=torch.int64)
-        return torch.cat(self._grad_rows) if len(self._grad_rows) > 1 else self._grad_rows[0]
-
-    def clear_touched(self) -> None:
-        """Forget the recorded rows (the optimizers call it in ``step`` and ``zero_grad``)."""
-        self._grad_rows = []
-
-    def _record_grad_rows(self, rows: torch.Tensor | None) -> None:
-        self._grad_rows.append(rows)
 
     def _assert_labels(self, labels: torch.Tensor, real: torch.Tensor) -> None:
         """Device-side check that every real label is a class id (or ignore_index)."""
@@ -234,6 +220,8 @@ class PartialFC(nn.Module):
             if training and self.sample_rate < 1.0 and self.num_local > 0:
                 sampled, target_col = self._sample(local, owned)
             self.last_sampled = sampled
+            if sampled is not None:
+                self._single_backward_nnz = sampled.shape[0] * self.num_subcenters
             options = CEOptions(
                 margin=self.margin,
                 step=self.num_steps,
@@ -246,11 +234,10 @@ class PartialFC(nn.Module):
                 filter_threshold=self.interclass_filtering_threshold,
                 filter_mode=self.interclass_filtering_mode,
                 matmul_dtype=self.matmul_dtype,
-                on_weight_grad=self._record_grad_rows,
             )
             loss, correct = MarginSoftmaxCE.apply(
                 embeddings,
-                self.weight.to(embeddings.dtype),
+                self.weight,
                 sampled,
                 target_col,
                 torch.where(valid, labels, torch.zeros_like(labels)),
@@ -283,6 +270,26 @@ class PartialFC(nn.Module):
         column_of = torch.full((self.num_local,), -1, dtype=torch.int64, device=local.device)
         column_of[sampled] = torch.arange(sampled.shape[0], device=local.device)
         return sampled, torch.where(owned, column_of[local], torch.full_like(local, -1))
+
+    def _mark_coalesced(self, weight: torch.Tensor) -> None:
+        """Restore the coalesced flag of a sampled step's sparse gradient.
+
+        One backward gives sorted, unique rows, but storing it as ``.grad`` rebuilds
+        the tensor without the flag, and :func:`partial_fc.sparse_grad.row_gradients`
+        would then pay a sort and three passes over the values to merge duplicates that
+        are not there. A gradient is one backward's when it is a new tensor (not the
+        previous ``.grad`` accumulated into) with that backward's number of rows;
+        accumulating into an existing gradient keeps whatever flag the sparse
+        addition set (true only when it merged the rows).
+        """
+        grad = weight.grad
+        if grad is None or grad.layout != torch.sparse_coo:
+            return
+        if self._fresh_grad is not None and self._fresh_grad() is grad:
+            return
+        self._fresh_grad = weakref.ref(grad)
+        if grad._nnz() == self._single_backward_nnz:
+            grad._coalesced_(True)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps}

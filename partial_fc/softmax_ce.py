@@ -27,6 +27,12 @@ time. The remainder chunk comes first, so the kept one is a full chunk: with
 chunks of ``c`` classes the matrix products per step number ``3 + (S - c) / S``.
 At most one ``(B, chunk)`` block is alive at any time.
 
+The weight's gradient covers the rows in use and nothing else: every row of the
+shard without sampling (a dense ``(C_local * K, D)`` tensor), or under sampling a
+sparse COO tensor of ``S * K`` rows (sorted, unique: coalesced) and their values, as
+``nn.Embedding(sparse=True)`` produces. A sampled step never allocates the shard's
+``(C_local * K, D)`` gradient; :mod:`partial_fc.optim` updates the listed rows.
+
 Inter-class filtering (Partial FC, CVPR 2022): a negative class whose cosine to
 a sample exceeds ``filter_threshold`` is taken for a label conflict (the same
 identity under two labels). ``filter_mode="remove"`` drops it from that
@@ -41,8 +47,6 @@ reference, so a kernel that stopped allowing it would fail them).
 
 from __future__ import annotations
 
-import mmap
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -72,9 +76,6 @@ class CEOptions:
     filter_threshold: float | None = None
     filter_mode: Literal["remove", "zero"] = "remove"
     matmul_dtype: torch.dtype | None = None
-    on_weight_grad: Callable[[torch.Tensor | None], None] | None = None
-    """Called by each backward that produces the weight's gradient, with the rows of
-    ``weight`` it covers (``(S * K,)`` int64 under sampling) or None (every row)."""
 
 
 class _KeptBlock(NamedTuple):
@@ -88,6 +89,9 @@ class _KeptBlock(NamedTuple):
     """``(B, w)`` winning sub-centre per class (K > 1), else None."""
     conflict: torch.Tensor | None
     """``(B, w)`` filtered entries in "zero" mode (their gradient is masked), else None."""
+    w_rows: torch.Tensor
+    """``(w * K, D)`` the chunk's centres (a view without sampling, else the gathered
+    copy: kept so the backward does not gather the same rows again)."""
 
 
 def chunk_bounds(num_used: int, chunk_classes: int) -> list[tuple[int, int]]:
@@ -107,13 +111,11 @@ def _class_rows(classes: torch.Tensor, k: int) -> torch.Tensor:
 
 def _chunk_weight(
     weight: torch.Tensor, sampled: torch.Tensor | None, start: int, stop: int, k: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows of classes ``[start, stop)`` of the classes in use: ``((stop-start)*K, D)``
-    and, under sampling, their row indices into ``weight``."""
+) -> torch.Tensor:
+    """Rows of classes ``[start, stop)`` of the classes in use: ``((stop-start)*K, D)``."""
     if sampled is None:
-        return weight[start * k : stop * k], None
-    rows = _class_rows(sampled[start:stop], k)
-    return weight.index_select(0, rows), rows
+        return weight[start * k : stop * k]
+    return weight.index_select(0, _class_rows(sampled[start:stop], k))
 
 
 def _inverse_norms(rows: torch.Tensor) -> torch.Tensor:
@@ -132,19 +134,6 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, low_precision: torch.dtype | None)
     if a.is_cuda and _MM_OUT_DTYPE:
         return torch.mm(a_low, b_low, out_dtype=a.dtype)
     return (a_low @ b_low).to(a.dtype)
-
-
-def _lazy_zeros_like(tensor: torch.Tensor) -> torch.Tensor:
-    """``torch.zeros_like(tensor)`` (contiguous); on the CPU backed by an anonymous
-    memory map, whose pages the kernel zero-fills only when they are first touched.
-    A sampled step's weight gradient then costs the rows it writes instead of a
-    memset of the whole shard (0.13-0.15 s for 100k x 512 floats on one core:
-    about as long as the sampled step's three products at rate 0.1)."""
-    nbytes = tensor.numel() * tensor.element_size()
-    if tensor.device.type != "cpu" or nbytes == 0:
-        return torch.zeros_like(tensor, memory_format=torch.contiguous_format)
-    # The tensor keeps the map alive; it is unmapped when the tensor is freed.
-    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=tensor.dtype).view(tensor.shape)
 
 
 def _normalise(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,14 +163,20 @@ def _target_cosines(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each sample's cosine to the class ``target_class`` ``(B,)`` (a local class
     index into ``weight``; max over its K sub-centres): ``(cos, weight row of the
-    winning sub-centre, its 1/|w|)``, each ``(B,)``. Row dots in fp32, B*K*D work."""
+    winning sub-centre, its 1/|w|, the winning sub-centre k)``, each ``(B,)``. Row
+    dots in fp32, B*K*D work."""
     rows = target_class[:, None] * k + torch.arange(k, device=xn.device)
     centres = weight[rows]  # (B, K, D)
     inv = _inverse_norms(centres)
     cos = torch.bmm(centres, xn.unsqueeze(2)).squeeze(2).mul_(inv)
     best = cos.max(dim=1)
     choice = best.indices.unsqueeze(1)
-    return best.values, rows.gather(1, choice).squeeze(1), inv.gather(1, choice).squeeze(1)
+    return (
+        best.values,
+        rows.gather(1, choice).squeeze(1),
+        inv.gather(1, choice).squeeze(1),
+        best.indices,
+    )
 
 
 def _nontarget_logits(
@@ -269,6 +264,10 @@ class MarginSoftmaxCE(torch.autograd.Function):
         opts: CEOptions,
     ):
         k, margin = opts.num_subcenters, opts.margin
+        # Cast here, not before the call: autograd's cast backward cannot carry a
+        # sparse gradient, so the backward returns it in the parameter's dtype itself.
+        ctx.weight_dtype = weight.dtype
+        weight = weight.to(embeddings.dtype)
         xn, x_norms = _normalise(embeddings)
         num_used = sampled.shape[0] if sampled is not None else weight.shape[0] // k
         bounds = chunk_bounds(num_used, opts.chunk_classes)
@@ -276,6 +275,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
 
         # The target class of each owned sample, apart from the chunks.
         target_class = target_col.clamp(min=0)
+        target_choice = torch.zeros_like(target_class)
         if num_used == 0:
             target_cos = xn.new_zeros(xn.shape[0])
             target_row = target_class
@@ -283,7 +283,11 @@ class MarginSoftmaxCE(torch.autograd.Function):
         else:
             if sampled is not None:
                 target_class = sampled[target_class]
-            target_cos, target_row, target_inv = _target_cosines(xn, weight, target_class, k)
+            target_cos, target_row, target_inv, target_choice = _target_cosines(
+                xn, weight, target_class, k
+            )
+        # Row of the winning sub-centre among the rows in use (the gradient's rows).
+        target_pos = target_col.clamp(min=0) * k + target_choice
         target_logit, target_slope = margin.target_logit(target_cos, labels, opts.step)
         # Running log-sum-exp as (max, sum of exp(logit - max)), starting from the
         # target's own term; kept in the linear domain so that rounding errors stay
@@ -296,13 +300,12 @@ class MarginSoftmaxCE(torch.autograd.Function):
         kept: _KeptBlock | None = None
 
         for start, stop in bounds:
-            w_rows, _ = _chunk_weight(weight, sampled, start, stop, k)
+            w_rows = _chunk_weight(weight, sampled, start, stop, k)
             inv_norms.append(_inverse_norms(w_rows))
             in_chunk, col = _in_chunk(owned, target_col, start, stop)
             logits, choice = _nontarget_logits(
                 xn, w_rows, inv_norms[-1] * margin.scale, col, in_chunk, opts
             )
-            del w_rows
             # amax, not max(dim): no indices, several times faster on the CPU.
             peak = logits.amax(dim=1)
             max_other = torch.maximum(max_other, peak)
@@ -324,8 +327,8 @@ class MarginSoftmaxCE(torch.autograd.Function):
                 # and frees it before recomputing any other chunk. In "zero" mode the
                 # conflicts' gradient is masked, so keep the mask too.
                 zero_mode = conflict is not None and opts.filter_mode == "zero"
-                kept = _KeptBlock(start, probs, choice, conflict if zero_mode else None)
-            del logits, probs, conflict, choice
+                kept = _KeptBlock(start, probs, choice, conflict if zero_mode else None, w_rows)
+            del logits, probs, conflict, choice, w_rows
 
         stats_max = all_reduce_(torch.stack([local_max, max_other]), dist.ReduceOp.MAX, opts.group)
         global_max = stats_max[0]
@@ -355,7 +358,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
         empty = xn.new_empty(0)
         ctx.save_for_backward(
             xn, x_norms, weight, target_col, target_logit, target_slope, target_cos,
-            target_row, target_inv, log_sum_exp, valid, num_valid,
+            target_row, target_pos, target_inv, log_sum_exp, valid, num_valid,
             torch.stack(chunk_stats) if chunk_stats else empty,
             torch.cat(inv_norms) if inv_norms else empty,
             *((sampled,) if sampled is not None else ()),
@@ -369,7 +372,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor | None):
         (xn, x_norms, weight, target_col, target_logit, target_slope, target_cos, target_row,
-         target_inv, log_sum_exp, valid, num_valid, chunk_stats, all_inv_norms,
+         target_pos, target_inv, log_sum_exp, valid, num_valid, chunk_stats, all_inv_norms,
          *rest) = ctx.saved_tensors  # fmt: skip
         sampled = rest[0] if ctx.has_sampled else None
         # A second backward (retain_graph) finds the kept block gone and recomputes.
@@ -382,22 +385,23 @@ class MarginSoftmaxCE(torch.autograd.Function):
         row_scale = (grad_loss / num_valid) * valid.to(xn.dtype)
         owned = target_col >= 0
         grad_xn = torch.zeros_like(xn)
-        grad_weight = None
+        # Gradient rows of the classes in use, in their order: the whole shard's
+        # gradient without sampling, the sampled rows' values with it. Chunk [start,
+        # stop) owns rows [start*K, stop*K) and writes every one of them.
+        grad_rows = None
         if need_weight:
-            # Every row is written below unless sampling leaves some out.
-            grad_weight = (
-                _lazy_zeros_like(weight) if sampled is not None else torch.empty_like(weight)
-            )
+            num_rows = weight.shape[0] if sampled is None else sampled.shape[0] * k
+            grad_rows = weight.new_empty((num_rows, weight.shape[1]))
 
         # Last chunk first: its block was kept by the forward and is freed after use.
         for index in reversed(range(len(bounds))):
             start, stop = bounds[index]
-            w_rows, row_index = _chunk_weight(weight, sampled, start, stop, k)
             inv_norms = all_inv_norms[start * k : stop * k]
             if kept is not None and kept.start == start:
-                _, probs, choice, conflict = kept
+                _, probs, choice, conflict, w_rows = kept
                 kept = None
             else:
+                w_rows = _chunk_weight(weight, sampled, start, stop, k)
                 in_chunk, col = _in_chunk(owned, target_col, start, stop)
                 probs, choice = _nontarget_logits(
                     xn, w_rows, inv_norms * scale, col, in_chunk, opts
@@ -421,22 +425,13 @@ class MarginSoftmaxCE(torch.autograd.Function):
                 grad_xn.addcmul_(_matmul(block, w_rows, opts.matmul_dtype), row_factor[:, None])
             if need_weight:
                 scaled_xn = xn * row_factor[:, None]
-                if row_index is None and opts.matmul_dtype is None:
-                    target = grad_weight[start * k : stop * k]
+                target = grad_rows[start * k : stop * k]
+                if opts.matmul_dtype is None:
                     torch.mm(block.t(), scaled_xn, out=target)
-                    _weight_grad_(target, w_rows, inv_norms)
                 else:
-                    chunk_grad = _weight_grad_(
-                        _matmul(block.t(), scaled_xn, opts.matmul_dtype), w_rows, inv_norms
-                    )
-                    if row_index is None:
-                        grad_weight[start * k : stop * k] = chunk_grad
-                    else:
-                        grad_weight.index_copy_(0, row_index, chunk_grad)
+                    target.copy_(_matmul(block.t(), scaled_xn, opts.matmul_dtype))
+                _weight_grad_(target, w_rows, inv_norms)
             del block, probs, w_rows
-
-        if need_weight and opts.on_weight_grad is not None:
-            opts.on_weight_grad(None if sampled is None else _class_rows(sampled, k))
 
         if bounds:
             # The target entries: d loss / d cos_target = r_i * (p_target - 1) * slope_i,
@@ -450,7 +445,16 @@ class MarginSoftmaxCE(torch.autograd.Function):
             if need_weight:
                 # d cos / d w = (x_hat - w_hat * cos) / |w|
                 unit_centres = centres.mul_((target_inv * target_cos)[:, None])
-                grad_weight.index_add_(0, target_row, (xn - unit_centres).mul_(coef[:, None]))
+                grad_rows.index_add_(0, target_pos, (xn - unit_centres).mul_(coef[:, None]))
 
         grad_embeddings = _normalise_backward(grad_xn, xn, x_norms) if need_embeddings else None
+        grad_weight = grad_rows
+        if need_weight and sampled is not None:
+            # Sorted, unique rows: coalesced by construction (no sort, no host sync).
+            rows = _class_rows(sampled, k).unsqueeze(0)
+            grad_weight = torch.sparse_coo_tensor(
+                rows, grad_rows, weight.shape, is_coalesced=True, check_invariants=False
+            )
+        if grad_weight is not None and ctx.weight_dtype != grad_weight.dtype:
+            grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_embeddings, grad_weight, None, None, None, None, None

@@ -9,6 +9,7 @@ import torch
 
 from configs import OptimizerConfig
 from partial_fc import ArcFace, PartialFC
+from partial_fc.sparse_grad import grad_values
 from trainer.optim import (
     build_backbone_optimizer,
     build_head_optimizer,
@@ -73,7 +74,7 @@ def test_head_optimizer_skip_is_bit_identical(name: str, device: torch.device) -
         opt.zero_grad()
         head(torch.randn(6, 4, device=device), torch.arange(6, device=device)).backward()
         if skip:
-            head.weight.grad[0, 0] = float("inf")
+            grad_values(head.weight.grad)[0, 0] = float("inf")
         weight = head.weight.detach().clone()
         state = {k: v.clone() for k, v in opt.state[head.weight].items()}
         step_unless(opt, torch.tensor(skip, device=device))
@@ -108,3 +109,16 @@ def test_step_unless_refuses_an_optimizer_that_cannot_skip_on_the_device() -> No
     opt = torch.optim.SGD(_params(torch.device("cpu")), lr=0.1)
     with pytest.raises(ValueError, match="fused"):
         step_unless(opt, torch.tensor(False))
+
+
+def test_head_state_dtype_reaches_the_head_optimizer(device: torch.device) -> None:
+    from configs import ConfigError, load_config
+
+    cfg = load_config("demo", ["optimizer.head_state_dtype=bf16", "head.sample_rate=0.5"])
+    head = PartialFC(40, 4, ArcFace(), sample_rate=0.5, device=device)
+    opt = build_head_optimizer(cfg.optimizer, head)
+    head(torch.randn(6, 4, device=device), torch.arange(6, device=device)).backward()
+    opt.step()
+    assert opt.state[head.weight]["momentum_buffer"].dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="optimizer.head_state_dtype"):
+        load_config("demo", ["optimizer.head_state_dtype=fp16"])
