@@ -14,6 +14,8 @@ nor ``gpu`` are skipped in that mode: they would only rerun the CPU suite.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,3 +62,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def device() -> torch.device:
     """The device of this run: ``cpu`` unless ``--device cuda``."""
     return device_under_test()
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``synthetic_data(identities, images_per_identity, heldout=4, pairs_per_fold=2,
+    seed=1) -> root``: a synthetic face dataset (RecordIO, ``property``, held-out
+    ``.bin``), generated once per session for each set of arguments and shared by the
+    tests that ask for it. Tests only read it."""
+    from datasets.synthetic import SyntheticConfig, generate
+
+    made: dict[tuple[int, ...], Path] = {}
+
+    def make(
+        identities: int,
+        images_per_identity: int,
+        heldout: int = 4,
+        pairs_per_fold: int = 2,
+        seed: int = 1,
+    ) -> Path:
+        key = (identities, images_per_identity, heldout, pairs_per_fold, seed)
+        if key not in made:
+            root = tmp_path_factory.mktemp("synthetic")
+            generate(root, SyntheticConfig(*key), workers=0)
+            made[key] = root
+        return made[key]
+
+    return make

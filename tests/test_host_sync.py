@@ -153,16 +153,14 @@ def test_training_steps_never_read_back_between_log_steps(
 
 
 def test_real_pipeline_steps_never_read_back_between_log_steps(
-    tmp_path_factory: pytest.TempPathFactory, device: torch.device
+    synthetic_data, tmp_path_factory: pytest.TempPathFactory, device: torch.device
 ) -> None:
     """The demo configuration as ``train_dist`` builds it: RecordIO loader (its hand-off
     to the device), MobileFaceNet with BatchNorm in train mode, sampled head."""
     from configs import load_config
-    from datasets.synthetic import SyntheticConfig, generate
     from trainer.build import build_trainer
 
-    data = tmp_path_factory.mktemp("synthetic_sync")
-    generate(data, SyntheticConfig(8, 4, 4, 2, seed=5), workers=0)
+    data = synthetic_data(8, 4, 4, 2, seed=5)
     cfg = load_config(
         "configs/demo",
         [

@@ -10,7 +10,6 @@ import torch
 
 import train_dist
 from configs import ConfigError, load_config
-from datasets.synthetic import SyntheticConfig, generate
 from trainer.build import build_backbone, build_evaluator, build_loader
 from trainer.distributed import DistContext
 
@@ -23,11 +22,9 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    generate(root, SyntheticConfig(IDS, PER_ID, 4, 2, seed=1), workers=0)
-    return root
+@pytest.fixture
+def tiny_data(synthetic_data) -> Path:
+    return synthetic_data(IDS, PER_ID, 4, 2, seed=1)
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:

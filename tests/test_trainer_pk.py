@@ -8,18 +8,15 @@ import pytest
 import torch
 
 from configs import ConfigError, load_config
-from datasets.synthetic import SyntheticConfig, generate
 from trainer.build import build_loader
 from trainer.distributed import DistContext
 
 IDS, PER_ID = 6, 5
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic_pk")
-    generate(root, SyntheticConfig(IDS, PER_ID, 4, 2, seed=3), workers=0)
-    return root
+@pytest.fixture
+def tiny_data(synthetic_data) -> Path:
+    return synthetic_data(IDS, PER_ID, 4, 2, seed=3)
 
 
 def _pk_overrides(data: Path) -> list[str]:
