@@ -89,6 +89,23 @@ class _StepSyncs(DispatchCounter):
         self.allowed = False
         self.allowed_syncs = 0
 
+    @classmethod
+    def watching(cls, trainer: Trainer, log_every: int, last_step: int) -> _StepSyncs:
+        """A counter that allows reads only in the bookkeeping after a log step
+        (``trainer._after_step``) and once ``last_step`` is done."""
+        counter = cls()
+        real_after_step = trainer._after_step
+
+        def after_step(result, keys, monitor) -> None:
+            counter.allowed = trainer.step % log_every == 0
+            try:
+                real_after_step(result, keys, monitor)
+            finally:
+                counter.allowed = trainer.step >= last_step  # the end may read back
+
+        trainer._after_step = after_step  # type: ignore[method-assign]
+        return counter
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         before = len(self.host_syncs)
         out = super().__torch_dispatch__(func, types, args, kwargs)
@@ -122,17 +139,7 @@ def _syncs_between_log_steps(rank: int, world: int, tmp: str, fp16: bool) -> dic
         ctx, aux=aux, amp=amp,
     )  # fmt: skip
     assert t.amp.scaling == fp16
-    counter = _StepSyncs()
-    real_after_step = t._after_step
-
-    def after_step(result, keys, monitor) -> None:
-        counter.allowed = t.step % cfg.log.every_steps == 0
-        try:
-            real_after_step(result, keys, monitor)
-        finally:
-            counter.allowed = t.step >= 6  # the end of training may read back
-
-    t._after_step = after_step  # type: ignore[method-assign]
+    counter = _StepSyncs.watching(t, cfg.log.every_steps, last_step=6)
     with counter:
         t.fit()
     return {
@@ -181,17 +188,7 @@ def test_real_pipeline_steps_never_read_back_between_log_steps(
         ],
     )
     t = build_trainer(cfg, DistContext(device=device))
-    counter = _StepSyncs()
-    real_after_step = t._after_step
-
-    def after_step(result, keys, monitor) -> None:
-        counter.allowed = t.step % cfg.log.every_steps == 0
-        try:
-            real_after_step(result, keys, monitor)
-        finally:
-            counter.allowed = t.step >= 4
-
-    t._after_step = after_step  # type: ignore[method-assign]
+    counter = _StepSyncs.watching(t, cfg.log.every_steps, last_step=4)
     # Each epoch's DataLoader iterator draws its base seed with .item() on a CPU
     # generator: host memory, no device involved (on CPU the counter cannot tell).
     real_get_iterator = torch.utils.data.DataLoader._get_iterator
