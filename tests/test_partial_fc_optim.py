@@ -69,12 +69,19 @@ def test_unsampled_rows_and_their_state_are_untouched(
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("num_subcenters", [1, 2])
+@pytest.mark.parametrize("row_block", [None, 3])  # 3: the CPU's blocked update, many blocks
 def test_sampled_steps_equal_one_torch_optimizer_per_row(
-    name: str, num_subcenters: int, device: torch.device
+    name: str,
+    num_subcenters: int,
+    row_block: int | None,
+    device: torch.device,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Reference: every row its own torch optimizer, stepped only when the row took
     part. A row first used at step t gets a first step (AdamW's per-row bias
     correction), its state is untouched in between, and the values match exactly."""
+    if row_block is not None:
+        monkeypatch.setattr("partial_fc.optim._CPU_ROW_BLOCK", row_block)
     head = PartialFC(
         40, DIM, ArcFace(), num_subcenters, sample_rate=0.25, dtype=torch.float64, device=device
     )
