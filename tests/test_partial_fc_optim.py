@@ -102,6 +102,17 @@ def test_sampled_steps_equal_one_torch_optimizer_per_row(
             reference[r].step()
         torch.testing.assert_close(head.weight.detach(), torch.stack(rows).detach(),
                                    rtol=1e-12, atol=1e-14)  # fmt: skip
+    # The optimizer state too: each used row's moments equal its reference's, the
+    # others are still zero.
+    state = optimizer.state[head.weight]
+    for name in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+        if name not in state:
+            continue
+        expected = torch.stack([
+            reference[r].state[rows[r]][name] if r in first_use else torch.zeros_like(rows[r])
+            for r in range(len(rows))
+        ])  # fmt: skip
+        torch.testing.assert_close(state[name], expected, rtol=1e-12, atol=1e-14)
     # The sample really varied: some rows joined late, some never.
     assert len(set(first_use.values())) > 2 and len(first_use) < head.weight.shape[0]
 
