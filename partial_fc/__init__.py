@@ -1,6 +1,7 @@
 """Partial-FC: a class-centre matrix sharded over ranks, with the exact
 margin-softmax cross-entropy over all classes (see README, "Using the head")."""
 
+from partial_fc.batch_margins import AdaFace, CurricularFace, ElasticFace, MagFace
 from partial_fc.center_loss import ShardedCenterLoss
 from partial_fc.head import PartialFC
 from partial_fc.margins import (
@@ -15,9 +16,13 @@ from partial_fc.sharding import class_range
 from partial_fc.triplet import TripletLoss
 
 __all__ = [
+    "AdaFace",
     "ArcFace",
     "CombinedMargin",
     "CosFace",
+    "CurricularFace",
+    "ElasticFace",
+    "MagFace",
     "PartialFC",
     "ShardedCenterLoss",
     "SphereFace",

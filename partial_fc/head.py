@@ -234,6 +234,8 @@ class PartialFC(nn.Module):
                 filter_threshold=self.interclass_filtering_threshold,
                 filter_mode=self.interclass_filtering_mode,
                 matmul_dtype=self.matmul_dtype,
+                seed=self.seed,
+                training=training,
             )
             loss, correct = MarginSoftmaxCE.apply(
                 embeddings,

@@ -35,11 +35,13 @@ def num_sampled_classes(num_local: int, sample_rate: float, global_batch: int) -
 
 
 def sampling_generator(
-    seed: int, step: int, class_start: int, device: torch.device
+    seed: int, step: int, class_start: int, device: torch.device, *stream: int
 ) -> torch.Generator:
-    """A generator seeded from ``(seed, step, class_start)`` by a SeedSequence, so
-    nearby steps and ranks get unrelated streams."""
-    state = np.random.SeedSequence([seed, step, class_start]).generate_state(2, dtype=np.uint32)
+    """A generator seeded from ``(seed, step, class_start, *stream)`` by a
+    SeedSequence, so nearby steps and ranks get unrelated streams; ``stream`` (small
+    non-negative integers) separates other uses of the same seed and step."""
+    entropy = [seed, step, class_start, *stream]
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     generator = torch.Generator(device=device)
     generator.manual_seed(int(state[0]) << 32 | int(state[1]))
     return generator

@@ -54,7 +54,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from partial_fc.collectives import all_reduce_
+from partial_fc.batch_margins import BatchMargin, MarginBatch, TargetTerms
+from partial_fc.collectives import all_reduce_, rank_and_world_size
 from partial_fc.margins import CombinedMargin
 
 _NORM_EPS = 1e-12
@@ -76,6 +77,8 @@ class CEOptions:
     filter_threshold: float | None = None
     filter_mode: Literal["remove", "zero"] = "remove"
     matmul_dtype: torch.dtype | None = None
+    seed: int = 0
+    training: bool = True
 
 
 class _KeptBlock(NamedTuple):
@@ -92,6 +95,8 @@ class _KeptBlock(NamedTuple):
     w_rows: torch.Tensor
     """``(w * K, D)`` the chunk's centres (a view without sampling, else the gathered
     copy: kept so the backward does not gather the same rows again)."""
+    slope: torch.Tensor | None = None
+    """``(B, w)`` CurricularFace: ``d logit / d (s cos)`` of each entry, else None."""
 
 
 def chunk_bounds(num_used: int, chunk_classes: int) -> list[tuple[int, int]]:
@@ -209,6 +214,18 @@ def _filter_(logits: torch.Tensor, opts: CEOptions) -> torch.Tensor | None:
     return conflict
 
 
+def _reweight_hard_(logits: torch.Tensor, terms: TargetTerms, scale: float) -> torch.Tensor | None:
+    """CurricularFace in place: each entry with ``cos > threshold_i`` becomes
+    ``s cos (t + cos)``; returns ``d logit / d (s cos)`` per entry (``t + 2 cos`` there,
+    1 elsewhere), or None for other margins. Target entries are -inf: never hard."""
+    if terms.hard_threshold is None:
+        return None
+    hard = logits > (scale * terms.hard_threshold)[:, None]
+    factor = logits.mul(1.0 / scale).add_(terms.hard_t).masked_fill_(~hard, 1.0)  # t + cos
+    logits.mul_(factor)
+    return factor.mul_(2.0).sub_(terms.hard_t).masked_fill_(~hard, 1.0)  # t + 2 cos
+
+
 def _softmax_(logits: torch.Tensor, opts: CEOptions) -> torch.Tensor:
     """Row softmax in place. A row whose entries are all -inf (a one-class chunk
     holding the target, or everything filtered out) becomes 0, not NaN."""
@@ -230,6 +247,48 @@ def _in_chunk(
     in the chunk ``(B, 1)`` (clamped into the chunk for the others)."""
     in_chunk = owned & (target_col >= start) & (target_col < stop)
     return in_chunk, (target_col - start).clamp(0, stop - start - 1).unsqueeze(1)
+
+
+def _target_terms(
+    margin: CombinedMargin,
+    target_cos: torch.Tensor,
+    labels: torch.Tensor,
+    owned: torch.Tensor,
+    valid: torch.Tensor,
+    x_norms: torch.Tensor,
+    opts: CEOptions,
+) -> TargetTerms:
+    """The margin's target logits and gradients. A batch-aware margin sees the global
+    batch's norms (every rank holds them) and, if it asks, every sample's target
+    cosine: one all-reduce, as each sample's class lives on one rank."""
+    if not isinstance(margin, BatchMargin):
+        logit, slope = margin.target_logit(target_cos, labels, opts.step)
+        return TargetTerms(logit, slope)
+    global_cos = None
+    if margin.needs_global_cos:
+        global_cos = all_reduce_(torch.where(owned, target_cos, 0.0), dist.ReduceOp.SUM, opts.group)
+    batch = MarginBatch(opts.step, opts.seed, x_norms.squeeze(1), valid, opts.training, global_cos)
+    return margin.batch_target(target_cos, labels, batch)
+
+
+def _norm_gradient(
+    terms: TargetTerms,
+    owned: torch.Tensor,
+    row_scale: torch.Tensor,
+    target_prob: torch.Tensor,
+    grad_loss: torch.Tensor,
+    opts: CEOptions,
+) -> torch.Tensor | None:
+    """``d loss / d |z|`` ``(B,)`` from a margin that reads the norm (MagFace): the
+    target logit's share on the rank that owns the target, and the regulariser's on
+    rank 0 only (the gather's backward sums the ranks' embedding gradients)."""
+    grad = None
+    if terms.norm_slope is not None:
+        grad = torch.where(owned, row_scale * (target_prob - 1.0) * terms.norm_slope, 0.0)
+    if terms.extra_norm_grad is not None and rank_and_world_size(opts.group)[0] == 0:
+        extra = grad_loss * terms.extra_norm_grad
+        grad = extra if grad is None else grad + extra
+    return grad
 
 
 class MarginSoftmaxCE(torch.autograd.Function):
@@ -288,7 +347,8 @@ class MarginSoftmaxCE(torch.autograd.Function):
             )
         # Row of the winning sub-centre among the rows in use (the gradient's rows).
         target_pos = target_col.clamp(min=0) * k + target_choice
-        target_logit, target_slope = margin.target_logit(target_cos, labels, opts.step)
+        terms = _target_terms(margin, target_cos, labels, owned, valid, x_norms, opts)
+        target_logit, target_slope = terms.logit, terms.slope
         # Running log-sum-exp as (max, sum of exp(logit - max)), starting from the
         # target's own term; kept in the linear domain so that rounding errors stay
         # relative to the sum, however many chunks there are.
@@ -310,7 +370,8 @@ class MarginSoftmaxCE(torch.autograd.Function):
             peak = logits.amax(dim=1)
             max_other = torch.maximum(max_other, peak)
             conflict = _filter_(logits, opts)
-            if conflict is not None:
+            slope = _reweight_hard_(logits, terms, margin.scale)
+            if conflict is not None or slope is not None:
                 peak = logits.amax(dim=1)
             probs = _softmax_(logits, opts)
             # sum_j exp(l_j - l_peak) = 1 / max_j p_j (0 for a row of -inf only).
@@ -327,8 +388,10 @@ class MarginSoftmaxCE(torch.autograd.Function):
                 # and frees it before recomputing any other chunk. In "zero" mode the
                 # conflicts' gradient is masked, so keep the mask too.
                 zero_mode = conflict is not None and opts.filter_mode == "zero"
-                kept = _KeptBlock(start, probs, choice, conflict if zero_mode else None, w_rows)
-            del logits, probs, conflict, choice, w_rows
+                kept = _KeptBlock(
+                    start, probs, choice, conflict if zero_mode else None, w_rows, slope
+                )
+            del logits, probs, conflict, choice, w_rows, slope
 
         stats_max = all_reduce_(torch.stack([local_max, max_other]), dist.ReduceOp.MAX, opts.group)
         global_max = stats_max[0]
@@ -348,6 +411,8 @@ class MarginSoftmaxCE(torch.autograd.Function):
         per_sample = torch.where(valid, log_sum_exp - global_target_logit, 0.0)
         num_valid = valid.sum().clamp(min=1).to(per_sample.dtype)
         loss = per_sample.sum() / num_valid
+        if terms.extra_loss is not None:
+            loss = loss + terms.extra_loss
         correct = valid & (stats_sum[2] * margin.scale >= stats_max[1])
 
         ctx.mark_non_differentiable(correct)
@@ -367,6 +432,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
         # drop it as soon as it is used (saved tensors live until the backward ends).
         ctx.kept = kept
         ctx.opts, ctx.bounds = opts, bounds
+        ctx.terms = terms
         return loss, correct
 
     @staticmethod
@@ -398,7 +464,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
             start, stop = bounds[index]
             inv_norms = all_inv_norms[start * k : stop * k]
             if kept is not None and kept.start == start:
-                _, probs, choice, conflict, w_rows = kept
+                _, probs, choice, conflict, w_rows, slope = kept
                 kept = None
             else:
                 w_rows = _chunk_weight(weight, sampled, start, stop, k)
@@ -407,9 +473,12 @@ class MarginSoftmaxCE(torch.autograd.Function):
                     xn, w_rows, inv_norms * scale, col, in_chunk, opts
                 )
                 conflict = _filter_(probs, opts)
+                slope = _reweight_hard_(probs, ctx.terms, scale)
                 probs = _softmax_(probs, opts)
             if conflict is not None and opts.filter_mode == "zero":
                 probs.masked_fill_(conflict, 0.0)  # a constant 0 has no gradient
+            if slope is not None:
+                probs.mul_(slope)  # CurricularFace's hard negatives: d logit / d (s cos)
             # p_ij = probs_ij * chunk_sum_i * exp(peak_i - lse_i), so
             # d loss / d cos_ij = row_factor_i * probs_ij.
             peak, chunk_sum = chunk_stats[index]
@@ -431,12 +500,12 @@ class MarginSoftmaxCE(torch.autograd.Function):
                 else:
                     target.copy_(_matmul(block.t(), scaled_xn, opts.matmul_dtype))
                 _weight_grad_(target, w_rows, inv_norms)
-            del block, probs, w_rows
+            del block, probs, w_rows, slope
 
+        target_prob = torch.exp(target_logit - log_sum_exp)
         if bounds:
             # The target entries: d loss / d cos_target = r_i * (p_target - 1) * slope_i,
             # through cos = <x_hat, w> / |w|, one (B, D) update for all chunks.
-            target_prob = torch.exp(target_logit - log_sum_exp)
             grad_cos = torch.where(owned, row_scale * (target_prob - 1.0) * target_slope, 0.0)
             centres = weight[target_row]
             coef = grad_cos * target_inv
@@ -447,7 +516,13 @@ class MarginSoftmaxCE(torch.autograd.Function):
                 unit_centres = centres.mul_((target_inv * target_cos)[:, None])
                 grad_rows.index_add_(0, target_pos, (xn - unit_centres).mul_(coef[:, None]))
 
-        grad_embeddings = _normalise_backward(grad_xn, xn, x_norms) if need_embeddings else None
+        grad_embeddings = None
+        if need_embeddings:
+            grad_embeddings = _normalise_backward(grad_xn, xn, x_norms)
+            grad_norm = _norm_gradient(ctx.terms, owned, row_scale, target_prob, grad_loss, opts)
+            if grad_norm is not None:
+                # d |z| / d z = z / |z|: the radial part of the embedding gradient.
+                grad_embeddings.addcmul_(xn, grad_norm[:, None])
         grad_weight = grad_rows
         if need_weight and sampled is not None:
             # Sorted, unique rows: coalesced by construction (no sort, no host sync).
