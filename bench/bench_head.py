@@ -28,7 +28,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from partial_fc import ArcFace, PartialFC
+from partial_fc import AdaFace, ArcFace, CurricularFace, ElasticFace, MagFace, PartialFC
+
+#: ``--margin`` choices, each at its paper's default settings.
+MARGINS = {
+    "arcface": ArcFace,
+    "adaface": AdaFace,
+    "magface": MagFace,
+    "curricular": CurricularFace,
+    "elastic": ElasticFace,
+}
 
 
 def _status_kib(field: str) -> int:
@@ -145,8 +154,8 @@ def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file:
         }
         for rate in args.sample_rates:
             head = PartialFC(
-                classes * world_size, args.dim, ArcFace(), sample_rate=rate, device=device,
-                chunk_classes=args.chunk or None,
+                classes * world_size, args.dim, MARGINS[args.margin](), sample_rate=rate,
+                device=device, chunk_classes=args.chunk or None,
             )  # fmt: skip
             steps[f"head {rate}"] = partial(_head_step, head, x, labels)
         memory = {name: _memory_growth(step, device) for name, step in steps.items()}
@@ -163,7 +172,8 @@ def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file:
     if rank == 0:
         print(
             f"\nworld size {world_size}, {args.threads} thread(s)/rank, B_global {args.batch}, "
-            f"D {args.dim}, device {device.type}, chunk {args.chunk or 'auto'}\n"
+            f"D {args.dim}, device {device.type}, chunk {args.chunk or 'auto'}, "
+            f"margin {args.margin}\n"
         )
         print(
             "| C_local | sample_rate | head s/step | 3 bare products s | head / bare | "
@@ -222,6 +232,10 @@ def main() -> None:
         "--chunk", type=int, default=0, help="chunk_classes (0: the head's automatic choice)"
     )
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
+    parser.add_argument(
+        "--margin", choices=sorted(MARGINS), default="arcface",
+        help="the head's margin (adaface, curricular, ...: batch-aware margins)",
+    )  # fmt: skip
     parser.add_argument("--plot", default="", help="write a PNG of time and memory against C_local")
     args = parser.parse_args()
     # Fixed mmap threshold: every large tensor gets its own mapping, returned to the
