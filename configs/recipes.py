@@ -18,6 +18,7 @@ DATASETS: dict[str, tuple[int, int]] = {
     "ms1mv3": (93_431, 5_179_510),
     "glint360k": (360_232, 17_091_657),
     "webface42m": (2_059_906, 42_474_557),
+    "webface4m": (205_990, 4_235_242),
 }
 
 
@@ -51,3 +52,19 @@ def arcface(margin: float = 0.5, sample_rate: float = 1.0) -> HeadConfig:
 def cosface(margin: float = 0.4, sample_rate: float = 1.0) -> HeadConfig:
     """CosFace head (s=64, additive cosine margin)."""
     return HeadConfig(loss="cosface", scale=64.0, margin=margin, sample_rate=sample_rate)
+
+
+def adaface(margin: float = 0.4, sample_rate: float = 1.0) -> HeadConfig:
+    """AdaFace head (s=64, m=0.4, h=0.333, EMA weight 0.01: the paper's settings)."""
+    return HeadConfig(
+        loss="adaface", scale=64.0, margin=margin, adaface_h=0.333, ema_alpha=0.01,
+        sample_rate=sample_rate,
+    )  # fmt: skip
+
+
+def magface(sample_rate: float = 1.0) -> HeadConfig:
+    """MagFace head (s=64, l_a=10, u_a=110, l_m=0.45, u_m=0.8, lambda_g=35: the paper's)."""
+    return HeadConfig(
+        loss="magface", scale=64.0, magface_l_a=10.0, magface_u_a=110.0, magface_l_m=0.45,
+        magface_u_m=0.8, magface_lambda_g=35.0, sample_rate=sample_rate,
+    )  # fmt: skip

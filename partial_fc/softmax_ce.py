@@ -220,10 +220,12 @@ def _reweight_hard_(logits: torch.Tensor, terms: TargetTerms, scale: float) -> t
     1 elsewhere), or None for other margins. Target entries are -inf: never hard."""
     if terms.hard_threshold is None:
         return None
-    hard = logits > (scale * terms.hard_threshold)[:, None]
-    factor = logits.mul(1.0 / scale).add_(terms.hard_t).masked_fill_(~hard, 1.0)  # t + cos
-    logits.mul_(factor)
-    return factor.mul_(2.0).sub_(terms.hard_t).masked_fill_(~hard, 1.0)  # t + 2 cos
+    # Six passes over the block: compare, t + cos, mask, multiply, t + 2 cos, mask.
+    easy = logits <= (scale * terms.hard_threshold)[:, None]
+    factor = torch.add(terms.hard_t, logits, alpha=1.0 / scale).masked_fill_(easy, 1.0)
+    logits.mul_(factor)  # s cos (t + cos) on the hard entries
+    slope = torch.add(-terms.hard_t, factor, alpha=2.0, out=factor)  # t + 2 cos
+    return slope.masked_fill_(easy, 1.0)
 
 
 def _softmax_(logits: torch.Tensor, opts: CEOptions) -> torch.Tensor:
