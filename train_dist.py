@@ -17,9 +17,15 @@ lives in :class:`trainer.loop.Trainer` (see docs/training.md).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from configs import Config
+    from trainer.output_lock import OutputLock
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -60,17 +66,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
+    from datasets import DataError
+    from datasets.atomic import OutputWriteError
     from trainer.build import build_trainer
     from trainer.checkpoint import CheckpointError
     from trainer.distributed import init_distributed
     from trainer.loop import TrainingError
     from trainer.monitor import setup_logging
+    from trainer.output_lock import OutputLock
 
     # the collective timeout bounds every collective: a hung or dead peer makes the
     # others fail after it instead of waiting forever
     ctx = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     rank, world = ctx.rank, ctx.world_size
+    lock = OutputLock(cfg.train.output)
     try:
+        # one job per output directory: rank 0 locks it before anything is written
+        refusal = _lock_output(lock, cfg) if rank == 0 else None
+        refusal = ctx.broadcast_object(refusal)
+        if refusal:
+            if rank == 0:
+                print(f"error: {refusal}", file=sys.stderr)
+            elif ctx.local_rank == 0:  # one line per node
+                print(f"error (rank {rank}): stopped: {refusal}", file=sys.stderr)
+            return 1
         if ctx.device.type == "cuda":
             # Every batch has the same shape: let cuDNN time its algorithms once and
             # keep the fastest (the entry point owns this process-wide setting).
@@ -80,21 +99,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             threads = int(os.environ.get("OMP_NUM_THREADS", "0"))
             torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
-        setup_logging(cfg.train.output, rank)
-        if rank == 0:
-            save_config(cfg, cfg.train.output)
         try:
-            trainer = build_trainer(cfg, ctx)
+            setup_logging(cfg.train.output, rank)
+            if lock.stale:
+                logging.getLogger("trainer").warning(
+                    "took over the stale lock %s of %s (that job is gone)", lock.path, lock.stale
+                )
+            trainer = build_trainer(cfg, ctx)  # resumes first: a refused resume writes nothing
+            if rank == 0:
+                # After the resume check, so config.json describes what actually runs.
+                save_config(cfg, cfg.train.output)
         except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)
             return 2
-        except (OutputDirError, CheckpointError) as exc:
+        except (OutputDirError, CheckpointError, OutputWriteError, DataError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         try:
             trainer.fit()
-        except (TrainingError, CheckpointError) as exc:
+        except (TrainingError, CheckpointError, OutputWriteError) as exc:
             print(f"error (rank {rank}): {exc}", file=sys.stderr)
+            return 1
+        except dist.DistError as exc:  # a collective outside a step (verification, export)
+            print(f"error (rank {rank}): {_first_line(exc)} (a peer rank failed)", file=sys.stderr)
             return 1
         if rank == 0:
             print(
@@ -105,6 +132,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        lock.release()
+
+
+def _lock_output(lock: OutputLock, cfg: Config) -> str | None:
+    """Rank 0: take ``train.output``'s lock, then check TensorBoard's directory; the
+    refusal (naming the other job, or the directory) or ``None``."""
+    from trainer.output_lock import OutputLockedError
+    from trainer.preflight import OutputDirError, probe_tensorboard
+
+    try:
+        lock.acquire()
+        if cfg.log.tensorboard:
+            probe_tensorboard(cfg.train.output)
+    except (OutputLockedError, OutputDirError) as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"train.output={cfg.train.output!r}: cannot take the lock {lock.path}: {exc}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import pkgutil
+import re
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -59,15 +60,58 @@ def _preset_name(spec: str) -> str | None:
     return None
 
 
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a ``.json`` or ``.toml`` configuration file into a mapping.
+
+    Raises :class:`ConfigError` naming the file, and for a syntax error its line and
+    column (``cfg.toml:3:9: invalid TOML: ...``), instead of the parser's traceback.
+    """
+    kind = "JSON" if path.suffix == ".json" else "TOML"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a UTF-8 {kind} file (byte {exc.start}: {exc.reason})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        lineno = getattr(exc, "lineno", None)
+        colno = getattr(exc, "colno", None)
+        match = _TOML_POSITION.search(message)
+        if match:
+            message = message[: match.start()]
+            lineno, colno = lineno or int(match.group(1)), colno or int(match.group(2))
+        message = getattr(exc, "msg", None) or message
+        where = f"{path}:{lineno}:{colno}" if lineno is not None else str(path)
+        raise ConfigError(f"{where}: invalid TOML: {message}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid {kind}: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a {kind} object of sections, got {type(data).__name__}"
+        )
+    return data
+
+
 def load_config(spec: str, overrides: Iterable[str] = ()) -> Config:
     """Resolve ``spec`` (preset or file), apply ``key=value`` overrides and validate."""
     path = Path(spec)
     if path.suffix in (".json", ".toml"):
         if not path.is_file():
             raise ConfigError(f"config file {spec!r} does not exist")
-        with open(path, "rb") as fh:
-            data: dict[str, Any] = json.load(fh) if path.suffix == ".json" else tomllib.load(fh)
+        data = read_config_file(path)
         base = data.pop("base", None)
+        if base is not None and (not isinstance(base, str) or not base):
+            raise ConfigError(f"{path}: base must be the name of a preset, got {base!r}")
         cfg = load_preset(base) if base else Config()
         update_from_mapping(cfg, data)
     else:
@@ -88,12 +132,10 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, directory: str | os.PathLike[str]) -> Path:
     """Write the resolved configuration to ``<directory>/config.json`` atomically."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "config.json"
-    tmp = out / f".config.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, target)
+    from datasets.atomic import write_json  # the one home for atomic writes
+
+    target = Path(directory) / "config.json"
+    write_json(target, config_to_dict(cfg), sort_keys=False)
     return target
 
 

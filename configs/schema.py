@@ -9,6 +9,7 @@ trainer and never written back into the configuration.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +21,17 @@ class ConfigError(ValueError):
 def _check(condition: bool, key: str, message: str, value: Any) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message} (got {value!r})")
+
+
+def _finite(value: Any) -> bool:
+    """``value`` is a real number that is neither NaN nor infinite."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: Upper bounds that keep derived quantities in range (see each check's message).
+MAX_EPOCHS = 100_000
+MAX_SEED = 2**32
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 @dataclass
@@ -38,18 +50,43 @@ class ModelConfig:
         _check(self.embedding_size > 0, "model.embedding_size", "must be > 0", self.embedding_size)
 
 
+#: Arguments of the batch-aware margins -> the head options that set them.
+_BATCH_MARGIN_OPTIONS = {
+    "h": "head.adaface_h",
+    "t_alpha": "head.ema_alpha",
+    "l_a": "head.magface_l_a",
+    "u_a": "head.magface_u_a",
+    "l_m": "head.magface_l_m",
+    "u_m": "head.magface_u_m",
+    "lambda_g": "head.magface_lambda_g",
+    "std": "head.elastic_std",
+    "kind": "head.elastic_kind",
+}
+
+
 @dataclass
 class HeadConfig:
     """The Partial-FC classification head and its margin."""
 
-    loss: Literal["arcface", "cosface", "sphereface", "combined"] = "arcface"
+    loss: Literal[
+        "arcface",
+        "cosface",
+        "sphereface",
+        "combined",
+        "adaface",
+        "magface",
+        "curricular",
+        "elastic",
+    ] = "arcface"
     """Margin type: additive angular (arcface), additive cosine (cosface),
-    multiplicative angular (sphereface) or the combined ``cos(m1*t + m2) - m3``."""
+    multiplicative angular (sphereface), the combined ``cos(m1*t + m2) - m3``, or a
+    batch-aware margin: adaface, magface, curricular, elastic (docs/partial_fc.md)."""
     scale: float = 64.0
     """Logit scale ``s`` applied to the cosines; positive and finite."""
     margin: float = 0.5
-    """Margin of arcface (radians, in [0, pi)), cosface (cosine, in [0, 2)) or
-    sphereface (angle multiplier, >= 1); ignored by ``combined``."""
+    """Margin of arcface, adaface, curricular and elastic (radians, in [0, pi); for
+    elastic the mean of the drawn margins), cosface (cosine, in [0, 2)) or sphereface
+    (angle multiplier, >= 1); ignored by ``combined`` and ``magface``."""
     m1: float = 1.0
     """Combined margin: multiplicative angular margin, >= 1 (used only by ``loss=combined``)."""
     m2: float = 0.0
@@ -83,6 +120,45 @@ class HeadConfig:
     matmul_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Precision of the head's matrix products (bf16/fp16: tensor cores on GPU,
     fp32 accumulation and fp32 softmax statistics)."""
+    adaface_h: float = 0.333
+    """AdaFace: gain from the normalised feature norm to the margin scaler (> 0)."""
+    ema_alpha: float = 0.01
+    """AdaFace and CurricularFace: weight of the current batch in their EMAs, (0, 1]."""
+    magface_l_a: float = 10.0
+    """MagFace: lower magnitude bound l_a (> 0)."""
+    magface_u_a: float = 110.0
+    """MagFace: upper magnitude bound u_a (> l_a)."""
+    magface_l_m: float = 0.45
+    """MagFace: margin at l_a (radians)."""
+    magface_u_m: float = 0.8
+    """MagFace: margin at u_a (radians, >= l_m, < pi)."""
+    magface_lambda_g: float = 35.0
+    """MagFace: weight of the magnitude regulariser (>= 0)."""
+    elastic_std: float = 0.0125
+    """ElasticFace: standard deviation of the per-sample margins (>= 0)."""
+    elastic_kind: Literal["arc", "cos"] = "arc"
+    """ElasticFace: apply the drawn margin as ArcFace (arc) or CosFace (cos) does."""
+    elastic_plus: bool = False
+    """ElasticFace+: the largest target cosine gets the smallest drawn margin."""
+
+    def batch_margin(self) -> Any:
+        """The batch-aware margin (``loss`` adaface, magface, curricular or elastic) these
+        options describe; its constructor checks them (``ValueError`` says which)."""
+        from partial_fc import AdaFace, CurricularFace, ElasticFace, MagFace
+
+        if self.loss == "adaface":
+            return AdaFace(self.scale, self.margin, h=self.adaface_h, t_alpha=self.ema_alpha)
+        if self.loss == "magface":
+            return MagFace(
+                self.scale, self.magface_l_a, self.magface_u_a, self.magface_l_m,
+                self.magface_u_m, self.magface_lambda_g,
+            )  # fmt: skip
+        if self.loss == "curricular":
+            return CurricularFace(self.scale, self.margin, t_alpha=self.ema_alpha)
+        return ElasticFace(
+            self.scale, self.margin, std=self.elastic_std, kind=self.elastic_kind,
+            plus=self.elastic_plus,
+        )  # fmt: skip
 
     def validate(self) -> None:
         # The margin classes own the ranges of the scale and of m1/m2/m3; the same
@@ -102,16 +178,38 @@ class HeadConfig:
             "sphereface": SphereFace,
             "combined": CombinedMargin,
         }
-        _check(self.loss in kinds, "head.loss", f"must be one of {', '.join(kinds)}", self.loss)
-        # head.margins_file replaces the kind's primary margin (its ``margin``; m2 for
-        # combined), as trainer.build.build_margin passes it
-        per_class = kinds[self.loss].primary
-        if self.loss == "combined":
+        batch_kinds = ("adaface", "magface", "curricular", "elastic")
+        _check(
+            self.loss in (*kinds, *batch_kinds),
+            "head.loss",
+            f"must be one of {', '.join((*kinds, *batch_kinds))}",
+            self.loss,
+        )
+        if self.loss in batch_kinds:
+            _check(
+                not self.margins_file,
+                "head.margins_file",
+                f"per-class margins do not apply to head.loss={self.loss} (its margins come "
+                "from the batch)",
+                self.margins_file,
+            )
+            try:
+                self.batch_margin()
+            except ValueError as exc:  # name the config options, not the class arguments
+                message = str(exc)
+                for arg, option in _BATCH_MARGIN_OPTIONS.items():
+                    message = re.sub(rf"\b{arg}\b", option, message)
+                raise ConfigError(f"head.loss={self.loss}: {message}") from None
+            checks = []
+        elif self.loss == "combined":
             checks = [("m1", self.m1, "head.m1"), ("m2", self.m2, "head.m2")]
             checks.append(("m3", self.m3, "head.m3"))
         else:
-            checks = [(per_class, self.margin, "head.margin")]
-        if self.margins_file:
+            checks = [(kinds[self.loss].primary, self.margin, "head.margin")]
+        # head.margins_file replaces the kind's primary margin (its ``margin``; m2 for
+        # combined), as trainer.build.build_margin passes it
+        per_class = kinds[self.loss].primary if self.loss in kinds else None
+        if self.margins_file and per_class is not None:
             checks = [c for c in checks if c[0] != per_class]
             checks.append((per_class, self.margins_file, "head.margins_file"))
         try:
@@ -188,6 +286,15 @@ class DataConfig:
     pk_small_identity: Literal["replace", "drop"] = "replace"
     """P x K sampler: identities with fewer than K images are topped up with their own
     images (``replace``) or skipped (``drop``)."""
+    skip_corrupt: bool = False
+    """Skip corrupt samples (undecodable image, malformed record, bad ``.idx`` offset):
+    each is logged with its file, key and offset, counted, and replaced by the next
+    sample. Labels outside ``[0, num_classes)`` or not integers are never skipped.
+    false: the first corrupt sample stops the run (``DataError``)."""
+    max_skipped_fraction: float = 0.001
+    """With ``data.skip_corrupt``: the run stops (``DataError``) once a rank's loader (its
+    workers share the count) has skipped more distinct samples than this fraction of
+    ``data.num_images``; in [0, 1)."""
 
     def validate(self) -> None:
         _check(bool(self.root), "data.root", "must name the dataset directory", self.root)
@@ -195,6 +302,13 @@ class DataConfig:
         _check(self.num_images > 0, "data.num_images", "must be > 0", self.num_images)
         _check(self.batch_size > 0, "data.batch_size", "must be > 0", self.batch_size)
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
+        _check(
+            _finite(self.max_skipped_fraction) and 0.0 <= self.max_skipped_fraction < 1.0,
+            "data.max_skipped_fraction",
+            "must be a fraction in [0, 1) of the training images that may be skipped as "
+            "corrupt (1 or more would let a run train on no data at all)",
+            self.max_skipped_fraction,
+        )
         _check(
             self.sampler in ("random", "pk"), "data.sampler", "must be random or pk", self.sampler
         )
@@ -213,6 +327,72 @@ class DataConfig:
                 "must be replace or drop",
                 self.pk_small_identity,
             )
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentations applied to each batch on the device (``datasets/augment.py``),
+    after the loader's flip; each stage is drawn per sample with its own probability. AdaFace
+    trains with ``crop_prob = lowres_prob = photometric_prob = 0.2`` and no erasing."""
+
+    crop_prob: float = 0.0
+    """Probability of AdaFace's crop: a RandomResizedCrop rectangle kept in place, black
+    around it (AdaFace: 0.2)."""
+    crop_min_scale: float = 0.2
+    """Smallest kept area as a fraction of the image (the largest is 1), in (0, 1]."""
+    lowres_prob: float = 0.0
+    """Probability of down-sampling to a random side and back up, each with a random OpenCV
+    interpolation (AdaFace: 0.2)."""
+    lowres_min_side: float = 0.2
+    """Smallest low-resolution side as a fraction of the image side (the largest is 1), in
+    [0.2, 1]."""
+    photometric_prob: float = 0.0
+    """Probability of ColorJitter: brightness, contrast and saturation in a random order
+    (AdaFace: 0.2)."""
+    brightness: float = 0.5
+    """ColorJitter brightness strength s: factor ~ U(1 - s, 1 + s), s in [0, 1]."""
+    contrast: float = 0.5
+    """ColorJitter contrast strength s: factor ~ U(1 - s, 1 + s), s in [0, 1]."""
+    saturation: float = 0.5
+    """ColorJitter saturation strength s: factor ~ U(1 - s, 1 + s), s in [0, 1]."""
+    erase_prob: float = 0.0
+    """Probability of random erasing (torchvision's RandomErasing rectangle); AdaFace: 0."""
+    erase_fill: Literal["noise", "constant"] = "noise"
+    """Erased rectangle: uniform noise in [-1, 1] (``noise``) or ``augment.erase_value``."""
+    erase_value: float = 0.0
+    """Constant fill of ``erase_fill=constant``, in normalised units [-1, 1] (0 = mid grey)."""
+
+    def validate(self) -> None:
+        for key in (
+            "crop_prob", "lowres_prob", "photometric_prob", "erase_prob", "brightness",
+            "contrast", "saturation",
+        ):  # fmt: skip
+            value = getattr(self, key)
+            _check(0.0 <= value <= 1.0, f"augment.{key}", "must lie in [0, 1]", value)
+        _check(
+            0.0 < self.crop_min_scale <= 1.0,
+            "augment.crop_min_scale",
+            "must lie in (0, 1]",
+            self.crop_min_scale,
+        )
+        _check(
+            0.2 <= self.lowres_min_side <= 1.0,
+            "augment.lowres_min_side",
+            "must lie in [0.2, 1]",
+            self.lowres_min_side,
+        )
+        _check(
+            self.erase_fill in ("noise", "constant"),
+            "augment.erase_fill",
+            "must be noise or constant",
+            self.erase_fill,
+        )
+        _check(
+            -1.0 <= self.erase_value <= 1.0,
+            "augment.erase_value",
+            "must lie in [-1, 1]",
+            self.erase_value,
+        )
 
 
 @dataclass
@@ -237,22 +417,52 @@ class OptimizerConfig:
     trade-off)."""
 
     def validate(self) -> None:
-        _check(self.lr > 0, "optimizer.lr", "must be > 0", self.lr)
+        _check(
+            _finite(self.lr) and self.lr > 0,
+            "optimizer.lr",
+            "must be finite and > 0",
+            self.lr,
+        )
+        _check(self.name in ("sgd", "adamw"), "optimizer.name", "must be sgd or adamw", self.name)
         _check(
             self.head_state_dtype in ("fp32", "bf16"),
             "optimizer.head_state_dtype",
             "must be fp32 or bf16",
             self.head_state_dtype,
         )
-        _check(0.0 <= self.momentum < 1.0, "optimizer.momentum", "must be in [0, 1)", self.momentum)
-        _check(self.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0", self.weight_decay)
         _check(
-            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            _finite(self.momentum) and 0.0 <= self.momentum < 1.0,
+            "optimizer.momentum",
+            "must be in [0, 1): the velocity is multiplied by it every step, and 1 or more "
+            "never forgets a gradient (it grows without bound)",
+            self.momentum,
+        )
+        _check(
+            _finite(self.weight_decay) and self.weight_decay >= 0,
+            "optimizer.weight_decay",
+            "must be finite and >= 0",
+            self.weight_decay,
+        )
+        _check(
+            len(self.betas) == 2 and all(_finite(b) and 0.0 <= b < 1.0 for b in self.betas),
             "optimizer.betas",
-            "must be two values in [0, 1)",
+            "must be two values in [0, 1): Adam's moment averages and their bias "
+            "correction 1 - beta**t divide by zero at 1",
             self.betas,
         )
-        _check(self.eps > 0, "optimizer.eps", "must be > 0", self.eps)
+        _check(
+            _finite(self.eps) and 0 < self.eps < 1,
+            "optimizer.eps",
+            "must be in (0, 1): it only guards Adam's division by the second moment",
+            self.eps,
+        )
+        _check(
+            self.lr * self.weight_decay < 1.0,
+            "optimizer.weight_decay",
+            f"times optimizer.lr={self.lr:g} must be < 1: every step scales the weights by "
+            "(1 - lr * weight_decay), which is then zero or negative",
+            self.weight_decay,
+        )
 
 
 @dataclass
@@ -268,15 +478,23 @@ class SchedulerConfig:
 
     def validate(self) -> None:
         _check(
-            self.warmup_epochs >= 0, "scheduler.warmup_epochs", "must be >= 0", self.warmup_epochs
+            _finite(self.warmup_epochs) and self.warmup_epochs >= 0,
+            "scheduler.warmup_epochs",
+            "must be finite and >= 0",
+            self.warmup_epochs,
         )
         _check(
-            0.0 < self.warmup_start_factor <= 1.0,
+            _finite(self.warmup_start_factor) and 0.0 < self.warmup_start_factor <= 1.0,
             "scheduler.warmup_start_factor",
             "must be in (0, 1]",
             self.warmup_start_factor,
         )
-        _check(self.power > 0, "scheduler.power", "must be > 0", self.power)
+        _check(
+            _finite(self.power) and self.power > 0,
+            "scheduler.power",
+            "must be finite and > 0 (the decay (1 - progress) ** power)",
+            self.power,
+        )
 
 
 @dataclass
@@ -306,26 +524,53 @@ class TrainConfig:
     (passed to ``init_process_group``); a hung or dead rank cannot block forever."""
 
     def validate(self) -> None:
-        _check(self.epochs > 0, "train.epochs", "must be > 0", self.epochs)
-        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1", self.grad_accum)
         _check(
-            self.clip_grad_norm is None or self.clip_grad_norm > 0,
+            0 < self.epochs <= MAX_EPOCHS,
+            "train.epochs",
+            f"must be in [1, {MAX_EPOCHS}] (the schedule, step counters and ETA are "
+            "derived from it)",
+            self.epochs,
+        )
+        _check(
+            1 <= self.grad_accum <= 65536,
+            "train.grad_accum",
+            "must be in [1, 65536] micro-batches per optimizer step",
+            self.grad_accum,
+        )
+        _check(
+            self.clip_grad_norm is None
+            or (_finite(self.clip_grad_norm) and self.clip_grad_norm > 0),
             "train.clip_grad_norm",
-            "must be > 0 or null",
+            "must be finite and > 0, or null to disable clipping",
             self.clip_grad_norm,
         )
         _check(
-            self.max_steps is None or self.max_steps > 0,
+            self.amp in ("bf16", "fp16", "none"),
+            "train.amp",
+            "must be bf16, fp16 or none",
+            self.amp,
+        )
+        _check(
+            0 <= self.seed < MAX_SEED,
+            "train.seed",
+            "must be in [0, 2**32): the per-rank and loader seeds derived from it "
+            "(seed + 1000003 * (rank + 1), seed * 7919 + rank) must stay within the "
+            "64-bit seeds torch accepts",
+            self.seed,
+        )
+        _check(
+            self.max_steps is None or 0 < self.max_steps <= 2**40,
             "train.max_steps",
-            "must be > 0 or null",
+            "must be in [1, 2**40] or null",
             self.max_steps,
         )
         _check(bool(self.output), "train.output", "must be a directory path", self.output)
         _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", self.max_bad_steps)
         _check(
-            self.collective_timeout_s > 0,
+            _finite(self.collective_timeout_s) and 0 < self.collective_timeout_s <= MAX_TIMEOUT_S,
             "train.collective_timeout_s",
-            "must be > 0 seconds",
+            f"must be finite, > 0 and <= {MAX_TIMEOUT_S:g} seconds (7 days): it is the "
+            "process group's timeout, and an infinite one would let a hung peer block forever",
             self.collective_timeout_s,
         )
 
@@ -362,8 +607,24 @@ class EvalConfig:
     """Per-rank batch size for embedding extraction."""
 
     def validate(self) -> None:
+        from pathlib import Path
+
         _check(self.every_steps >= 0, "eval.every_steps", "must be >= 0", self.every_steps)
         _check(self.batch_size > 0, "eval.batch_size", "must be > 0", self.batch_size)
+        names = [Path(t).stem for t in self.targets]
+        _check(
+            all(isinstance(t, str) and t.strip() for t in self.targets),
+            "eval.targets",
+            "must be names or paths of .bin files, none empty",
+            self.targets,
+        )
+        _check(
+            len(set(names)) == len(names),
+            "eval.targets",
+            "must have distinct names (results are reported by file name, so a second "
+            "target of the same name would replace the first)",
+            self.targets,
+        )
 
 
 @dataclass
@@ -407,9 +668,21 @@ class AuxLossConfig:
     def validate(self) -> None:
         for key in ("center_weight", "center_radius", "triplet_weight", "triplet_margin"):
             value = getattr(self, key)
-            _check(
-                math.isfinite(value) and value >= 0, f"aux.{key}", "must be finite and >= 0", value
-            )
+            _check(_finite(value) and value >= 0, f"aux.{key}", "must be finite and >= 0", value)
+        _check(
+            self.center_distance != "cosine" or self.center_radius < 2.0,
+            "aux.center_radius",
+            "must be < 2 with aux.center_distance=cosine: the distance 1 - cos lies in "
+            "[0, 2], so a radius of 2 or more makes the center loss 0 for every sample",
+            self.center_radius,
+        )
+        _check(
+            self.triplet_distance != "cosine" or self.triplet_margin < 2.0,
+            "aux.triplet_margin",
+            "must be < 2 with aux.triplet_distance=cosine: the distance 1 - cos lies in "
+            "[0, 2], so no triplet could ever be separated by a margin of 2 or more",
+            self.triplet_margin,
+        )
         _check(
             self.center_distance in ("squared_euclidean", "euclidean", "cosine"),
             "aux.center_distance",
@@ -456,6 +729,8 @@ class Config:
     """Logging."""
     aux: AuxLossConfig = field(default_factory=AuxLossConfig)
     """Auxiliary losses (center, triplet); off by default."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Batched training augmentations on the device; off by default."""
 
     def validate(self) -> Config:
         """Check every section; raise :class:`ConfigError` naming the first bad option."""
@@ -470,12 +745,14 @@ class Config:
             self.eval,
             self.log,
             self.aux,
+            self.augment,
         ):
             section.validate()
         _check(
-            math.isfinite(self.optimizer.lr),
-            "optimizer.lr",
-            "must be finite",
-            self.optimizer.lr,
+            self.scheduler.warmup_epochs < self.train.epochs,
+            "scheduler.warmup_epochs",
+            f"must be shorter than train.epochs={self.train.epochs} (the decay after the "
+            "warm-up needs at least part of an epoch)",
+            self.scheduler.warmup_epochs,
         )
         return self

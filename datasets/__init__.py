@@ -4,6 +4,7 @@ Importing the package imports nothing heavy; import the submodule you need.
 
 Modules (one concern each):
 
+* :mod:`datasets.errors` — :class:`DataError`, the one exception for bad training data.
 * :mod:`datasets.recordio` — MXNet RecordIO without MXNet, byte-compatible with MXNet 1.9.1:
   ``IndexedRecordIO(idx, rec, "r"|"w")``, ``read_idx(key) -> bytes``, ``write_idx(key, bytes)``,
   ``IRHeader``, ``pack``, ``unpack``, ``pack_img``, ``unpack_img``.
@@ -38,4 +39,12 @@ What a trainer calls::
     loader.load_state_dict(state)          # on resume, before set_epoch(state["epoch"])
 
 ``ds.num_classes`` is the identity count; ``len(ds)`` the image count.
+
+Bad data raises :class:`DataError` (``from datasets import DataError``; defined in
+:mod:`datasets.errors`): one line, ``<file> key <key> at byte offset <offset>: <why>``,
+also when the problem is found in a DataLoader worker.
 """
+
+from datasets.errors import DataError, LabelRangeError
+
+__all__ = ["DataError", "LabelRangeError"]

@@ -13,7 +13,16 @@ Commands (each with a progress bar; output files appear atomically)::
     python -m datasets.arrow_shards shuffle-rec train.rec OUT_DIR [--seed 0]   # for DALI
 
 ``rec2arrow``/``folder2arrow`` are resumable: finished shards are kept (their row count is
-checked) and only missing shards are written; counts are verified at the end.
+checked) and only missing shards are written; counts are verified at the end. Every row is
+checked while it is converted (label in ``[0, num_classes)`` and an integer, image
+decodable): a bad row stops the conversion with a :class:`~datasets.errors.DataError`
+naming the source file, key and offset, or with ``--skip-bad`` is left out, reported on
+stderr and listed under ``skipped`` in the manifest.
+
+Reading (:class:`ArrowDataset`) checks ``manifest.json`` (keys, types, shard names inside
+the directory, row counts), every shard's schema (``label``/``key`` integer columns,
+``image`` ``binary`` or ``large_binary``, no nulls) and that every label lies in
+``[0, num_classes)``, naming the shard.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import numpy as np
 
 from datasets.atomic import atomic_path, write_json
 from datasets.dataset import FaceDataset, ImageFolderDataset, RecordIODataset
+from datasets.errors import DataError, LabelRangeError
+from datasets.transforms import decode_bgr
 
 SCHEMA_FIELDS = (("label", "int64"), ("image", "binary"), ("key", "int64"))
 MANIFEST = "manifest.json"
@@ -102,13 +113,50 @@ def _write_shard(path: Path, rows: Iterator[tuple[int, bytes, int]]) -> int:
 
 
 def _rows(
-    source: FaceDataset, keys: np.ndarray | None, lo: int, hi: int, bar: Any
+    source: FaceDataset,
+    keys: np.ndarray | None,
+    lo: int,
+    hi: int,
+    bar: Any,
+    check: bool,
+    skipped: list[dict[str, Any]] | None,
 ) -> Iterator[tuple[int, bytes, int]]:
     for i in range(lo, hi):
-        payload, label, _ = source._load(i)
-        yield label, bytes(payload), int(keys[i]) if keys is not None else -1
+        try:
+            payload, label, where = source._load(i)
+            _check_row(source, i, payload, label, where, decode=check)
+        except DataError as exc:
+            if skipped is None:
+                raise DataError(
+                    f"{exc} (not converted; --skip-bad leaves such records out)",
+                    path=exc.path,
+                    key=exc.key,
+                    offset=exc.offset,
+                ) from None
+            skipped.append({"index": i, "key": source.sample_key(i), "error": str(exc)})
+            print(f"skipping bad record: {exc}", file=sys.stderr)
+        else:
+            yield label, bytes(payload), int(keys[i]) if keys is not None else -1
         if bar is not None:
             bar.update(1)
+
+
+def _check_row(
+    source: FaceDataset, i: int, payload: Any, label: Any, where: str | None, decode: bool
+) -> None:
+    """Raise :class:`DataError` naming the record if its label (or, with ``decode``,
+    its image) is bad."""
+    if not 0 <= label < source.num_classes:
+        raise LabelRangeError(
+            f"{where or source._where(i)}: label {label} is outside "
+            f"[0, num_classes={source.num_classes})",
+            **source._location(i),
+        )
+    if decode and decode_bgr(payload, None) is None:
+        raise DataError(
+            f"{where or source._where(i)}: OpenCV cannot decode {len(payload)} bytes as an image",
+            **source._location(i),
+        )
 
 
 def convert_to_shards(
@@ -116,10 +164,15 @@ def convert_to_shards(
     out_dir: str | os.PathLike,
     shard_size: int = 100_000,
     progress: bool = True,
+    check: bool = True,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Write every sample of ``source`` (raw encoded bytes, no re-encoding) into shards.
 
     Resumable: a shard file already present with the expected row count is kept.
+    Every row's label (and with ``check`` its image) is verified as it is converted; a bad
+    row raises :class:`DataError` naming the source record, or with ``skip_bad`` is left
+    out, printed and listed under ``skipped`` in the manifest.
     Returns the manifest (also written to ``out_dir/manifest.json``).
     """
     out = Path(out_dir)
@@ -133,6 +186,7 @@ def convert_to_shards(
 
         bar = tqdm(total=n, desc=f"-> {out}", unit="img", file=sys.stderr)
     shards = []
+    skipped: list[dict[str, Any]] | None = [] if skip_bad else None
     try:
         for s in range(n_shards):
             lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
@@ -142,30 +196,91 @@ def convert_to_shards(
                 if bar is not None:
                     bar.update(rows)
             else:
-                rows = _write_shard(path, _rows(source, keys, lo, hi, bar))
+                rows = _write_shard(path, _rows(source, keys, lo, hi, bar, check, skipped))
             shards.append({"file": path.name, "rows": rows})
     finally:
         if bar is not None:
             bar.close()
     total = sum(_count_rows(out / s["file"]) for s in shards)
-    if total != n:
-        raise RuntimeError(f"{out}: shards hold {total} rows, the source has {n} images")
+    expected = n - len(skipped or ())
+    if total != expected:
+        raise RuntimeError(f"{out}: shards hold {total} rows, expected {expected}")
     manifest = {
         "format": "partial-fc arrow shards v1",
         "columns": [name for name, _ in SCHEMA_FIELDS],
-        "num_images": n,
+        "num_images": total,
         "num_classes": int(source.num_classes),
         "shards": shards,
     }
+    if skipped:
+        manifest["skipped"] = skipped
+        print(f"{len(skipped)} bad records left out (listed in {out / MANIFEST})", file=sys.stderr)
     write_json(out / MANIFEST, manifest, indent=1)
     return manifest
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``manifest.json``; :class:`DataError` naming the file says what is wrong."""
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (not an Arrow shard directory?)")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" line {exc.lineno} column {exc.colno}" if hasattr(exc, "lineno") else ""
+        msg = exc.msg if hasattr(exc, "msg") else "not UTF-8 text"
+        raise DataError(f"{path}{where}: not a JSON manifest ({msg})", path=path) from None
+
+    def bad(what: str) -> DataError:
+        return DataError(f"{path}: {what}", path=path)
+
+    if not isinstance(manifest, dict):
+        raise bad(f"expected a JSON object, got {type(manifest).__name__}")
+    c = manifest.get("num_classes")
+    if isinstance(c, bool) or not isinstance(c, int) or c <= 0:
+        raise bad(f"num_classes must be a positive integer, got {c!r}")
+    entries = manifest.get("shards")
+    if not isinstance(entries, list) or not entries:
+        raise bad(f"shards must be a non-empty list, got {entries!r:.80}")
+    for j, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise bad(f"shards[{j}] must be an object with 'file' and 'rows', got {e!r:.80}")
+        name, rows = e.get("file"), e.get("rows")
+        if not isinstance(name, str) or not name or Path(name).name != name or name in ("..", "."):
+            raise bad(f"shards[{j}].file must be a file name inside the directory, got {name!r}")
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise bad(f"shards[{j}].rows must be an integer >= 0, got {rows!r}")
+    n = manifest.get("num_images")
+    total = sum(e["rows"] for e in entries)
+    if n is not None and n != total:
+        raise bad(f"num_images={n!r} but the shards' rows add up to {total}")
+    return manifest
+
+
+def _check_schema(f: Path, schema: Any) -> dict[str, int]:
+    """Column indices of ``label``, ``image``, ``key`` after checking their types."""
+    pa = _pa()
+    names = list(schema.names)
+    cols: dict[str, int] = {}
+    for name, ok, want in (
+        ("label", pa.types.is_integer, "an integer type (int64)"),
+        (
+            "image",
+            lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+            "binary or large_binary",
+        ),
+        ("key", pa.types.is_integer, "an integer type (int64)"),
+    ):
+        if names.count(name) != 1:
+            raise DataError(
+                f"{f}: needs exactly one column {name!r} ({want}); the shard has columns {names}",
+                path=f,
+            )
+        t = schema.field(name).type
+        if not ok(t):
+            raise DataError(f"{f}: column {name!r} is {t}, expected {want}", path=f)
+        cols[name] = names.index(name)
+    return cols
 
 
 def split_shards(shards: list[str], rank: int, world_size: int) -> list[str]:
@@ -207,26 +322,46 @@ class ArrowDataset(FaceDataset):
         self._pid: int | None = None
         self._batches: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]] = []
         self._starts = np.zeros(0, np.int64)
-        self._open()
+        self._open(check=True)
         self._len = int(self._starts[-1]) if len(self._starts) else 0
-        expected = sum(int(e["rows"]) for e in entries)
-        if self._len != expected:
-            raise ValueError(f"{self.shard_dir}: shards hold {self._len} rows, manifest {expected}")
+        for e, f in zip(entries, self.files, strict=True):
+            got = self._rows_per_file[f]
+            if got != int(e["rows"]):
+                raise DataError(
+                    f"{f}: holds {got} rows, {self.shard_dir / MANIFEST} says {e['rows']}",
+                    path=f,
+                )
 
-    def _open(self) -> None:
+    def _open(self, check: bool = False) -> None:
+        """Memory-map the shards (in this process); ``check``: schema, nulls, labels."""
         pa = _pa()
         batches = []
         starts = [0]
+        self._rows_per_file: dict[Path, int] = {}
         for f in self.files:
-            src = pa.memory_map(str(f), "r")
-            reader = pa.ipc.open_file(src)
-            if reader.schema.names[:2] != ["label", "image"]:
-                raise ValueError(f"{f}: columns {reader.schema.names}, expected label, image")
+            try:
+                src = pa.memory_map(str(f), "r")
+                reader = pa.ipc.open_file(src)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise DataError(f"{f}: not a readable Arrow IPC file ({exc})", path=f) from None
+            cols = _check_schema(f, reader.schema)
+            rows = 0
             for b in range(reader.num_record_batches):
                 batch = reader.get_batch(b)
-                images = batch.column(1)
+                where = f"{f} batch {b}"
+                label_col, images, key_col = (
+                    batch.column(cols[c]) for c in ("label", "image", "key")
+                )
+                if check:
+                    for name, col in (("label", label_col), ("image", images), ("key", key_col)):
+                        if col.null_count:
+                            raise DataError(
+                                f"{where}: column {name!r} has {col.null_count} null values",
+                                path=f,
+                            )
                 _, off_buf, data_buf = images.buffers()
-                offsets = np.frombuffer(off_buf, np.int32)[
+                off_type = np.int64 if pa.types.is_large_binary(images.type) else np.int32
+                offsets = np.frombuffer(off_buf, off_type)[
                     images.offset : images.offset + len(images) + 1
                 ]
                 data = (
@@ -234,10 +369,23 @@ class ArrowDataset(FaceDataset):
                     if data_buf is not None
                     else np.zeros(0, np.uint8)
                 )
-                labels = batch.column(0).to_numpy(zero_copy_only=True)
-                keys = batch.column(2).to_numpy(zero_copy_only=True)
-                batches.append((labels, offsets, data, keys, f"{f} batch {b}"))
+                labels = label_col.to_numpy(zero_copy_only=True)
+                keys = key_col.to_numpy(zero_copy_only=True)
+                if check and len(labels):
+                    bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+                    if len(bad):
+                        r = int(bad[0])
+                        raise LabelRangeError(
+                            f"{where} row {r} (source key {int(keys[r])}): label "
+                            f"{int(labels[r])} is outside [0, num_classes={self.num_classes}) "
+                            f"of {self.shard_dir / MANIFEST} ({len(bad)} such rows in this batch)",
+                            path=f,
+                            key=int(keys[r]),
+                        )
+                batches.append((labels, offsets, data, keys, where))
                 starts.append(starts[-1] + batch.num_rows)
+                rows += batch.num_rows
+            self._rows_per_file[f] = rows
         self._batches = batches
         self._starts = np.asarray(starts, np.int64)
         self._pid = os.getpid()
@@ -268,6 +416,14 @@ class ArrowDataset(FaceDataset):
         _, _, _, keys, where = self._batches[b]
         row = index - int(self._starts[b])
         return f"{where} row {row} (source key {int(keys[row])})"
+
+    def _location(self, index: int) -> dict[str, Any]:
+        if self._pid != os.getpid():
+            self._open()
+        b = int(np.searchsorted(self._starts, index, side="right")) - 1
+        keys, where = self._batches[b][3:]
+        row = index - int(self._starts[b])
+        return {"path": where.rsplit(" batch ", 1)[0], "key": int(keys[row])}
 
 
 # ----------------------------------------------------------------------------- rec writers
@@ -353,6 +509,17 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("source")
         s.add_argument("out_dir")
         s.add_argument("--shard-size", type=int, default=100_000)
+        s.add_argument(
+            "--skip-bad",
+            action="store_true",
+            help="leave out records with a bad label or an undecodable image (reported on "
+            "stderr and in manifest.json) instead of stopping at the first",
+        )
+        s.add_argument(
+            "--no-decode-check",
+            action="store_true",
+            help="do not decode every image while converting (labels are still checked)",
+        )
     s = sub.add_parser("arrow2rec")
     s.add_argument("source")
     s.add_argument("out_dir")
@@ -361,11 +528,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if a.cmd == "rec2arrow":
-        m = convert_to_shards(RecordIODataset(a.source), a.out_dir, a.shard_size)
-        print(f"{m['num_images']} images, {m['num_classes']} classes, {len(m['shards'])} shards")
-    elif a.cmd == "folder2arrow":
-        m = convert_to_shards(ImageFolderDataset(a.source), a.out_dir, a.shard_size)
+    try:
+        return _run(a)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(a: argparse.Namespace) -> int:
+    if a.cmd in ("rec2arrow", "folder2arrow"):
+        source = RecordIODataset(a.source) if a.cmd == "rec2arrow" else ImageFolderDataset(a.source)
+        m = convert_to_shards(
+            source, a.out_dir, a.shard_size, check=not a.no_decode_check, skip_bad=a.skip_bad
+        )
         print(f"{m['num_images']} images, {m['num_classes']} classes, {len(m['shards'])} shards")
     elif a.cmd == "arrow2rec":
         n, c = shards_to_rec(a.source, a.out_dir)

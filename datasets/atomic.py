@@ -14,7 +14,12 @@ Three shapes, one mechanism (:class:`AtomicFile`):
   writer), committed or discarded explicitly.
 
 Plus one-call writers: :func:`write_bytes`, :func:`write_text`, :func:`write_json`,
-:func:`write_torch`.
+:func:`write_torch`, and :func:`append_text` for append-only logs (``bad_steps.jsonl``).
+
+Failures name the file: an :class:`OSError` that names no file of its own (a full
+disk, a read-only file system, ... while writing or renaming the temporary file) is
+raised as :class:`OutputWriteError` (an :class:`OSError` with the same ``errno``),
+``cannot write <path>: <reason>``, and the temporary file is gone.
 """
 
 from __future__ import annotations
@@ -26,6 +31,40 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+
+class OutputWriteError(OSError):
+    """An output file could not be written: ``cannot write <path>: <reason>``.
+
+    An :class:`OSError` (``errno``, ``strerror`` and ``filename`` set as usual), so
+    ``except OSError`` keeps working; :meth:`wrap` builds one from the original error."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+    @classmethod
+    def wrap(cls, path: str | os.PathLike[str], exc: OSError) -> OutputWriteError:
+        """``exc`` (raised while writing ``path``) as an error naming ``path``."""
+        if isinstance(exc, cls):
+            return exc
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        if exc.filename is not None and os.fspath(exc.filename) != os.fspath(path):
+            reason = f"{reason}: {os.fspath(exc.filename)}"  # e.g. its directory
+        return cls(exc.errno, reason, os.fspath(path))
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Raise an :class:`OSError` that names no file, inside the block, as an
+    :class:`OutputWriteError` naming ``path`` (errors about another file pass as they are)."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OutputWriteError.wrap(path, exc) from exc
 
 
 def _fsync_directory(directory: str) -> None:
@@ -62,11 +101,14 @@ class AtomicFile:
     def __init__(self, path: str | os.PathLike[str], mode: str | None = "wb") -> None:
         self.path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=directory
+            )
+        except OSError as exc:
+            raise OutputWriteError.wrap(self.path, exc) from exc
         self._directory = directory
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=directory
-        )
         self.tmp = tmp
         self.file: IO[Any] | None = None
         self._done = False
@@ -98,6 +140,9 @@ class AtomicFile:
                     os.close(fd)
             os.chmod(self.tmp, 0o644)
             os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.discard()
+            raise OutputWriteError.wrap(self.path, exc) from exc
         except BaseException:
             self.discard()
             raise
@@ -114,18 +159,20 @@ class AtomicFile:
             with contextlib.suppress(OSError):
                 self.file.close()
             self.file = None
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # never mask the error that led here
             os.unlink(self.tmp)
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary sibling of ``path`` (parents created); on success it is
-    fsynced, made world-readable (0644) and replaces ``path``; on error it is removed."""
+    fsynced, made world-readable (0644) and replaces ``path``; on error it is removed
+    (an :class:`OSError` naming no file becomes :class:`OutputWriteError` naming ``path``)."""
     target = AtomicFile(path, mode)
     try:
         assert target.file is not None  # a mode was given
-        yield target.file
+        with naming(path):
+            yield target.file
     except BaseException:
         target.discard()
         raise
@@ -139,7 +186,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fsynced and replaces ``path``; on error it is removed."""
     target = AtomicFile(path, None)
     try:
-        yield Path(target.tmp)
+        with naming(path):
+            yield Path(target.tmp)
     except BaseException:
         target.discard()
         raise
@@ -180,3 +228,26 @@ def write_torch(path: str | os.PathLike[str], obj: Any) -> None:
 
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def append_text(path: str | os.PathLike[str], text: str) -> None:
+    """Append ``text`` (UTF-8) to ``path`` (created with its parents if missing) in one
+    ``write``, fsynced. If the write fails, the file is cut back to its previous
+    length (no half line) and :class:`OutputWriteError` names ``path``."""
+    data = text.encode()
+    with naming(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)

@@ -11,14 +11,21 @@ All share one contract. ``dataset[i]`` or ``dataset[(i, aug_seed)]`` (what
 With ``flip=True`` the image is mirrored left-right with probability 1/2, decided by
 ``aug_seed`` (deterministic) or, for a plain integer index, by a per-process RNG.
 
-Errors name the file, key and byte offset. Undecodable images raise unless
-``skip_corrupt=True``, in which case they are logged, counted in ``num_skipped`` (per
-process) and replaced by the next sample. Labels outside ``[0, num_classes)`` always raise.
+Every problem with the data raises :class:`datasets.errors.DataError` (one line naming the
+file, key and byte offset). Corrupt samples — an undecodable image, a malformed record, an
+``.idx`` offset that does not point at a record — raise unless ``skip_corrupt=True``: then
+they are logged, counted in ``num_skipped`` (per process) and replaced by the next sample,
+until more distinct samples than ``max_skipped_fraction`` of the dataset have been skipped
+(counted per process, or per loader: :class:`datasets.loader.FaceLoader` shares the count
+among its workers), when a :class:`DataError` stops the run. Labels outside ``[0, num_classes)`` or
+not integers (NaN) always raise (``LabelRangeError``): they mean the data set or
+``num_classes`` is wrong, which skipping would hide.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import struct
@@ -29,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datasets.errors import DataError, LabelRangeError
 from datasets.face_layout import image_label, inspect_layout, scan_num_classes
 from datasets.recordio import MAGIC, IndexedRecordIO, RecordIOError, unpack
 from datasets.transforms import (
@@ -40,6 +48,15 @@ from datasets.transforms import (
     to_uint8_hwc,
 )
 
+__all__ = [
+    "DataError",
+    "FaceDataset",
+    "ImageFolderDataset",
+    "LabelRangeError",
+    "RecordIODataset",
+    "open_dataset",
+]
+
 log = logging.getLogger(__name__)
 
 _FAST_HEAD = struct.Struct("<IIIf")  # record magic, lrec, IRHeader flag, IRHeader label
@@ -47,13 +64,30 @@ _LEN_MASK = (1 << 29) - 1
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
+#: Consecutive corrupt samples after which even ``skip_corrupt`` gives up.
+MAX_CONSECUTIVE_CORRUPT = 64
 
-class LabelRangeError(ValueError):
-    """A label outside ``[0, num_classes)``."""
+
+def check_skipped_fraction(value: float, option: str = "max_skipped_fraction") -> None:
+    """Raise ``ValueError`` naming ``option`` unless ``value`` is a fraction in ``[0, 1)``."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value < 1.0):
+        raise ValueError(
+            f"{option}: must be a fraction in [0, 1) of the training images that may be "
+            f"skipped as corrupt (got {value!r})"
+        )
 
 
 class FaceDataset(Dataset):
-    """Base class; subclasses implement ``__len__`` and ``_load(i) -> (bytes, label, where)``."""
+    """Base class; subclasses implement ``__len__`` and ``_load(i) -> (bytes, label, where)``.
+
+    Args:
+        flip: random horizontal flips.
+        output: ``"float"`` or ``"uint8"`` (see the module docstring).
+        skip_corrupt: skip (log, count) corrupt samples instead of raising.
+        image_size: side of the returned images.
+        max_skipped_fraction: with ``skip_corrupt``, the fraction of ``len(self)`` that
+            may be skipped (distinct samples) before a :class:`DataError` stops the run.
+    """
 
     num_classes: int
 
@@ -63,14 +97,19 @@ class FaceDataset(Dataset):
         output: str = "float",
         skip_corrupt: bool = False,
         image_size: int = IMAGE_SIZE,
+        max_skipped_fraction: float = 0.001,
     ) -> None:
         if output not in ("float", "uint8"):
             raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
+        check_skipped_fraction(max_skipped_fraction)
         self.flip = flip
         self.output = output
         self.skip_corrupt = skip_corrupt
+        self.max_skipped_fraction = max_skipped_fraction
         self.image_size = image_size
         self.num_skipped = 0
+        self._skipped: set[int] = set()
+        self._marks: torch.Tensor | None = None  # see share_skip_marks
         self._rng = random.Random()
 
     def _load(self, index: int) -> tuple[bytes | memoryview, int, str | None]:
@@ -80,6 +119,10 @@ class FaceDataset(Dataset):
     def _where(self, index: int) -> str:
         """Where sample ``index`` lives (file, key, byte offset), for error messages."""
         return f"{type(self).__name__} sample {index}"
+
+    def _location(self, index: int) -> dict[str, Any]:
+        """``path``/``key``/``offset`` of sample ``index`` for :class:`DataError`."""
+        return {"key": self.sample_key(index)}
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -100,33 +143,98 @@ class FaceDataset(Dataset):
             index = int(item)
             flip = self.flip and self._rng.random() < 0.5
         n = len(self)
-        for attempt in range(min(n, 64)):
+        attempts = min(n, MAX_CONSECUTIVE_CORRUPT)
+        for attempt in range(attempts):
             i = (index + attempt) % n
-            payload, label, where = self._load(i)
-            if not 0 <= label < self.num_classes:
-                raise LabelRangeError(
-                    f"{where or self._where(i)}: label {label} is outside "
-                    f"[0, num_classes={self.num_classes})"
-                )
-            img = decode_bgr(payload, None)
-            if img is None:
-                exc = ImageDecodeError(
-                    f"{where or self._where(i)}: OpenCV cannot decode {len(payload)} bytes as an "
-                    "image"
-                )
+            try:
+                return self._sample(i, flip)
+            except LabelRangeError:
+                raise  # never skipped: the data set or num_classes is wrong
+            except DataError as exc:
                 if not self.skip_corrupt:
-                    raise exc
-                self.num_skipped += 1
-                log.warning("skipping corrupt image (%d skipped so far): %s", self.num_skipped, exc)
-                continue
-            if self.output == "float":
-                return to_float_chw(img, flip, self.image_size), label
-            return to_uint8_hwc(img, flip, self.image_size), label
-        raise ImageDecodeError(f"{len(self)} samples from index {index} on were all undecodable")
+                    raise
+                self._skip(i, exc)
+        raise DataError(
+            f"{self._where(index)}: this sample and the next {attempts - 1} are all corrupt "
+            "(skip_corrupt gives up)",
+            **self._location(index),
+        )
+
+    def _sample(self, i: int, flip: bool) -> tuple[torch.Tensor, int]:
+        """Sample ``i`` decoded; raises :class:`DataError` naming where it lives."""
+        try:
+            payload, label, where = self._load(i)
+        except DataError as exc:
+            if exc.key is None:  # add the location the lower layer did not know
+                loc = self._location(i)
+                raise type(exc)(f"{self._where(i)}: {exc}", **loc) from None
+            raise
+        if not 0 <= label < self.num_classes:
+            raise LabelRangeError(
+                f"{where or self._where(i)}: label {label} is outside "
+                f"[0, num_classes={self.num_classes})",
+                **self._location(i),
+            )
+        img = decode_bgr(payload, None)
+        if img is None:
+            raise ImageDecodeError(
+                f"{where or self._where(i)}: OpenCV cannot decode {len(payload)} bytes as an image",
+                **self._location(i),
+            )
+        if self.output == "float":
+            return to_float_chw(img, flip, self.image_size), label
+        return to_uint8_hwc(img, flip, self.image_size), label
+
+    def share_skip_marks(self) -> None:
+        """Count skipped samples in shared memory, so that every DataLoader worker of
+        this process (forked or spawned after this call) adds to one count."""
+        if self._marks is None:
+            self._marks = torch.zeros(len(self), dtype=torch.uint8).share_memory_()
+
+    def _distinct_skipped(self, i: int) -> int:
+        if self._marks is None:
+            self._skipped.add(i)
+            return len(self._skipped)
+        self._marks[i] = 1  # one byte per sample: workers never write the same byte apart
+        return int(self._marks.sum())
+
+    def _skip(self, i: int, exc: DataError) -> None:
+        """Count and log a skipped corrupt sample; raise once past the cap."""
+        self.num_skipped += 1
+        distinct = self._distinct_skipped(i)
+        allowed = self.max_skipped_fraction * len(self)
+        if distinct > allowed:
+            raise DataError(
+                f"{exc} -- {distinct} distinct corrupt samples skipped by this "
+                f"loader, more than max_skipped_fraction={self.max_skipped_fraction:g} of "
+                f"the {len(self)} images allows ({allowed:g}); stopping",
+                path=exc.path,
+                key=exc.key,
+                offset=exc.offset,
+            )
+        log.warning("skipping corrupt sample (%d skipped so far): %s", self.num_skipped, exc)
 
     def seed_worker(self, seed: int) -> None:
         """Reseed the per-process flip RNG (used only for plain integer indices)."""
         self._rng.seed(seed)
+
+
+def check_offsets(reader: IndexedRecordIO) -> None:
+    """Every ``.idx`` offset must point into the ``.rec`` (vectorised, at start-up):
+    a bad index fails when the data is opened, not hours into training. Negative
+    offsets are refused by :func:`datasets.recordio.read_idx_file` already."""
+    size = reader.uri.stat().st_size
+    offsets = np.fromiter(reader.idx.values(), np.int64, len(reader.idx))
+    bad = np.flatnonzero(offsets >= size)
+    if len(bad):
+        key = list(reader.idx)[int(bad[0])]
+        raise RecordIOError(
+            f"{reader.idx_path}: key {key} at byte offset {reader.idx[key]} points at or past "
+            f"the end of {reader.uri} ({size} bytes); {len(bad)} such keys",
+            path=reader.idx_path,
+            key=key,
+            offset=reader.idx[key],
+        )
 
 
 class RecordIODataset(FaceDataset):
@@ -151,12 +259,13 @@ class RecordIODataset(FaceDataset):
         rec_path = Path(rec_path)
         idx_path = Path(idx_path) if idx_path is not None else rec_path.with_suffix(".idx")
         self.reader = IndexedRecordIO(idx_path, rec_path, "r")
+        check_offsets(self.reader)
         self._offsets: np.ndarray | None = None
         layout = inspect_layout(self.reader)
         self.image_keys = layout.image_keys
         self.face_layout = layout.face_layout
         if len(self.image_keys) == 0:
-            raise RecordIOError(f"{rec_path} holds no image records")
+            raise RecordIOError(f"{rec_path} holds no image records", path=rec_path)
         found = layout.num_classes
         if found is None:
             found = (
@@ -179,25 +288,30 @@ class RecordIODataset(FaceDataset):
         key = int(self.image_keys[index])
         return f"{self.reader.uri} key {key} at byte offset {self.reader.idx[key]}"
 
+    def _location(self, index: int) -> dict[str, Any]:
+        key = int(self.image_keys[index])
+        return {"path": self.reader.uri, "key": key, "offset": self.reader.idx[key]}
+
     def _load(self, index: int) -> tuple[bytes | memoryview, int, str | None]:
         if self._offsets is None:
             idx = self.reader.idx
             self._offsets = np.fromiter((idx[int(k)] for k in self.image_keys), np.int64)
         off = int(self._offsets[index])
         buf = self.reader._buffer()
-        # fast path: a single-part record whose header carries a scalar label
-        if off + 32 <= len(buf):
+        # fast path: a single-part record whose header carries an integral scalar label
+        if 0 <= off and off + 32 <= len(buf):
             magic, lrec, flag, label = _FAST_HEAD.unpack_from(buf, off)
             end = off + 8 + (lrec & _LEN_MASK)
             if magic == MAGIC and lrec >> 29 == 0 and flag == 0 and end <= len(buf):
-                return memoryview(buf)[off + 32 : end], round(label), None
+                if label.is_integer():  # NaN, inf, 2.5: the checked path below
+                    return memoryview(buf)[off + 32 : end], int(label), None
         key = int(self.image_keys[index])
-        raw = self.reader.read_idx(key)
+        raw = self.reader.read_idx(key)  # a RecordIOError names file, key and offset
         try:
             header, payload = unpack(raw)
         except RecordIOError as exc:
-            raise RecordIOError(f"{self._where(index)}: {exc}") from None
-        return payload, image_label(header), None
+            raise RecordIOError(f"{self._where(index)}: {exc}", **self._location(index)) from None
+        return payload, image_label(header, self._where(index)), None
 
 
 class ImageFolderDataset(FaceDataset):
@@ -219,9 +333,21 @@ class ImageFolderDataset(FaceDataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def _location(self, index: int) -> dict[str, Any]:
+        return {"path": self.files[index], "key": index}
+
+    def _where(self, index: int) -> str:
+        return str(self.files[index])
+
     def _load(self, index: int) -> tuple[bytes, int, str]:
         path = self.files[index]
-        return path.read_bytes(), int(self.labels[index]), str(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DataError(
+                f"{path}: cannot be read ({exc.strerror or exc})", **self._location(index)
+            ) from None
+        return data, int(self.labels[index]), str(path)
 
 
 def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:

@@ -12,6 +12,7 @@ by reading the few records near the (possibly inexact) header value.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.atomic import write_text
+from datasets.errors import LabelRangeError
 from datasets.recordio import IndexedRecordIO, IRHeader, RecordIOError, pack, unpack
 
 _EXACT_FLOAT = 1 << 24
@@ -42,15 +44,33 @@ class RecordLayout:
 
 
 def read_property(directory: str | os.PathLike) -> tuple[int, int, int] | None:
-    """Parse ``directory/property`` (``num_classes,112,112``); ``None`` if absent."""
+    """Parse ``directory/property`` (``num_classes,112,112``); ``None`` if absent.
+
+    Raises :class:`RecordIOError` naming the file for anything else (binary garbage,
+    other fields, a class count or image size that is not a positive integer).
+    """
     path = Path(directory) / "property"
     if not path.is_file():
         return None
-    text = path.read_text().strip()
+    raw = path.read_bytes()[:4096]
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise RecordIOError(
+            f"{path}: not a text file (expected 'num_classes,height,width', got {raw[:40]!r})",
+            path=path,
+        ) from None
     try:
         c, h, w = (int(v) for v in text.split(","))
     except ValueError:
-        raise RecordIOError(f"{path}: expected 'num_classes,height,width', got {text!r}") from None
+        raise RecordIOError(
+            f"{path}: expected 'num_classes,height,width', got {text[:80]!r}", path=path
+        ) from None
+    if c <= 0 or h <= 0 or w <= 0:
+        raise RecordIOError(
+            f"{path}: num_classes, height and width must be positive, got {text[:80]!r}",
+            path=path,
+        )
     return c, h, w
 
 
@@ -106,19 +126,29 @@ def inspect_layout(reader: IndexedRecordIO) -> RecordLayout:
     return RecordLayout(keys, prop[0] if prop else None, False, np.zeros(0, np.int64))
 
 
-def image_label(header: IRHeader) -> int:
-    """The class id of an image record: the scalar label or the first array element."""
+def image_label(header: IRHeader, where: str = "record") -> int:
+    """The class id of an image record: the scalar label or the first array element.
+
+    Raises :class:`LabelRangeError` naming ``where`` if the label is not an integer
+    (NaN, infinite, 2.5): rounding it would train on a class nobody wrote.
+    """
     label = header.label
     if header.flag > 0:
+        if len(label) == 0:
+            raise LabelRangeError(f"{where}: the record's label array is empty")
         label = label[0]
-    return round(float(label))
+    value = float(label)
+    if not math.isfinite(value) or value != math.floor(value):
+        raise LabelRangeError(f"{where}: label {value!r} is not an integer class id")
+    return int(value)
 
 
 def scan_num_classes(reader: IndexedRecordIO, image_keys: np.ndarray) -> int:
     """``max(label) + 1`` over all images (reads every header; for small im2rec files)."""
     top = -1
     for k in image_keys:
-        top = max(top, image_label(unpack(reader.read_idx(int(k)))[0]))
+        where = f"{reader.uri} key {int(k)} at byte offset {reader.idx[int(k)]}"
+        top = max(top, image_label(unpack(reader.read_idx(int(k)))[0], where))
     return top + 1
 
 

@@ -12,6 +12,11 @@ device (pinned memory and ``non_blocking`` on CUDA) and normalises it there. Usa
             ckpt["loader"] = loader.state_dict()  # position after the batches yielded
             loader.last_keys                      # sample keys of that batch (for logs)
     loader.load_state_dict(ckpt["loader"])        # resume mid-epoch, any world size
+
+Bad data (:class:`datasets.errors.DataError`: a corrupt record, a bad label, too many
+skipped samples) found in a worker process reaches the training process as the same
+one-line ``DataError``, raised from the iteration: the worker hands it back as a batch
+(:class:`FailedBatch`) instead of letting torch wrap it in a multi-line traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.dataset import FaceDataset
+from datasets.errors import DataError
 from datasets.sampler import DistributedFaceSampler
 from datasets.transforms import normalize_batch
 
@@ -35,6 +41,17 @@ def collate_uint8(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, 
     images = torch.stack([b[0] for b in batch])
     labels = torch.tensor([b[1] for b in batch], dtype=torch.int64)
     return images, labels
+
+
+class FailedBatch:
+    """What a worker returns instead of a batch when a sample raised :class:`DataError`.
+
+    Pickled back to the training process with the exception (its message and
+    ``path``/``key``/``offset``), where :class:`FaceLoader` raises it.
+    """
+
+    def __init__(self, error: DataError) -> None:
+        self.error = error
 
 
 class KeyedDataset(Dataset):
@@ -50,16 +67,25 @@ class KeyedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(
+        self, item: int | tuple[int, int]
+    ) -> tuple[torch.Tensor, int, int] | FailedBatch:
         index = int(item[0]) if isinstance(item, tuple) else int(item)
-        image, label = self.dataset[item]
+        try:
+            image, label = self.dataset[item]
+        except DataError as exc:
+            return FailedBatch(exc)
         return image, label, self.dataset.sample_key(index)
 
 
 def collate_keyed(
-    batch: list[tuple[torch.Tensor, int, int]],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`collate_uint8` of ``(image, label, key)`` items, keys as int64 ``(B,)``."""
+    batch: list[tuple[torch.Tensor, int, int] | FailedBatch],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | FailedBatch:
+    """:func:`collate_uint8` of ``(image, label, key)`` items, keys as int64 ``(B,)``;
+    the first :class:`FailedBatch` item if a sample failed."""
+    for b in batch:
+        if isinstance(b, FailedBatch):
+            return b
     images, labels = collate_uint8([(b[0], b[1]) for b in batch])
     return images, labels, torch.tensor([b[2] for b in batch], dtype=torch.int64)
 
@@ -121,6 +147,8 @@ class FaceLoader:
         self.device = torch.device(device)
         self.dataset = copy.copy(dataset)
         self.dataset.output = "uint8"
+        if getattr(self.dataset, "skip_corrupt", False):
+            self.dataset.share_skip_marks()  # one cap for all workers of this rank
         self.sampler = sampler or DistributedFaceSampler(
             len(dataset), batch_size, rank, world_size, seed, shuffle=shuffle, drop_last=drop_last
         )
@@ -163,7 +191,11 @@ class FaceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._batches_done = 0
         non_blocking = self.device.type == "cuda"
-        for images, labels, keys in self.loader:
+        for batch in self.loader:
+            if isinstance(batch, FailedBatch):
+                # the one-line DataError of the worker, not torch's wrapped traceback
+                raise batch.error
+            images, labels, keys = batch
             images = normalize_batch(images.to(self.device, non_blocking=non_blocking))
             labels = labels.to(self.device, non_blocking=non_blocking)
             self._batches_done += 1

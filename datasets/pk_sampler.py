@@ -126,10 +126,13 @@ def _header_labels(dataset: Any) -> np.ndarray:
         raw = buf[np.where(ok, off, 0)[:, None] + np.arange(16)]
         words = raw.view("<u4")  # magic, lrec, IRHeader flag, IRHeader label
         fast = ok & (words[:, 0] == MAGIC) & (words[:, 1] >> 29 == 0) & (words[:, 2] == 0)
-        labels[s : s + len(off)] = np.rint(raw[:, 12:16].copy().view("<f4")[:, 0])
+        values = raw[:, 12:16].copy().view("<f4")[:, 0]
+        fast &= np.floor(values) == values  # NaN, inf and 2.5 take the checked path
+        labels[s : s + len(off)] = np.where(fast, values, 0)
         for i in np.flatnonzero(~fast):
             key = int(keys[s + i])
-            labels[s + i] = image_label(unpack(reader.read_idx(key))[0])
+            where = f"{reader.uri} key {key} at byte offset {reader.idx[key]}"
+            labels[s + i] = image_label(unpack(reader.read_idx(key))[0], where)
     return labels
 
 

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from datasets.atomic import AtomicFile, write_text
+from datasets.errors import DataError
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -44,7 +45,7 @@ _IR_FORMAT = "<IfQQ"
 IR_SIZE = struct.calcsize(_IR_FORMAT)  # 24 bytes
 
 
-class RecordIOError(ValueError):
+class RecordIOError(DataError):
     """Malformed RecordIO input; the message names the file, key and byte offset."""
 
 
@@ -218,8 +219,17 @@ def decode_record(
 # ----------------------------------------------------------------------------- files
 
 
-def read_idx_file(idx_path: str | os.PathLike) -> tuple[list[int], dict[int, int]]:
-    """Parse a ``.idx`` file: ``(keys in file order, {key: byte offset})``."""
+def read_idx_file(
+    idx_path: str | os.PathLike, rec_size: int | None = None
+) -> tuple[list[int], dict[int, int]]:
+    """Parse a ``.idx`` file: ``(keys in file order, {key: byte offset})``.
+
+    Raises :class:`RecordIOError` naming the line, key and offset for a malformed line,
+    a negative offset or (given ``rec_size``, the ``.rec`` file's size) an offset at or
+    past the end of the ``.rec`` file: a bad index fails when it is opened, not when the
+    record is first read hours into training (:class:`datasets.dataset.RecordIODataset`
+    passes the size; :class:`IndexedRecordIO` checks such offsets when it reads them).
+    """
     idx_path = Path(idx_path)
     if not idx_path.is_file():
         raise FileNotFoundError(f"RecordIO index {idx_path} does not exist")
@@ -235,8 +245,20 @@ def read_idx_file(idx_path: str | os.PathLike) -> tuple[list[int], dict[int, int
                 key, off = int(fields[0]), int(fields[1])
             except (ValueError, IndexError):
                 raise RecordIOError(
-                    f"{idx_path} line {lineno}: expected 'key<TAB>offset', got {line[:80]!r}"
+                    f"{idx_path} line {lineno}: expected 'key<TAB>offset', got {line[:80]!r}",
+                    path=idx_path,
                 ) from None
+            if off < 0 or (rec_size is not None and off >= rec_size):
+                where = (
+                    "negative" if off < 0 else f"at or past the end of the .rec ({rec_size} bytes)"
+                )
+                raise RecordIOError(
+                    f"{idx_path} line {lineno}: key {key} at byte offset {off}: the offset is "
+                    f"{where}",
+                    path=idx_path,
+                    key=key,
+                    offset=off,
+                )
             if key not in offsets:
                 keys.append(key)
             offsets[key] = off
@@ -297,11 +319,22 @@ class MXRecordIO:
         """Read the record starting at byte ``offset``."""
         buf = self._buffer()
         where = f"{self.uri}" + (f" key {key}" if key is not None else "")
-        if offset < 0 or offset >= len(buf):
+        if offset < 0:
             raise RecordIOError(
-                f"{where}: byte offset {offset} is beyond the end of the file ({len(buf)} bytes)"
+                f"{where}: byte offset {offset} is negative", path=self.uri, key=key, offset=offset
             )
-        payload, self._pos = decode_record(buf, offset, where)
+        if offset >= len(buf):
+            raise RecordIOError(
+                f"{where}: byte offset {offset} is beyond the end of the file ({len(buf)} bytes)",
+                path=self.uri,
+                key=key,
+                offset=offset,
+            )
+        try:
+            payload, self._pos = decode_record(buf, offset, where)
+        except RecordIOError as exc:
+            exc.path, exc.key, exc.offset = str(self.uri), key, offset
+            raise
         return payload
 
     def read(self) -> bytes | None:

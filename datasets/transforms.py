@@ -19,10 +19,12 @@ import cv2
 import numpy as np
 import torch
 
+from datasets.errors import DataError
+
 IMAGE_SIZE = 112
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DataError):
     """An image payload OpenCV cannot decode."""
 
 
@@ -33,7 +35,10 @@ def decode_bgr(buf: bytes | memoryview | np.ndarray, where: str | None = "image"
     for an undecodable image instead (the Dataset builds its message only then).
     """
     arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, np.uint8)
-    img = cv2.imdecode(arr, cv2.IMREAD_COLOR)
+    try:
+        img = cv2.imdecode(arr, cv2.IMREAD_COLOR) if arr.size else None
+    except cv2.error:  # e.g. a header announcing more pixels than OpenCV allows
+        img = None
     if img is None:
         if where is None:
             return None

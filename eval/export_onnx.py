@@ -36,6 +36,10 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 
 
+class ParityError(ValueError):
+    """The exported model and PyTorch cannot be compared: an output is not finite."""
+
+
 def normalization_metadata(image_size: tuple[int, int], embedding_size: int) -> dict[str, str]:
     """The metadata recorded in every exported model."""
     return {
@@ -178,7 +182,11 @@ def check_parity(
     batch_sizes: Sequence[int] = (1, 3),
     seed: int = 0,
 ) -> float:
-    """Max absolute difference between onnxruntime and PyTorch outputs on random inputs."""
+    """Max absolute difference between onnxruntime and PyTorch outputs on random inputs.
+
+    Raises :class:`ParityError` if either side produces a non-finite value (NaN or
+    infinity): such a difference is not a number, and ``max`` would silently drop it.
+    """
     from eval.onnx_infer import OnnxEmbedder
 
     session = OnnxEmbedder(onnx_path)
@@ -192,6 +200,14 @@ def check_parity(
         got = session.run(x.numpy())
         if got.shape != ref.shape:
             raise RuntimeError(f"{onnx_path}: output shape {got.shape} != PyTorch {ref.shape}")
+        for side, out in (("PyTorch", ref), ("onnxruntime", got)):
+            bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
+            if bad:
+                raise ParityError(
+                    f"{onnx_path}: {side} produced {bad} non-finite values (NaN/inf) of "
+                    f"{np.size(out)} on a batch of {b} random inputs; the model (or its "
+                    "checkpoint) is broken, so parity cannot be checked"
+                )
         worst = max(worst, float(np.max(np.abs(got - ref))))
     return worst
 

@@ -158,7 +158,8 @@ def _run_head(
     return dict(  # on the CPU: the parent process compares them with the reference
         loss=loss.detach().cpu(),
         grad_embeddings=local.grad.cpu(),
-        grad_weight=head.weight.grad.cpu(),
+        # A sampled step's gradient is sparse (its rows only); compare it densely.
+        grad_weight=head.weight.grad.cpu().to_dense(),
         class_start=head.class_start,
         num_local=head.num_local,
         accuracy=float(head.accuracy),

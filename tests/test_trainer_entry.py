@@ -71,6 +71,9 @@ def test_train_dist_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     # rerunning the same command resumes from the final checkpoint: nothing left to do
     assert train_dist.main(_args(tiny_data, out)) == 0
     assert "resumed from" in (out / "train.log").read_text()
+    # a refused resume (another margin) exits 2 and leaves config.json describing what ran
+    assert train_dist.main(_args(tiny_data, out, "head.margin=0.35")) == 2
+    assert json.loads((out / "config.json").read_text())["head"]["margin"] != 0.35
 
 
 def test_config_errors_stop_at_start_up(

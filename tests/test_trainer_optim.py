@@ -120,5 +120,5 @@ def test_head_state_dtype_reaches_the_head_optimizer(device: torch.device) -> No
     head(torch.randn(6, 4, device=device), torch.arange(6, device=device)).backward()
     opt.step()
     assert opt.state[head.weight]["momentum_buffer"].dtype == torch.bfloat16
-    with pytest.raises(ConfigError, match="optimizer.head_state_dtype"):
+    with pytest.raises(ConfigError, match=r"optimizer\.head_state_dtype"):
         load_config("demo", ["optimizer.head_state_dtype=fp16"])

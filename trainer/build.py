@@ -24,6 +24,8 @@ def build_margin(cfg: HeadConfig) -> torch.nn.Module:
     """The margin object of ``head.loss`` (with per-class margins from ``head.margins_file``)."""
     from partial_fc import ArcFace, CombinedMargin, CosFace, SphereFace
 
+    if cfg.loss in ("adaface", "magface", "curricular", "elastic"):
+        return cfg.batch_margin()
     margin = cfg.margins_file or cfg.margin
     if cfg.loss == "arcface":
         return ArcFace(
@@ -121,16 +123,34 @@ def build_backbone(cfg: Config) -> torch.nn.Module:
 
 
 def build_loader(cfg: Config, ctx: DistContext) -> FaceLoader:
-    """The training loader; checks ``data.num_classes`` and ``data.num_images``."""
+    """The training loader; checks ``data.num_classes`` and ``data.num_images``.
+
+    Problems with the data files themselves (a malformed ``.idx``, ``property`` or
+    manifest, a record or label that is wrong) raise :class:`datasets.errors.DataError`
+    naming the file, key and offset; a configuration that does not match sound data
+    raises :class:`ConfigError` naming the option. ``data.skip_corrupt`` and
+    ``data.max_skipped_fraction`` reach the dataset.
+    """
     from datasets.dataset import open_dataset
+    from datasets.errors import DataError
     from datasets.loader import FaceLoader
 
     root = Path(cfg.data.root)
     if not root.exists():
         raise ConfigError(f"data.root: {str(root)!r} does not exist")
     try:
-        dataset = open_dataset(root, flip=cfg.data.random_flip, num_classes=cfg.data.num_classes)
-    except ValueError as exc:
+        dataset = open_dataset(
+            root,
+            flip=cfg.data.random_flip,
+            num_classes=cfg.data.num_classes,
+            skip_corrupt=cfg.data.skip_corrupt,
+            max_skipped_fraction=cfg.data.max_skipped_fraction,
+        )
+    except DataError:
+        raise  # names the file, key and offset; not a configuration problem
+    except FileNotFoundError as exc:
+        raise DataError(str(exc), path=getattr(exc, "filename", None)) from None
+    except ValueError as exc:  # num_classes given vs found in the data
         raise ConfigError(f"data.num_classes: {exc}") from None
     if dataset.num_classes != cfg.data.num_classes:
         raise ConfigError(
@@ -143,9 +163,10 @@ def build_loader(cfg: Config, ctx: DistContext) -> FaceLoader:
         from datasets.pk_sampler import PKSampler, dataset_labels
 
         k = cfg.data.pk_images_per_identity
+        labels = dataset_labels(dataset)  # a bad label raises DataError naming its record
         try:
             sampler = PKSampler(
-                dataset_labels(dataset),
+                labels,
                 p=cfg.data.batch_size // k,
                 k=k,
                 rank=ctx.rank,
@@ -179,22 +200,46 @@ def resolve_target(cfg: Config, name: str) -> Path:
 
 
 def build_evaluator(cfg: Config) -> Evaluator | None:
-    """A collective verification callable over the configured ``.bin`` targets."""
+    """A collective verification callable over the configured ``.bin`` targets.
+
+    Every target is read, checked and decoded here, at start-up (with the bounded
+    reader of :func:`eval.bin_io.load_bin`): a missing or bad ``.bin`` stops the run
+    before training with a :class:`ConfigError` naming ``eval.targets`` and the file,
+    not at the final verification hours later.
+    """
     if not cfg.eval.targets:
         return None
+    import pickle
+
     from datasets.transforms import IMAGE_SIZE
     from eval.verification import load_bin, verify_targets
 
     targets = {}
     for name in cfg.eval.targets:
         path = resolve_target(cfg, name)
-        targets[Path(name).stem] = load_bin(str(path), image_size=(IMAGE_SIZE, IMAGE_SIZE))
+        try:
+            targets[Path(name).stem] = load_bin(str(path), image_size=(IMAGE_SIZE, IMAGE_SIZE))
+        except (ValueError, pickle.UnpicklingError, EOFError, OSError) as exc:
+            message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            raise ConfigError(f"eval.targets: {name!r}: {message}") from None
     batch_size = cfg.eval.batch_size
 
     def evaluate(model: torch.nn.Module) -> dict[str, dict[str, float]]:
         return verify_targets(model, targets, batch_size=batch_size)
 
     return evaluate
+
+
+def check_batch_norm(backbone: torch.nn.Module, cfg: Config) -> None:
+    """BatchNorm in training mode needs at least 2 samples per rank and step."""
+    if cfg.data.batch_size >= 2:
+        return
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in backbone.modules()):
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size}: model.network={cfg.model.network!r} has "
+            "BatchNorm layers, whose training statistics need at least 2 samples per rank "
+            "(data.batch_size is per rank)"
+        )
 
 
 def check_embedding_size(backbone: torch.nn.Module, cfg: Config) -> None:
@@ -249,6 +294,7 @@ def build_trainer(cfg: Config, ctx: DistContext) -> Trainer:
     evaluator = build_evaluator(cfg)
     seed_everything(cfg.train.seed)  # identical initial backbone on every rank
     backbone = build_backbone(cfg)
+    check_batch_norm(backbone, cfg)
     check_embedding_size(backbone, cfg)
     head = build_head(cfg, ctx.device)
     aux = build_aux_losses(cfg, ctx.device)

@@ -7,7 +7,8 @@ parts of a run) is :class:`trainer.checkpointer.Checkpointer`'s business.
 
 Layout of ``<output>/checkpoints/step-00001234/``::
 
-    meta.json            written last; lists every file with its size
+    meta.json            written last; lists every file with its size and SHA-256,
+                         and the checkpoint's lineage
     trainer.pt           rank 0: the replicated parts by name (backbone, its optimizer,
                          schedulers, grad scaler, progress, loader position, history)
     head-00000.pt ...    one per saving rank: its head rows and the head optimizer's
@@ -26,6 +27,21 @@ pruning cannot leave a half-deleted directory that looks complete. (The files in
 the temporary directory need no atomic replace of their own: the directory rename
 publishes them all at once.)
 
+Checksums: every file's SHA-256 is computed while it is written (no second read) and
+recorded in ``meta.json`` (``sha256``); :meth:`CheckpointManager.verify` recomputes it
+before a file is trusted, so bytes changed after the save (a flipped bit, a file
+truncated to its recorded size) are found before anything is loaded.
+
+Lineages: every checkpoint records the lineage (``lineage``: an id; ``parent``: the
+checkpoint its first run resumed from) of the run that wrote it. A run continues the
+lineage of the checkpoint it resumed from when that is the newest of its lineage, and
+starts a new one otherwise (a roll-back to an older step, a checkpoint of another
+directory, a fresh start). Pruning (``keep_last``) only ever deletes checkpoints of the
+run's own lineage, so a roll-back never deletes the checkpoint it resumed from, nor
+the ones it writes, nor the abandoned lineage's; :meth:`CheckpointManager.latest` is
+the newest checkpoint of the newest lineage (the one that wrote the most recent
+checkpoint).
+
 Resharding: head rows are stored with their global class offsets. On load each rank
 computes its new class range and copies the overlapping rows out of every saved shard
 (memory-mapped, so only the needed rows are read). Tensors of the head's state dict
@@ -37,11 +53,14 @@ Multi-node jobs need ``<output>`` on a shared file system.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +70,47 @@ from trainer.distributed import DistContext
 
 FORMAT_VERSION = 1
 _FINAL = re.compile(r"^step-(\d{8})$")
+_CHUNK = 1 << 22  # bytes per read when hashing a file
+
+log = logging.getLogger("trainer")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the file."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A complete-looking checkpoint whose bytes cannot be trusted (checksum mismatch,
+    unreadable file, non-finite weights): ``checkpoint.resume=auto`` falls back past it."""
+
+
+def new_lineage_id() -> str:
+    """A fresh lineage id (unique per run that starts one)."""
+    return uuid.uuid4().hex[:12]
+
+
+class _HashingWriter:
+    """A binary file wrapper that hashes what is written through it."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.hash = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.hash.update(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _attempt(fn: Any, *args: Any) -> str | None:
@@ -74,12 +130,15 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def save_file(obj: Any, path: Path) -> None:
-    """``torch.save`` then fsync, so the bytes are durable before the rename."""
+def save_file(obj: Any, path: Path) -> str:
+    """``torch.save`` then fsync, so the bytes are durable before the rename; returns
+    the SHA-256 of the bytes written (hashed on the way, not read back)."""
     with open(path, "wb") as fh:
-        torch.save(obj, fh)
+        writer = _HashingWriter(fh)
+        torch.save(obj, writer)
         fh.flush()
         os.fsync(fh.fileno())
+    return writer.hash.hexdigest()
 
 
 def load_file(path: Path, map_location: torch.device | str = "cpu", mmap: bool = False) -> Any:
@@ -157,10 +216,20 @@ def head_shard_state(
 class CheckpointManager:
     """Save, find and load checkpoints under ``directory`` (shared by all ranks)."""
 
-    def __init__(self, directory: str | os.PathLike[str], ctx: DistContext, keep_last: int) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        ctx: DistContext,
+        keep_last: int,
+        lineage: str | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.ctx = ctx
         self.keep_last = keep_last
+        self.lineage = lineage if lineage is not None else new_lineage_id()
+        """The lineage this run's checkpoints belong to (the only ones it prunes)."""
+        self.parent: str | None = None
+        """The checkpoint this lineage started from (``None``: a fresh start)."""
 
     # ------------------------------------------------------------------ saving
     def save(
@@ -196,7 +265,8 @@ class CheckpointManager:
         rank = ctx.rank
         # Every rank writes its files; a failure (ENOSPC, EIO, ...) is reported to all
         # ranks, so none waits in a collective for a rank that gave up.
-        error = _attempt(self._write_rank_files, tmp, rank, shards, rank_state, shared)
+        digests: dict[str, str] = {}
+        error = _attempt(self._write_rank_files, tmp, rank, shards, rank_state, shared, digests)
         reports = ctx.all_gather_object(
             (
                 error,
@@ -204,17 +274,19 @@ class CheckpointManager:
                     name: (s["class_start"], s["num_local"], s["num_subcenters"])
                     for name, s in shards.items()
                 },
+                digests,
             )
         )
-        errors = [f"rank {r}: {e}" for r, (e, _) in enumerate(reports) if e is not None]
+        errors = [f"rank {r}: {e}" for r, (e, _, _) in enumerate(reports) if e is not None]
         if errors:
             if ctx.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             self._raise_if("; ".join(errors), step, tmp)
-        ranges = [rng for _, rng in reports]
+        ranges = [rng for _, rng, _ in reports]
+        checksums = {name: digest for _, _, d in reports for name, digest in d.items()}
         error = None
         if ctx.is_main:
-            error = _attempt(self._finalize, step, tmp, final, ranges, extra_meta)
+            error = _attempt(self._finalize, step, tmp, final, ranges, extra_meta, checksums)
             if error is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
         error = ctx.broadcast_object(error)
@@ -242,7 +314,9 @@ class CheckpointManager:
         shards: dict[str, dict[str, Any]],
         rank_state: dict[str, Any],
         shared: Any,
+        digests: dict[str, str],
     ) -> None:
+        """Write this rank's files into ``tmp``; record each file's SHA-256 in ``digests``."""
         for obj, name in (
             *((shard, f"{kind}-{rank:05d}.pt") for kind, shard in shards.items()),
             (rank_state, f"rank-{rank:05d}.pt"),
@@ -252,7 +326,8 @@ class CheckpointManager:
                 continue
             path = tmp / name
             try:
-                save_file(obj, path)
+                # (a replacement save_file that returns nothing: hash the file it wrote)
+                digests[name] = save_file(obj, path) or file_digest(path)
             except OSError as exc:
                 if exc.filename is None:  # name the file if the error does not
                     raise OSError(exc.errno, f"{exc.strerror or exc}: {str(path)!r}") from None
@@ -265,6 +340,7 @@ class CheckpointManager:
         final: Path,
         ranges: list[dict[str, tuple[int, int, int]]],
         extra_meta: dict[str, Any] | None,
+        checksums: dict[str, str],
     ) -> None:
         """Rank 0, after every rank's files are written: ``meta.json``, rename, prune."""
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
@@ -281,6 +357,9 @@ class CheckpointManager:
             "time": time.time(),
             **shard_lists,
             "files": files,
+            "sha256": {name: checksums[name] for name in files if name in checksums},
+            "lineage": self.lineage,
+            "parent": self.parent,
             **(extra_meta or {}),
         }
         meta_path = tmp / "meta.json"
@@ -289,6 +368,15 @@ class CheckpointManager:
             fh.flush()
             os.fsync(fh.fileno())
         if final.exists():  # re-saving a step (e.g. a resumed run): replace it
+            other = self.lineage_of(final)
+            if other != self.lineage:
+                log.warning(
+                    "replacing %s of another lineage (%s, an abandoned or earlier run) with "
+                    "this run's checkpoint of the same step (lineage %s)",
+                    final,
+                    other or "unrecorded",
+                    self.lineage,
+                )
             self._discard(final)
         os.rename(tmp, final)
         _fsync_path(self.directory)
@@ -300,7 +388,10 @@ class CheckpointManager:
         shutil.rmtree(trash, ignore_errors=True)
 
     def _prune(self) -> None:
-        done = self.complete()
+        """Keep the newest ``keep_last`` checkpoints of this run's lineage; other
+        lineages' checkpoints (the one a roll-back resumed from, an abandoned run's)
+        are never deleted here."""
+        done = [p for p in self.complete() if self.lineage_of(p) == self.lineage]
         for path in done[: max(len(done) - self.keep_last, 0)]:
             self._discard(path)
         # Called after the rename, when no save of this job is in flight: leftovers of
@@ -313,11 +404,42 @@ class CheckpointManager:
     @staticmethod
     def is_complete(path: Path) -> bool:
         """True if ``path`` has a readable ``meta.json`` and every listed file at its size."""
+        return CheckpointManager.why_incomplete(path) is None
+
+    @staticmethod
+    def why_incomplete(path: Path) -> str | None:
+        """Why ``path`` is not a complete checkpoint (``None`` if it is)."""
         try:
             meta = json.loads((path / "meta.json").read_text())
-            return all((path / name).stat().st_size == size for name, size in meta["files"].items())
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
+        except FileNotFoundError:
+            return "it has no meta.json (a save that did not finish)"
+        except (OSError, ValueError) as exc:
+            return f"its meta.json is unreadable ({exc})"
+        try:
+            for name, size in meta["files"].items():
+                file = path / name
+                if not file.exists():
+                    return f"{name} is missing"
+                actual = file.stat().st_size
+                if actual != size:
+                    return f"{name} has {actual} bytes, meta.json records {size} (truncated?)"
+        except (OSError, KeyError, TypeError, AttributeError) as exc:
+            return f"its meta.json does not list its files ({exc!r})"
+        return None
+
+    @staticmethod
+    def lineage_of(path: Path) -> str:
+        """The lineage id recorded in ``path``'s ``meta.json`` (``""``: written before
+        lineages were recorded, or unreadable)."""
+        try:
+            return str(json.loads((path / "meta.json").read_text()).get("lineage") or "")
+        except (OSError, ValueError, AttributeError):
+            return ""
+
+    @staticmethod
+    def step_of(path: Path) -> int:
+        """The step in a checkpoint directory's name."""
+        return int(_FINAL.match(path.name).group(1))  # type: ignore[union-attr]
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first (temporary and trash directories excluded)."""
@@ -328,10 +450,46 @@ class CheckpointManager:
         ]
         return sorted(found, key=lambda p: int(_FINAL.match(p.name).group(1)))  # type: ignore[union-attr]
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint, or ``None``."""
+    def candidates(self) -> list[Path]:
+        """Complete checkpoints in the order ``checkpoint.resume=auto`` tries them: the
+        newest lineage's (the lineage of the most recently written checkpoint), newest
+        step first, then the other lineages' checkpoints, most recently written first."""
         done = self.complete()
-        return done[-1] if done else None
+        if not done:
+            return []
+        info = {}
+        for p in done:
+            try:
+                meta = json.loads((p / "meta.json").read_text())
+            except (OSError, ValueError):
+                meta = {}
+            info[p] = (str(meta.get("lineage") or ""), float(meta.get("time", 0.0)))
+        newest = max(done, key=lambda p: (info[p][1], self.step_of(p)))
+        lineage = info[newest][0]
+        own = sorted((p for p in done if info[p][0] == lineage), key=self.step_of, reverse=True)
+        rest = sorted(
+            (p for p in done if info[p][0] != lineage),
+            key=lambda p: (info[p][1], self.step_of(p)),
+            reverse=True,
+        )
+        return own + rest
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint of the newest lineage, or ``None``."""
+        found = self.candidates()
+        return found[0] if found else None
+
+    def incomplete(self) -> list[tuple[Path, str]]:
+        """Checkpoint directories (final names only) that are not complete, with why."""
+        if not self.directory.is_dir():
+            return []
+        out = []
+        for p in sorted(self.directory.iterdir()):
+            if _FINAL.match(p.name):
+                why = self.why_incomplete(p)
+                if why is not None:
+                    out.append((p, why))
+        return out
 
     # ----------------------------------------------------------------- loading
     @staticmethod
@@ -342,6 +500,39 @@ class CheckpointManager:
                 f"{path} is not a complete checkpoint (missing meta.json/files)"
             )
         return json.loads((path / "meta.json").read_text())
+
+    @staticmethod
+    def verify(path: Path, names: list[str]) -> None:
+        """Check the listed files of ``path`` against the SHA-256 recorded in its
+        ``meta.json``; raise :class:`DamagedCheckpointError` naming the first that
+        differs. Checkpoints written before checksums were recorded pass unchecked."""
+        sums = CheckpointManager.read_meta(path).get("sha256") or {}
+        for name in names:
+            expected = sums.get(name)
+            if expected is None:
+                continue
+            try:
+                actual = file_digest(path / name)
+            except OSError as exc:
+                raise DamagedCheckpointError(f"{path / name} cannot be read: {exc}") from None
+            if actual != expected:
+                raise DamagedCheckpointError(
+                    f"{path / name} fails its checksum: sha256 {actual[:16]}... but meta.json "
+                    f"records {expected[:16]}... (its bytes changed after the save)"
+                )
+
+    @staticmethod
+    def shard_files(
+        path: Path, name: str, class_start: int, num_local: int, num_subcenters: int
+    ) -> list[str]:
+        """The ``name`` shard files of ``path`` that hold rows of classes ``[class_start,
+        class_start + num_local)`` (all of them for an empty range: the replicated
+        entries come from them), the files :meth:`load_shard` reads."""
+        meta = CheckpointManager.read_meta(path)
+        infos = meta.get(_shards_key(name), [])
+        return [
+            info["file"] for info in _overlapping(infos, class_start, num_local, num_subcenters)
+        ]
 
     @staticmethod
     def load_shared(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -384,6 +575,8 @@ class CheckpointManager:
                 raise ValueError(
                     f"checkpoint {path} has {info['K']} sub-centres per class, the head has {K}"
                 )
+        # only the shards holding some of the rows are read (all for an empty range)
+        for info in _overlapping(meta[key], class_start, num_local, K):
             shards.append(load_file(path / info["file"], mmap=True))
         first = shards[0]
         model_rows = sorted({k for s in shards for k in s["model_row_keys"]})
@@ -450,6 +643,20 @@ class CheckpointManager:
         return split_shard(
             CheckpointManager.load_shard(path, name, class_start, num_local, num_subcenters)
         )
+
+
+def _overlapping(
+    infos: list[dict[str, Any]], class_start: int, num_local: int, num_subcenters: int
+) -> list[dict[str, Any]]:
+    """The shard entries of ``meta.json`` with rows of the given class range (all of
+    them if none has: an empty range still needs the replicated entries)."""
+    lo, hi = class_start, class_start + num_local
+    hit = [
+        info
+        for info in infos
+        if max(lo, info["class_start"]) < min(hi, info["class_start"] + info["num_local"])
+    ]
+    return hit or list(infos)
 
 
 def split_shard(shard: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

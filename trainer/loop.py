@@ -37,6 +37,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,7 +49,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configs import Config, ConfigError, config_to_dict
-from datasets.atomic import atomic_open, write_json
+from datasets.atomic import append_text, atomic_open, write_json
+from datasets.augment import BatchAugment
 from trainer.amp import AmpPolicy
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.checkpointer import (
@@ -57,16 +59,19 @@ from trainer.checkpointer import (
     Fact,
     JsonList,
     ModuleState,
+    NonFiniteStateError,
     OptimizerState,
     Recorded,
     RngState,
     ScalerState,
     SchedulerStates,
     ShardedModule,
+    nonfinite_parts,
 )
 from trainer.distributed import DistContext
 from trainer.monitor import Monitor
 from trainer.optim import build_backbone_optimizer, build_head_optimizer
+from trainer.resume_warning import BatchLayout, batch_change_warning
 from trainer.schedule import WarmupPoly, build_schedulers
 from trainer.step import Batch, StepResult, TrainStep
 
@@ -75,6 +80,7 @@ log = logging.getLogger("trainer")
 __all__ = [
     "AuxLosses",
     "Batch",
+    "DataLoadError",
     "Evaluator",
     "StepResult",
     "TrainLoader",
@@ -90,6 +96,12 @@ Evaluator = Callable[[nn.Module], dict[str, dict[str, float]]]
 class TrainingError(RuntimeError):
     """Training stopped at a step (diverged, or a collective failed or timed out);
     the message names the step."""
+
+
+class DataLoadError(TrainingError):
+    """The loader failed on this rank (a corrupt record, a bad label or offset); the
+    message is the data error's one line (file, key, byte offset), without the
+    DataLoader worker's traceback."""
 
 
 class TrainLoader(Protocol):
@@ -170,6 +182,7 @@ class Trainer:
             self.opt_center = build_backbone_optimizer(no_decay, [self.center.centers])
         self.amp = amp or AmpPolicy(cfg.train.amp, ctx.device)
         self.scaler = self.amp.scaler
+        self.augment = BatchAugment.from_config(cfg.augment)
         weighted = (
             ("center", self.center, cfg.aux.center_weight),
             ("triplet", self.triplet, cfg.aux.triplet_weight),
@@ -213,6 +226,9 @@ class Trainer:
         self.monitor: Monitor | None = None  # while fit() runs
         self.checkpointer = self._build_checkpointer()
         self._last_saved = -1
+        # The newest checkpoint known to hold finite values: the last one this run
+        # saved (every save checks) or resumed from (every load checks).
+        self.last_good: Path | None = None
         self._last_verified = -1
         # Sums over the good (not skipped) steps since the last log, on the device.
         self._loss_sum = torch.zeros((), device=ctx.device)
@@ -257,6 +273,20 @@ class Trainer:
     def train_step(self, micro_batches: Sequence[Batch]) -> StepResult:
         """One optimizer step over ``micro_batches`` (gradient accumulation if > 1),
         then one step of every LR scheduler (a skipped step advances them too)."""
+        if self.augment.enabled:  # keyed by (seed, step, rank, micro): reproduced on resume
+            micro_batches = [
+                (
+                    self.augment(
+                        images.to(self.ctx.device, non_blocking=True),
+                        self.step,
+                        self.ctx.rank,
+                        self.cfg.train.seed,
+                        micro=i,
+                    ),
+                    labels,
+                )
+                for i, (images, labels) in enumerate(micro_batches)
+            ]
         result = self.stepper(micro_batches)
         self.last_lr = self.opt_backbone.param_groups[0]["lr"]  # the LR this step used
         for scheduler in self.schedulers:
@@ -302,7 +332,10 @@ class Trainer:
                 batches = iter(self.loader)
                 epoch_done = False
                 while self.step < stop:
-                    micro, keys = self._take(batches, k)
+                    try:
+                        micro, keys = self._take(batches, k)
+                    except Exception as exc:  # bad training data: one line naming it
+                        raise DataLoadError(_data_error_line(exc)) from exc
                     if len(micro) < k:  # end of epoch (a partial accumulation is dropped)
                         epoch_done = True
                         break
@@ -320,6 +353,7 @@ class Trainer:
                     with contextlib.suppress(Exception):
                         batches.close()
             self.settle_bad_steps()
+            self._refuse_bad_ending()
             if self._last_saved != self.step:
                 self.save_checkpoint()
             if self.evaluator is not None and self._last_verified != self.step:
@@ -366,16 +400,13 @@ class Trainer:
                     "; ".join(f"rank {r}: {k}" for r, k in enumerate(per_rank)),
                 )
                 record = {"step": step, "loss": str(loss), "keys": per_rank}
-                self.output.mkdir(parents=True, exist_ok=True)
-                with open(self.output / "bad_steps.jsonl", "a") as fh:
-                    # keys of a type JSON lacks (numpy scalars) are written as text
-                    fh.write(json.dumps(record, default=str) + "\n")
+                # keys of a type JSON lacks (numpy scalars) are written as text
+                append_text(self.output / "bad_steps.jsonl", json.dumps(record, default=str) + "\n")
             if self.bad_streak >= limit:
-                good = self.checkpointer.latest()
                 raise TrainingError(
                     f"step {step}: {self.bad_streak} consecutive steps with a non-finite "
                     f"loss or gradient (train.max_bad_steps={limit}); stopping. Last good "
-                    f"checkpoint: {good or 'none'}; skipped batches are listed in "
+                    f"checkpoint: {self.last_good or 'none'}; skipped batches are listed in "
                     f"{self.output / 'bad_steps.jsonl'}"
                 )
 
@@ -452,30 +483,53 @@ class Trainer:
         return results
 
     # --------------------------------------------------------------- checkpoints
+    def _refuse_bad_ending(self) -> None:
+        """A run whose last steps were skipped (non-finite) ends with an error naming
+        the last good checkpoint: no checkpoint, verification or export of that state."""
+        if self.bad_streak:
+            raise TrainingError(
+                f"step {self.step}: training ended in a bad streak: the last "
+                f"{self.bad_streak} steps had a non-finite loss or gradient and were skipped "
+                f"(limit train.max_bad_steps={self.cfg.train.max_bad_steps}); nothing saved "
+                f"or exported. Last good checkpoint: {self.last_good or 'none'}; skipped "
+                f"batches are listed in {self.output / 'bad_steps.jsonl'}"
+            )
+
     def save_checkpoint(self) -> Path:
         """Write an atomic checkpoint of every part at the current step (collective:
-        all ranks call it); see :class:`~trainer.checkpointer.Checkpointer`."""
-        path = self.checkpointer.save()
+        all ranks call it); see :class:`~trainer.checkpointer.Checkpointer`. State
+        holding a NaN or Inf is never saved: :class:`TrainingError` naming the last good
+        checkpoint instead."""
+        try:
+            path = self.checkpointer.save()
+        except NonFiniteStateError as exc:
+            raise TrainingError(
+                f"step {self.step}: {exc} (the weights diverged: optimizer.lr or "
+                f"optimizer.weight_decay too large?). Last good checkpoint: "
+                f"{self.last_good or 'none'}"
+            ) from None
         self._last_saved = self.step
+        self.last_good = path
         log.info("saved checkpoint %s", path)
         return path
 
     def maybe_resume(self) -> Path | None:
         """Resume from the checkpoint ``checkpoint.resume`` names (``auto``: the latest
         complete one), whatever world size saved it; return it, or ``None``."""
-        path = self.checkpointer.resolve(self.cfg.checkpoint.resume)
-        if path is None:
+        resumed = self.checkpointer.resume(self.cfg.checkpoint.resume)
+        if resumed is None:
             return None
-        meta = self.checkpointer.load(path)
+        path, meta = resumed
         self._last_saved = self.step
-        if meta["world_size"] != self.ctx.world_size and self.ctx.is_main:
-            log.warning(
-                "world size changed %d -> %d: the global batch and steps per epoch change "
-                "with it; the LR schedule now spans %d steps",
-                meta["world_size"],
-                self.ctx.world_size,
-                self.total_steps,
-            )
+        self.last_good = path
+        note = batch_change_warning(
+            BatchLayout.from_config(self.checkpointer.resumed_config, meta["world_size"]),
+            BatchLayout(self.cfg.data.batch_size, self.cfg.train.grad_accum, self.ctx.world_size),
+            self.steps_per_epoch,
+            self.total_steps,
+        )
+        if note and self.ctx.is_main:
+            log.warning(note)
         return path
 
     # -------------------------------------------------------------------- export
@@ -483,6 +537,13 @@ class Trainer:
         """Save the backbone weights alone (rank 0, atomically), loadable with
         ``torch.load(path, weights_only=True)``; returns the path."""
         path = path or self.output / "backbone.pt"
+        bad = [p for p in nonfinite_parts(dict(self.backbone.state_dict())) if p]
+        if any(self.ctx.all_gather_object(bad)):
+            raise TrainingError(
+                f"step {self.step}: the backbone holds NaN/Inf values in "
+                f"{', '.join(bad) or 'another rank'}; {path} not exported. Last good "
+                f"checkpoint: {self.last_good or 'none'}"
+            )
         if self.ctx.is_main:
             weights = {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
             with atomic_open(path, "wb") as fh:
@@ -509,6 +570,23 @@ def _step_failure(exc: RuntimeError, step: int, timeout_s: float) -> TrainingErr
             f"a collective timed out after train.collective_timeout_s={timeout_s:g} s "
             f"(a peer rank is hung or dead)"
         )
+    elif peer := re.search(r"Connection (closed|reset) by peer[^.\s]*( \S+)?", text):
+        # the peer's process went away: say so, without the transport's chatter
+        what = "failed (a peer rank stopped; its own error line says why)"
+        first = peer.group(0).rstrip(".")
     else:
         what = "failed"
     return TrainingError(f"step {step}: {what}: {first}")
+
+
+def _data_error_line(exc: BaseException) -> str:
+    """The one line of a loader error: the data error's own message, also when a
+    DataLoader worker re-raised it with its traceback
+    (``Caught X in DataLoader worker process 0. Original Traceback ... X: message``)."""
+    text = str(exc).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1].strip()
+        name, sep, message = last.partition(": ")
+        text = message if sep and re.fullmatch(r"[\w.]+", name) else last
+    first = text.splitlines()[0].strip() if text else ""
+    return first or type(exc).__name__

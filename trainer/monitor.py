@@ -1,15 +1,49 @@
-"""Rank-0 observability: log lines, TensorBoard scalars and a TTY-only progress bar."""
+"""Rank-0 observability: log lines, TensorBoard scalars and a TTY-only progress bar.
+
+Output failures name the file and never crash the run from a side channel: creating
+``train.log`` fails with :class:`~datasets.atomic.OutputWriteError` at start-up; a
+later write to it (full disk) prints one line naming it, and the file log stops (the
+stdout log goes on). TensorBoard likewise: its directory is probed at start-up
+(:func:`trainer.preflight.probe_tensorboard`), and a later failure of the event writer
+(in its own thread) logs one warning naming the directory and turns TensorBoard off,
+instead of a thread traceback and an exception at the next scalar.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from datasets.atomic import OutputWriteError
+
 log = logging.getLogger("trainer")
+
+
+class _LogFile(logging.FileHandler):
+    """``train.log``: a write that fails prints one line naming the file and stops the
+    file log (instead of logging's ``--- Logging error ---`` traceback on every line)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)
+            return
+        reason = exc.strerror or str(exc)
+        print(
+            f"warning: cannot write {self.baseFilename}: {reason}; the file log stops "
+            "here, stdout goes on",
+            file=sys.stderr,
+        )
+        logging.getLogger().removeHandler(self)
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 def setup_logging(output: str | Path | None, rank: int) -> None:
@@ -23,8 +57,12 @@ def setup_logging(output: str | Path | None, rank: int) -> None:
     stream.setFormatter(fmt)
     root.addHandler(stream)
     if rank == 0 and output is not None:
-        Path(output).mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(Path(output) / "train.log")
+        path = Path(output) / "train.log"
+        try:
+            Path(output).mkdir(parents=True, exist_ok=True)
+            file = _LogFile(path)
+        except OSError as exc:
+            raise OutputWriteError.wrap(path, exc) from exc
         file.setFormatter(fmt)
         root.addHandler(file)
 
@@ -61,7 +99,12 @@ class Monitor:
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(tensorboard_dir))
+            self.tensorboard_dir = tensorboard_dir
+            try:
+                self.writer = SummaryWriter(str(tensorboard_dir))
+            except OSError as exc:
+                raise OutputWriteError.wrap(tensorboard_dir, exc) from exc
+            self._hook_writer_thread()
         if progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -126,17 +169,14 @@ class Monitor:
         if self.bar is not None and loss is not None and acc is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", lr=f"{lr:.4g}")
         if self.writer is not None:
+            scalars = {"train/skipped_steps": skipped, "train/lr": lr}
             if loss is not None and acc is not None:
-                self.writer.add_scalar("train/loss", loss, step)
-                self.writer.add_scalar("train/accuracy", acc, step)
-            self.writer.add_scalar("train/skipped_steps", skipped, step)
-            self.writer.add_scalar("train/lr", lr, step)
-            self.writer.add_scalar("train/samples_per_s", speed, step)
-            self.writer.add_scalar("train/epoch", epoch, step)
+                scalars.update({"train/loss": loss, "train/accuracy": acc})
+            scalars.update({"train/samples_per_s": speed, "train/epoch": epoch})
             if scale is not None:
-                self.writer.add_scalar("train/grad_scale", scale, step)
-            for name, value in terms.items():
-                self.writer.add_scalar(f"train/{name}_loss", value, step)
+                scalars["train/grad_scale"] = scale
+            scalars.update({f"train/{name}_loss": value for name, value in terms.items()})
+            self._tb(lambda w: [w.add_scalar(k, v, step) for k, v in scalars.items()])
         self._last_time, self._last_step, self._samples = now, step, 0
 
     def log_verification(self, step: int, results: dict[str, dict[str, float]]) -> None:
@@ -152,16 +192,50 @@ class Monitor:
                 r.get("accuracy_std", 0.0),
                 r.get("xnorm", 0.0),
             )
-            if self.writer is not None:
-                self.writer.add_scalar(f"verify/{name}/accuracy", r["accuracy"], step)
-                if "xnorm" in r:
-                    self.writer.add_scalar(f"verify/{name}/xnorm", r["xnorm"], step)
-        if self.writer is not None:
-            self.writer.flush()
+            scalars = {f"verify/{name}/accuracy": r["accuracy"]}
+            if "xnorm" in r:
+                scalars[f"verify/{name}/xnorm"] = r["xnorm"]
+            self._tb(lambda w, s=scalars: [w.add_scalar(k, v, step) for k, v in s.items()])
+        self._tb(lambda w: w.flush())
 
     def close(self) -> None:
         """Flush and close the writer and the bar."""
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        self._tb(lambda w: w.close())
+        self.writer = None
+
+    # ---------------------------------------------------------------- TensorBoard
+    def _tb(self, write: Callable[[Any], Any]) -> None:
+        """Run ``write(writer)``; on failure warn once, naming the directory, and stop
+        writing TensorBoard scalars (training goes on)."""
+        if self.writer is None:
+            return
+        try:
+            write(self.writer)
+        except Exception as exc:  # the event writer re-raises its thread's error
+            writer, self.writer = self.writer, None
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            log.warning(
+                "cannot write TensorBoard events to %s: %s; TensorBoard logging stops here, "
+                "training goes on",
+                self.tensorboard_dir,
+                reason,
+            )
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def _hook_writer_thread(self) -> None:
+        """Keep the event writer thread's error off stderr (no thread traceback): it is
+        re-raised by the writer's next call, which :meth:`_tb` reports in one line."""
+        if threading.excepthook is not _quiet_event_writer:
+            _quiet_event_writer.previous = threading.excepthook  # type: ignore[attr-defined]
+            threading.excepthook = _quiet_event_writer
+
+
+def _quiet_event_writer(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook`` that drops TensorBoard's event-writer thread errors
+    (reported by :meth:`Monitor._tb`) and passes the others on."""
+    if type(args.thread).__name__ == "_AsyncWriterThread":
+        return
+    _quiet_event_writer.previous(args)  # type: ignore[attr-defined]

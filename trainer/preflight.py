@@ -19,8 +19,13 @@ class OutputDirError(OSError):
     """``train.output`` cannot hold this run's files; the message names the path."""
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _size(n: float) -> str:
+    """A byte count in the largest binary unit that keeps it at least 1 (``3.20 GiB``,
+    ``12.5 MiB``, ``900 B``): never ``0.00 GiB`` for a small checkpoint."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def probe_output(output: str | os.PathLike[str], rank: int = 0, required_bytes: int = 0) -> None:
@@ -35,10 +40,38 @@ def probe_output(output: str | os.PathLike[str], rank: int = 0, required_bytes: 
             read-only file system, no space, ...).
     """
     path = Path(output)
+    _probe_directory(path, rank, f"train.output={str(path)!r}")
+    if required_bytes > 0:
+        free = shutil.disk_usage(path).free
+        if free < required_bytes:
+            raise OutputDirError(
+                f"train.output={str(path)!r} has {_size(free)} free, but a checkpoint of this "
+                f"run needs about {_size(required_bytes)}; free some space or point "
+                "train.output elsewhere"
+            )
+
+
+def probe_tensorboard(output: str | os.PathLike[str]) -> None:
+    """Check that ``<output>/tensorboard`` can be created and written (rank 0, with
+    ``log.tensorboard=true``), so that the run fails at start-up with a message rather
+    than in TensorBoard's event-writer thread.
+
+    Raises:
+        OutputDirError: naming the directory and ``log.tensorboard``.
+    """
+    path = Path(output) / "tensorboard"
+    _probe_directory(
+        path, 0, f"log.tensorboard=true, but {str(path)!r}", "set log.tensorboard=false"
+    )
+
+
+def _probe_directory(path: Path, rank: int, what: str, fix: str = "") -> None:
+    """Create ``path`` if needed, then write, fsync and remove a probe file in it."""
+    hint = f"; {fix}" if fix else ""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputDirError(f"train.output={str(path)!r} cannot be created: {exc}") from None
+        raise OutputDirError(f"{what} cannot be created: {exc}{hint}") from None
     probe = path / f".write-probe-{rank}-{os.getpid()}"
     try:
         with open(probe, "wb") as fh:
@@ -46,20 +79,12 @@ def probe_output(output: str | os.PathLike[str], rank: int = 0, required_bytes: 
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:
-        raise OutputDirError(f"train.output={str(path)!r} is not writable: {exc}") from None
+        raise OutputDirError(f"{what} is not writable: {exc}{hint}") from None
     finally:
         try:
             probe.unlink()
         except OSError:
             pass
-    if required_bytes > 0:
-        free = shutil.disk_usage(path).free
-        if free < required_bytes:
-            raise OutputDirError(
-                f"train.output={str(path)!r} has {_gib(free)} free, but a checkpoint of this "
-                f"run needs about {_gib(required_bytes)}; free some space or point "
-                "train.output elsewhere"
-            )
 
 
 def checkpoint_bytes_estimate(
