@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from datasets.atomic import atomic_path
+
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 
@@ -167,10 +169,10 @@ def export_onnx(
         for key, value in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, str(value)
-        final = os.path.join(tmp, "final.onnx")
-        onnx.save(proto, final)
-        onnx.checker.check_model(final)
-        os.replace(final, output)
+        # The one home for atomic writes: fsynced, named on failure, no temporary left.
+        with atomic_path(output) as final:
+            onnx.save(proto, str(final))
+            onnx.checker.check_model(str(final))
     return output
 
 

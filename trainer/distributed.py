@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from partial_fc.collectives import rank_and_world_size
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -53,10 +55,7 @@ class DistContext:
     @classmethod
     def current(cls, device: torch.device | None = None) -> DistContext:
         """Describe this process from the initialised default group (or a single rank)."""
-        if dist.is_available() and dist.is_initialized():
-            rank, world = dist.get_rank(), dist.get_world_size()
-        else:
-            rank, world = 0, 1
+        rank, world = rank_and_world_size(None)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return cls(rank, world, local_rank, device or torch.device("cpu"), None)
 
@@ -165,7 +164,7 @@ def init_distributed(
             kwargs["device_id"] = dev  # eager NCCL init on this rank's GPU
         dist.init_process_group(backend, **kwargs)
     if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank, world = rank_and_world_size(None)
     else:
         rank = int(os.environ.get("RANK", "0"))
     return DistContext(rank, world, local_rank, dev, None)
