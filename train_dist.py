@@ -17,6 +17,7 @@ lives in :class:`trainer.loop.Trainer` (see docs/training.md).
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -80,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     rank, world = ctx.rank, ctx.world_size
     lock = OutputLock(cfg.train.output)
+    trainer = None
     try:
         # one job per output directory: rank 0 locks it before anything is written
         refusal = _lock_output(lock, cfg) if rank == 0 else None
@@ -130,6 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         return 0
     finally:
+        # Free the trainer (DDP's reducer, the loader, every tensor a collective may
+        # still reference) while the process group and the interpreter are alive:
+        # gloo work objects torn down during interpreter finalisation abort the
+        # process ("terminate called without an active exception") after a good run.
+        trainer = None
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
         lock.release()

@@ -316,21 +316,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> IJBResult:
     """Command-line entry point."""
-    from eval.models import make_embedder
-    from trainer.distributed import distributed_command, resolve_device
+    from eval.models import command_embedder
 
     args = _parse_args(argv)
     meta = read_ijb_meta(args.root, args.target)
-    # onnxruntime returns CPU arrays: an ONNX model's ranks gather over gloo on CPU
-    # while the session runs on the rank's device; a backbone checkpoint runs and
-    # gathers on the rank's device (cuda:LOCAL_RANK and nccl under CUDA)
-    with distributed_command("cpu" if args.onnx else args.device) as ctx:
-        device = str(resolve_device(args.device, ctx.local_rank) if args.onnx else ctx.device)
-        if ctx.is_main:
-            print(ctx.describe(), file=sys.stderr, flush=True)
-        embed = make_embedder(
-            network=args.network, checkpoint=args.checkpoint, onnx_path=args.onnx, device=device
-        )
+    with command_embedder(args.network, args.checkpoint, args.onnx, args.device) as (ctx, embed):
         result = evaluate_ijb(
             embed,
             meta,

@@ -7,8 +7,10 @@ and are read with ``torch.load(path, weights_only=True)``. Backbones come from
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -72,3 +74,31 @@ def make_embedder(
     if network is None:
         raise ValueError("--network is required with --checkpoint")
     return module_embedder(build_backbone(network, checkpoint, device=device))
+
+
+@contextlib.contextmanager
+def command_embedder(
+    network: str | None,
+    checkpoint: str | None,
+    onnx_path: str | None,
+    device: str | None,
+) -> Iterator[tuple[Any, Embedder]]:
+    """``(DistContext, embedder)`` of an evaluation command, inside its process group
+    (torchrun or a single process), which is destroyed on exit.
+
+    A backbone checkpoint runs and gathers on the rank's device (``cuda:LOCAL_RANK``
+    and nccl under CUDA). onnxruntime returns CPU arrays, so an ONNX model's ranks
+    gather over gloo on the CPU while its session runs on the rank's device.
+    """
+    from trainer.distributed import distributed_command, resolve_device
+
+    with distributed_command("cpu" if onnx_path else device) as ctx:
+        run_on = str(resolve_device(device, ctx.local_rank) if onnx_path else ctx.device)
+        if ctx.is_main:
+            print(ctx.describe(), file=sys.stderr, flush=True)
+        yield (
+            ctx,
+            make_embedder(
+                network=network, checkpoint=checkpoint, onnx_path=onnx_path, device=run_on
+            ),
+        )

@@ -163,20 +163,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Command-line entry point; returns the results (also printed, and written with --json)."""
-    from eval.models import make_embedder
-    from trainer.distributed import distributed_command, resolve_device
+    from eval.models import command_embedder
 
     args = _parse_args(argv)
-    # onnxruntime returns CPU arrays: an ONNX model's ranks gather over gloo on CPU
-    # while the session itself runs on the rank's device; a backbone checkpoint
-    # runs and gathers on the rank's device (cuda:LOCAL_RANK and nccl under CUDA)
-    with distributed_command("cpu" if args.onnx else args.device) as ctx:
-        device = str(resolve_device(args.device, ctx.local_rank) if args.onnx else ctx.device)
-        if ctx.is_main:
-            print(ctx.describe(), file=sys.stderr, flush=True)
-        embed = make_embedder(
-            network=args.network, checkpoint=args.checkpoint, onnx_path=args.onnx, device=device
-        )
+    with command_embedder(args.network, args.checkpoint, args.onnx, args.device) as (ctx, embed):
         results: dict[str, dict[str, float]] = {}
         size = (args.image_size, args.image_size)
         for path in args.bin:
