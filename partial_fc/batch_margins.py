@@ -110,6 +110,11 @@ class BatchMargin(CombinedMargin):
     ) -> TargetTerms:
         raise NotImplementedError
 
+    def _scalar(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Margin buffer ``name`` (one value) as a 0-dim tensor on its device: read
+        as a tensor, never with ``float()``, which would make the host wait for a GPU."""
+        return getattr(self, name).to(dtype).reshape(-1)[0]
+
 
 def _valid_mean(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of ``values`` over ``valid`` rows and the count (both 0-dim, no host sync)."""
@@ -158,7 +163,7 @@ class AdaFace(BatchMargin):
         self.register_buffer("batch_std", torch.tensor(100.0, dtype=torch.float64))
 
     def batch_target(self, cos, classes, batch):
-        m = float(self.m2.reshape(-1)[0])
+        m = self._scalar("m2", cos.dtype)
         norms = batch.norms.detach().clamp(0.001, 100.0).to(cos.dtype)
         if batch.training:
             mean, count = _valid_mean(norms, batch.valid)
@@ -175,7 +180,7 @@ class AdaFace(BatchMargin):
         theta = torch.acos(c)
         shifted = theta - m * g
         inside_t = (shifted > eps) & (shifted < math.pi - eps)
-        theta_m = shifted.clamp(eps, math.pi - eps)
+        theta_m = torch.clamp(shifted, eps, math.pi - eps)
         logit = self.scale * (torch.cos(theta_m) - m - m * g)
         sin_theta = torch.sqrt((1.0 - c * c).clamp(min=0.0)).clamp(min=_SIN_FLOOR)
         slope = self.scale * torch.sin(theta_m) / sin_theta
@@ -240,14 +245,14 @@ class CurricularFace(BatchMargin):
         self.register_buffer("t", torch.tensor(0.0, dtype=torch.float64))
 
     def batch_target(self, cos, classes, batch):
-        m = float(self.m2.reshape(-1)[0])
+        m = self._scalar("m2", cos.dtype)
         global_cos = batch.global_cos.to(cos.dtype)
         if batch.training:
             mean, count = _valid_mean(global_cos.clamp(-1.0, 1.0), batch.valid)
             _ema_(self.t, mean.to(self.t.dtype), self.t_alpha, count > 0)
         phi, dphi_dc, _ = _arc(cos, m)
         c = global_cos.clamp(-1.0, 1.0)
-        plain = c * math.cos(m) - torch.sqrt((1.0 - c * c).clamp(min=0.0)) * math.sin(m)
+        plain = c * torch.cos(m) - torch.sqrt((1.0 - c * c).clamp(min=0.0)) * torch.sin(m)
         threshold = torch.where(batch.valid, plain, float("inf"))
         return TargetTerms(
             self.scale * phi,
@@ -281,8 +286,8 @@ class ElasticFace(BatchMargin):
         self.last_margins: torch.Tensor | None = None
 
     def batch_target(self, cos, classes, batch):
-        mean = float(getattr(self, self.primary).reshape(-1)[0])
-        margins = torch.full_like(cos, mean)
+        mean = self._scalar(self.primary, cos.dtype)
+        margins = mean.expand_as(cos)
         if batch.training:
             generator = sampling_generator(batch.seed, batch.step, 0, cos.device, _ELASTIC_STREAM)
             margins = mean + self.std * torch.randn(

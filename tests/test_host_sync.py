@@ -205,3 +205,25 @@ def test_real_pipeline_steps_never_read_back_between_log_steps(
     assert t.step == 4
     assert counter.host_syncs == [], counter.host_syncs
     assert counter.allowed_syncs > 0
+
+
+@pytest.mark.parametrize("name", ["adaface", "magface", "curricular", "elastic_plus"])
+def test_batch_aware_margins_never_read_back(name: str, device: torch.device) -> None:
+    from partial_fc import AdaFace, CurricularFace, ElasticFace, MagFace
+
+    margin = {
+        "adaface": lambda: AdaFace(),
+        "magface": lambda: MagFace(),
+        "curricular": lambda: CurricularFace(),
+        "elastic_plus": lambda: ElasticFace(plus=True),
+    }[name]()
+    head = PartialFC(
+        500, DIM, margin, sample_rate=0.3, max_local_batch=BATCH, chunk_classes=64,
+        device=device,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(BATCH, DIM, generator=g) * 30).to(device).requires_grad_(True)
+    y = torch.randint(0, 500, (BATCH,), generator=g).to(device)
+    with DispatchCounter() as counter:
+        head(x, y).backward()
+    assert counter.host_syncs == [], counter.host_syncs
