@@ -50,6 +50,7 @@ from eval.extract import (
 )
 from eval.ijb_data import IJBMeta, load_aligned, read_ijb_meta
 from eval.metrics import IJB_FAR_TARGETS, roc_curve, tar_at_far
+from eval.onnx_infer import add_input_arguments, input_options
 from eval.plot import save_roc_png
 from partial_fc.collectives import rank_and_world_size
 
@@ -294,7 +295,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--target", default="IJBC", choices=["IJBC", "IJBB"])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="backbone state_dict saved with torch.save")
-    src.add_argument("--onnx", help="ONNX model exported with eval.export_onnx")
+    src.add_argument("--onnx", help="an ONNX model: exported by eval.export_onnx, or insightface's")
     p.add_argument("--network", help="backbone name for --checkpoint")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--batch-size", type=int, default=128)
@@ -308,7 +309,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-flip", action="store_true", help="skip the mirrored embedding")
     p.add_argument("--no-faceness", action="store_true", help="skip faceness weighting")
     p.add_argument("--no-progress", action="store_true")
+    add_input_arguments(p)
     args = p.parse_args(argv)
+    if not args.onnx and any(v is not None for v in input_options(args).values()):
+        p.error("--input-mean/--input-std/--input-color/--input-size apply to --onnx models only")
     if args.checkpoint and not args.network:
         p.error("--network is required with --checkpoint")
     return args
@@ -320,7 +324,11 @@ def main(argv: Sequence[str] | None = None) -> IJBResult:
 
     args = _parse_args(argv)
     meta = read_ijb_meta(args.root, args.target)
-    with command_embedder(args.network, args.checkpoint, args.onnx, args.device) as (ctx, embed):
+    onnx_input = input_options(args)
+    with command_embedder(args.network, args.checkpoint, args.onnx, args.device, onnx_input) as (
+        ctx,
+        embed,
+    ):
         result = evaluate_ijb(
             embed,
             meta,

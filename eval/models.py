@@ -65,12 +65,14 @@ def make_embedder(
     checkpoint: str | os.PathLike[str] | None = None,
     onnx_path: str | os.PathLike[str] | None = None,
     device: str = "cpu",
+    onnx_input: Mapping[str, Any] | None = None,
 ) -> Embedder:
-    """An :data:`~eval.extract.Embedder` from a checkpoint (+ network name) or an ONNX file."""
+    """An :data:`~eval.extract.Embedder` from a checkpoint (+ network name) or an ONNX file
+    (``onnx_input``: :class:`~eval.onnx_infer.OnnxEmbedder`'s ``input_*`` overrides)."""
     if onnx_path is not None:
         from eval.onnx_infer import OnnxEmbedder
 
-        return OnnxEmbedder(onnx_path, device=device)
+        return OnnxEmbedder(onnx_path, device=device, **(onnx_input or {}))
     if network is None:
         raise ValueError("--network is required with --checkpoint")
     return module_embedder(build_backbone(network, checkpoint, device=device))
@@ -82,6 +84,7 @@ def command_embedder(
     checkpoint: str | None,
     onnx_path: str | None,
     device: str | None,
+    onnx_input: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[Any, Embedder]]:
     """``(DistContext, embedder)`` of an evaluation command, inside its process group
     (torchrun or a single process), which is destroyed on exit.
@@ -96,9 +99,13 @@ def command_embedder(
         run_on = str(resolve_device(device, ctx.local_rank) if onnx_path else ctx.device)
         if ctx.is_main:
             print(ctx.describe(), file=sys.stderr, flush=True)
-        yield (
-            ctx,
-            make_embedder(
-                network=network, checkpoint=checkpoint, onnx_path=onnx_path, device=run_on
-            ),
+        embedder = make_embedder(
+            network=network,
+            checkpoint=checkpoint,
+            onnx_path=onnx_path,
+            device=run_on,
+            onnx_input=onnx_input,
         )
+        if ctx.is_main and hasattr(embedder, "describe"):
+            print(embedder.describe(), file=sys.stderr, flush=True)
+        yield ctx, embedder

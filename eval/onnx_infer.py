@@ -1,20 +1,38 @@
-"""onnxruntime inference for exported face-recognition models.
+"""onnxruntime inference for face-recognition models: ours, or anyone's.
 
-The exporter (``eval.export_onnx``) records the input normalisation in the
-model's metadata (``input_mean`` / ``input_std`` on 0..255 RGB pixels); this
-helper reads it back, so callers only pass aligned uint8 faces.
+How a model wants its input is settled once, when the session opens, in this
+order (each item on its own):
+
+1. an explicit option (``input_mean``, ``input_std``, ``input_color``,
+   ``input_size``: the commands' ``--input-*`` flags);
+2. the model's metadata: ``eval.export_onnx`` records ``input_mean`` /
+   ``input_std`` (on 0..255 pixels), ``input_color`` and ``input_size``;
+3. the insightface convention for models without metadata (its model packs, e.g.
+   ``w600k_r50.onnx``): RGB input of the size in the graph's input shape, and
+   ``(pixel - 127.5) / 127.5`` unless the graph normalises its input itself (a
+   ``Sub`` and a ``Mul`` node among its first eight nodes), in which case raw
+   0..255 pixels go in (mean 0, std 1).
+
+The embedder then takes our pipeline's ``[-1, 1]`` RGB tensors, or uint8 faces,
+resizes them to the model's input size when they differ, and converts them to the
+model's normalisation and channel order.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 DEFAULT_MEAN = 127.5
 DEFAULT_STD = 127.5
+DEFAULT_SIZE = 112
+#: insightface looks for its in-graph normalisation among the first nodes only.
+_NORMALISING_PREFIX_NODES = 8
 
 
 def _providers(device: str) -> list[str | tuple[str, dict[str, Any]]]:
@@ -29,6 +47,35 @@ def _providers(device: str) -> list[str | tuple[str, dict[str, Any]]]:
     return ["CPUExecutionProvider"]
 
 
+def normalises_in_graph(path: str) -> bool:
+    """Whether the graph starts by normalising its input (insightface's test: node
+    names beginning with ``Sub``/``_minus`` and ``Mul``/``_mul`` among the first eight)."""
+    import onnx
+
+    nodes = onnx.load(path, load_external_data=False).graph.node[:_NORMALISING_PREFIX_NODES]
+    names = [node.name for node in nodes]
+    has_sub = any(n.startswith(("Sub", "_minus")) for n in names)
+    has_mul = any(n.startswith(("Mul", "_mul")) for n in names)
+    return has_sub and has_mul
+
+
+def _input_hw(path: str, name: str, shape: list[Any], size: int | None) -> tuple[int, int]:
+    """``(H, W)`` of a ``(batch, 3, H, W)`` input; symbolic sides take ``size`` (or 112)."""
+    channels_ok = len(shape) == 4 and (not isinstance(shape[1], int) or shape[1] == 3)
+    sides = shape[2:] if len(shape) == 4 else []
+    if not channels_ok or any(isinstance(s, int) and s < 1 for s in sides):
+        raise ValueError(
+            f"{path}: input {name!r} has shape {shape}; expected (batch, 3, H, W) "
+            "(NCHW with 3 colour channels)"
+        )
+    fixed = [s for s in sides if isinstance(s, int)]
+    if size is not None and fixed and any(s != size for s in fixed):
+        raise ValueError(f"{path}: --input-size {size} contradicts the model's input {shape}")
+    fallback = size if size is not None else DEFAULT_SIZE
+    h, w = (s if isinstance(s, int) else fallback for s in sides)
+    return h, w
+
+
 class OnnxEmbedder:
     """An onnxruntime session usable wherever an :data:`~eval.extract.Embedder` is.
 
@@ -37,10 +84,27 @@ class OnnxEmbedder:
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (falls back to CPU without the
             CUDA provider).
         intra_op_threads: onnxruntime intra-op threads (0 = its default).
+        input_mean, input_std: the model's input is ``(pixel - mean) / std`` for 0..255
+            pixels; None: from the metadata, else the insightface convention.
+        input_color: ``"RGB"`` or ``"BGR"`` channel order; None: metadata, else RGB.
+        input_size: the side of a square input for a model whose graph leaves it
+            symbolic (a fixed size in the graph always wins and must agree).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the model has not exactly one ``(batch, 3, H, W)`` input.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], device: str = "cpu", intra_op_threads: int = 0
+        self,
+        path: str | os.PathLike[str],
+        device: str = "cpu",
+        intra_op_threads: int = 0,
+        *,
+        input_mean: float | None = None,
+        input_std: float | None = None,
+        input_color: str | None = None,
+        input_size: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -55,28 +119,63 @@ class OnnxEmbedder:
         if len(inputs) != 1:
             raise ValueError(f"{self.path}: expected one input, found {len(inputs)}")
         self.input_name = inputs[0].name
+        self.input_hw = _input_hw(self.path, self.input_name, list(inputs[0].shape), input_size)
         self.output_name = self.session.get_outputs()[0].name
-        meta: dict[str, Any] = self.session.get_modelmeta().custom_metadata_map
-        self.metadata = dict(meta)
-        self.mean = float(meta.get("input_mean", DEFAULT_MEAN))
-        self.std = float(meta.get("input_std", DEFAULT_STD))
-        self.color = str(meta.get("input_color", "RGB"))
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        meta = self.metadata
+        if "input_mean" in meta or "input_std" in meta:
+            default_mean = float(meta.get("input_mean", DEFAULT_MEAN))
+            default_std = float(meta.get("input_std", DEFAULT_STD))
+        elif input_mean is None or input_std is None:
+            in_graph = normalises_in_graph(self.path)
+            default_mean, default_std = (0.0, 1.0) if in_graph else (DEFAULT_MEAN, DEFAULT_STD)
+        else:
+            default_mean, default_std = DEFAULT_MEAN, DEFAULT_STD
+        self.mean = default_mean if input_mean is None else float(input_mean)
+        self.std = default_std if input_std is None else float(input_std)
+        if not (np.isfinite(self.mean) and np.isfinite(self.std) and self.std > 0):
+            raise ValueError(
+                f"{self.path}: input std must be > 0 (mean {self.mean}, std {self.std})"
+            )
+        self.color = (input_color or meta.get("input_color", "RGB")).upper()
+        if self.color not in ("RGB", "BGR"):
+            raise ValueError(f"{self.path}: input colour must be RGB or BGR, got {self.color!r}")
+
+    def describe(self) -> str:
+        """One line: how inputs are fed to this model."""
+        h, w = self.input_hw
+        return (
+            f"{self.path}: input {self.input_name} {self.color} {h}x{w}, "
+            f"(pixel - {self.mean:g}) / {self.std:g}"
+        )
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Raw model output: float32 ``(B, 3, H, W)`` normalised input -> ``(B, D)``."""
+        """Raw model output: float32 ``(B, 3, H, W)`` input already in the model's
+        normalisation, channel order and size -> ``(B, D)``."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Embedder protocol: float ``(B, 3, H, W)`` in ``[-1, 1]`` (RGB) -> float32 ``(B, D)``."""
-        return torch.from_numpy(self.run(x.detach().cpu().numpy()))
+        """Embedder protocol: float ``(B, 3, h, w)`` RGB in ``[-1, 1]`` -> float32 ``(B, D)``.
+
+        The faces are resized to the model's input size if they differ, then mapped
+        back to 0..255 pixels and into the model's normalisation and channel order.
+        """
+        x = x.detach().float().cpu()
+        if tuple(x.shape[-2:]) != self.input_hw:
+            x = F.interpolate(x, size=self.input_hw, mode="bilinear", align_corners=False)
+        if self.color == "BGR":
+            x = x.flip(1)
+        pixels = x * 127.5 + 127.5
+        return torch.from_numpy(self.run(((pixels - self.mean) / self.std).numpy()))
 
     def embed_faces(self, faces: np.ndarray, *, bgr: bool = False) -> np.ndarray:
         """L2-normalised embeddings of aligned faces.
 
         Args:
-            faces: uint8 ``(B, H, W, 3)`` or ``(H, W, 3)`` aligned face crops,
-                RGB (or BGR as read by OpenCV with ``bgr=True``).
+            faces: uint8 ``(B, h, w, 3)`` or ``(h, w, 3)`` aligned face crops,
+                RGB (or BGR as read by OpenCV with ``bgr=True``); resized to the
+                model's input size when they differ.
         Returns:
             float32 ``(B, D)`` unit-norm embeddings.
         """
@@ -85,9 +184,35 @@ class OnnxEmbedder:
             faces = faces[None]
         if faces.ndim != 4 or faces.shape[-1] != 3:
             raise ValueError(f"faces must be (B, H, W, 3), got {faces.shape}")
-        if bgr != (self.color.upper() == "BGR"):
+        if bgr != (self.color == "BGR"):
             faces = faces[..., ::-1]
+        h, w = self.input_hw
+        if faces.shape[1:3] != (h, w):
+            import cv2
+
+            faces = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR) for f in faces])
         x = (faces.astype(np.float32) - self.mean) / self.std
         emb = self.run(x.transpose(0, 3, 1, 2))
         norm = np.linalg.norm(emb, axis=1, keepdims=True)
         return (emb / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--input-*`` overrides of an ONNX model's input convention."""
+    group = parser.add_argument_group(
+        "ONNX input (default: the model's metadata, else the insightface convention)"
+    )
+    group.add_argument("--input-mean", type=float, help="model input = (pixel - mean) / std")
+    group.add_argument("--input-std", type=float, help="see --input-mean")
+    group.add_argument("--input-color", choices=["RGB", "BGR"], help="channel order")
+    group.add_argument("--input-size", type=int, help="side of a symbolic-size input")
+
+
+def input_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``OnnxEmbedder`` keyword arguments given by :func:`add_input_arguments`' flags."""
+    return {
+        "input_mean": args.input_mean,
+        "input_std": args.input_std,
+        "input_color": args.input_color,
+        "input_size": args.input_size,
+    }

@@ -30,6 +30,7 @@ from datasets.atomic import write_json
 from eval.bin_io import PairSet, RestrictedUnpickler, load_bin, restricted_loads
 from eval.extract import Embedder, eval_mode, extract_embeddings, module_embedder
 from eval.metrics import evaluate, l2_normalize
+from eval.onnx_infer import add_input_arguments, input_options
 
 __all__ = [
     "PairSet",
@@ -143,7 +144,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="backbone state_dict saved with torch.save")
-    src.add_argument("--onnx", help="ONNX model exported with eval.export_onnx")
+    src.add_argument("--onnx", help="an ONNX model: exported by eval.export_onnx, or insightface's")
     p.add_argument("--network", help="backbone name for --checkpoint (r50, r100, mbf, ...)")
     p.add_argument("--bin", action="append", required=True, help="a .bin target (repeatable)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -155,7 +156,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="default: cuda:LOCAL_RANK when CUDA is available, else cpu ('cuda' = cuda:LOCAL_RANK)",
     )
     p.add_argument("--json", help="write the results here (rank 0)")
+    add_input_arguments(p)
     args = p.parse_args(argv)
+    if not args.onnx and any(v is not None for v in input_options(args).values()):
+        p.error("--input-mean/--input-std/--input-color/--input-size apply to --onnx models only")
     if args.checkpoint and not args.network:
         p.error("--network is required with --checkpoint")
     return args
@@ -166,7 +170,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     from eval.models import command_embedder
 
     args = _parse_args(argv)
-    with command_embedder(args.network, args.checkpoint, args.onnx, args.device) as (ctx, embed):
+    onnx_input = input_options(args)
+    with command_embedder(args.network, args.checkpoint, args.onnx, args.device, onnx_input) as (
+        ctx,
+        embed,
+    ):
         results: dict[str, dict[str, float]] = {}
         size = (args.image_size, args.image_size)
         for path in args.bin:
