@@ -1,0 +1,210 @@
+"""From a photo to the one aligned face to keep, or the reason there is none.
+
+:class:`FaceFinder` is what ``datasets.prepare``, ``eval.compare`` and ``eval.embed``
+run on every photo: decode (EXIF orientation applied), detect on a copy no larger than
+``max_side``, drop faces below ``min_size`` / ``min_score``, choose one by the policy,
+align it with the 5-point similarity transform onto the ArcFace template.
+
+Rejection reasons (stable names, used in ``rejected.tsv`` and ``report.json``):
+
+* ``unreadable`` — the file cannot be read or decoded;
+* ``no_face`` — the detector found nothing;
+* ``too_small`` — faces were found, but none whose box (shorter side) is ``min_size``
+  pixels or more among those with a good enough score;
+* ``low_score`` — faces were found, but none scoring ``min_score`` or more;
+* ``several_faces`` — policy ``single`` and more than one face passed the filters.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from datasets.align import align_face
+from datasets.detect import POLICIES, Detections, FaceDetector, choose_face, open_detector
+from datasets.photos import PhotoError, decode_photo
+
+REASONS = ("unreadable", "no_face", "too_small", "low_score", "several_faces")
+
+
+@dataclass(frozen=True)
+class FaceOptions:
+    """How a face is found and aligned.
+
+    Attributes:
+        detector: ``"mtcnn"`` (built in) or the path of an insightface SCRFD /
+            RetinaFace ``.onnx`` file.
+        policy: which face to keep in a photo with several: ``largest`` (box area),
+            ``central`` (box centre nearest the photo's centre) or ``single`` (reject
+            the photo).
+        min_size: smallest face kept, as the shorter side of its box in photo pixels.
+            MTCNN does not search below it either (nor below 20 pixels of the detection
+            copy), so faces much smaller than this are ``no_face`` rather than ``too_small``.
+        min_score: smallest detection score kept; ``None``: the detector's default
+            (MTCNN 0.9, SCRFD 0.5).
+        max_side: photos whose longer side is larger are detected on a copy resized to
+            this (alignment still reads the full photo).
+        image_size: side of the aligned square crop (112 for the ArcFace template).
+    """
+
+    detector: str = "mtcnn"
+    policy: str = "largest"
+    min_size: float = 40.0
+    min_score: float | None = None
+    max_side: int = 1280
+    image_size: int = 112
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not self.min_size >= 0:
+            raise ValueError(f"--min-size must be >= 0 pixels, got {self.min_size}")
+        if self.min_score is not None and not 0 <= self.min_score <= 1:
+            raise ValueError(f"--min-score must be in [0, 1], got {self.min_score}")
+        if not self.max_side >= 64:
+            raise ValueError(f"--max-side must be >= 64 pixels, got {self.max_side}")
+        if not 16 <= self.image_size <= 1024:
+            raise ValueError(f"--image-size must be in [16, 1024], got {self.image_size}")
+        if self.detector != "mtcnn" and not self.detector.lower().endswith(".onnx"):
+            raise ValueError(
+                f"--detector must be 'mtcnn' or an insightface .onnx file, got {self.detector!r}"
+            )
+        if self.detector != "mtcnn" and not os.path.isfile(self.detector):
+            raise ValueError(f"--detector {self.detector}: no such file")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FaceResult:
+    """What :meth:`FaceFinder.find` made of one photo.
+
+    Attributes:
+        reason: ``None`` when a face was kept, else one of :data:`REASONS`.
+        detail: a short human explanation (empty when kept).
+        faces: number of faces the detector found (before the size/score filters).
+        score: the kept face's detection score.
+        box: float64 ``(4,)`` its box, photo pixels.
+        landmarks: float64 ``(5, 2)`` its 5 points, photo pixels.
+        crop: BGR uint8 ``(S, S, 3)`` the aligned face.
+        photo_size: ``(height, width)`` of the photo after EXIF orientation (0, 0 if
+            unreadable).
+    """
+
+    reason: str | None
+    detail: str = ""
+    faces: int = 0
+    score: float | None = None
+    box: np.ndarray | None = None
+    landmarks: np.ndarray | None = None
+    crop: np.ndarray | None = None
+    photo_size: tuple[int, int] = (0, 0)
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+class FaceFinder:
+    """Detect, choose and align the face of a photo (see the module docstring).
+
+    Args:
+        options: :class:`FaceOptions`.
+        threads: onnxruntime threads of the detector (1 = one core, deterministic).
+        detector: use this detector instead of building ``options.detector``.
+    """
+
+    def __init__(
+        self, options: FaceOptions, threads: int = 1, detector: FaceDetector | None = None
+    ) -> None:
+        self.options = options
+        self.detector = detector or open_detector(
+            options.detector, min_face_size=options.min_size, threads=threads
+        )
+        self.min_score = (
+            options.min_score if options.min_score is not None else self.detector.default_min_score
+        )
+
+    def detect(self, bgr: np.ndarray) -> Detections:
+        """All faces of a BGR photo, in its pixels (detected on a copy of at most
+        ``max_side``)."""
+        h, w = bgr.shape[:2]
+        f = min(1.0, self.options.max_side / max(h, w))
+        small = bgr
+        if f < 1.0:
+            size = (max(1, round(w * f)), max(1, round(h * f)))
+            small = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+        rgb = cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
+        # MTCNN searches from min_size up (in the copy's pixels), never below 20 pixels
+        det = self.detector.detect(rgb, min_face_size=max(20.0, self.options.min_size * f))
+        if small is not bgr and len(det):
+            det = det.scaled(w / small.shape[1], h / small.shape[0])
+        return det
+
+    def find(self, bgr: np.ndarray) -> FaceResult:
+        """The face to keep in a decoded BGR photo, or why there is none."""
+        shape = (int(bgr.shape[0]), int(bgr.shape[1]))
+        det = self.detect(bgr)
+        if len(det) == 0:
+            return FaceResult("no_face", "the detector found no face", 0, photo_size=shape)
+        big = det.sizes() >= self.options.min_size
+        good = det.scores >= self.min_score
+        keep = big & good
+        if not keep.any():
+            if good.any():
+                side = float(det.sizes()[good].max())
+                return FaceResult(
+                    "too_small",
+                    f"largest face {side:.0f} px < --min-size {self.options.min_size:g}",
+                    len(det),
+                    photo_size=shape,
+                )
+            best = float(det.scores.max())
+            return FaceResult(
+                "low_score",
+                f"best score {best:.3f} < --min-score {self.min_score:g}",
+                len(det),
+                photo_size=shape,
+            )
+        cand = det.take(np.flatnonzero(keep))
+        i = choose_face(cand, shape, self.options.policy)
+        if i is None:
+            return FaceResult(
+                "several_faces",
+                f"{len(cand)} faces (policy {self.options.policy})",
+                len(det),
+                photo_size=shape,
+            )
+        size = self.options.image_size
+        crop = align_face(bgr, cand.landmarks[i], (size, size))
+        return FaceResult(
+            None,
+            "",
+            len(det),
+            float(cand.scores[i]),
+            cand.boxes[i].copy(),
+            cand.landmarks[i].copy(),
+            crop,
+            shape,
+        )
+
+    def find_bytes(self, data: bytes, where: str = "photo") -> FaceResult:
+        """:meth:`find` on an encoded photo; undecodable bytes give ``unreadable``."""
+        try:
+            bgr = decode_photo(data, where)
+        except PhotoError as exc:
+            return FaceResult("unreadable", str(exc).split(": ", 1)[-1])
+        return self.find(bgr)
+
+    def find_file(self, path: str | os.PathLike[str]) -> FaceResult:
+        """:meth:`find` on a photo file; a file that cannot be read gives ``unreadable``."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            return FaceResult("unreadable", f"cannot read: {exc.strerror or exc}")
+        return self.find_bytes(data, os.fspath(path))

@@ -1,0 +1,724 @@
+"""From a folder of raw photos to face-recognition training data.
+
+::
+
+    python -m datasets.prepare RAW_DIR OUT_DIR [--detector mtcnn|det_10g.onnx]
+        [--policy largest|central|single] [--min-size 40] [--min-score S]
+        [--workers N] [--arrow] [--format jpg|png] [--quality 95] [--dup-distance 6]
+
+``RAW_DIR`` holds one sub-folder per identity (its name is the identity; photos may sit
+in nested folders below it) of JPEG, PNG or WebP photos of any size; EXIF orientation
+is honoured. Every photo goes through :class:`datasets.detect.finder.FaceFinder`:
+detection (MTCNN built in, or an insightface SCRFD/RetinaFace ``.onnx``), one face kept
+by the policy, 5-point similarity alignment to 112x112. ``OUT_DIR`` receives:
+
+* ``train.rec``, ``train.idx``, ``property`` — the face layout the trainer reads
+  (:class:`datasets.face_layout.FaceRecWriter`); labels ``0..C-1`` follow the sorted
+  names of the identities that kept at least one face, images follow the sorted paths;
+* ``labels.tsv`` — ``label, identity, images``;
+* ``faces.tsv`` — every kept face: ``key, label, file, score, faces, box, landmarks``;
+* ``rejected.tsv`` — ``file, reason, detail`` for every photo not kept (reasons:
+  ``unreadable``, ``no_face``, ``too_small``, ``low_score``, ``several_faces``);
+* ``report.json`` — counts per identity and per reason, near-duplicate pairs, options;
+* ``arrow/`` — Arrow shards of the same images, with ``--arrow``.
+
+**Resumable and idempotent.** Photos are processed in chunks (up to 32 photos of one
+identity); each finished chunk's result (encoded crops and detections) is written
+atomically to ``OUT_DIR/.prepare_cache/`` under a key hashing the options, the library
+versions that affect the pixels and every photo's path, size and modification time. A
+rerun reuses every valid chunk and computes the rest, then writes all outputs again from
+the chunks in sorted order: an interrupted run, rerun, gives the same bytes as an
+uninterrupted one, and a rerun of a finished job rewrites the same bytes. Chunks of
+photos that are gone or changed are deleted at the end of a successful run. Nothing in
+the outputs depends on the number of workers, timing or the cache.
+
+**Near-duplicates** within an identity are reported (not removed): pairs of kept faces
+whose perceptual hashes (:func:`phash`: 63 bits from the DCT of the aligned crop) differ
+in at most ``--dup-distance`` bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import struct
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from datasets.atomic import write_bytes, write_json, write_text
+from datasets.detect.finder import REASONS, FaceFinder, FaceOptions, FaceResult
+from datasets.face_layout import FaceRecWriter
+from datasets.photos import PHOTO_SUFFIXES
+
+CACHE_DIR = ".prepare_cache"
+CHUNK_PHOTOS = 32
+#: Bump when the per-photo results change for the same inputs (invalidates old chunks).
+PIPELINE_VERSION = 1
+_CHUNK_MAGIC = b"FACEPREP1\n"
+
+
+# ---------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Everything ``datasets.prepare`` can be told (the face options plus packing).
+
+    Attributes:
+        face: how faces are found and aligned (:class:`FaceOptions`).
+        format: ``jpg`` or ``png`` for the crops stored in ``train.rec``.
+        quality: JPEG quality (1..100) of ``jpg`` crops.
+        dup_distance: near-duplicate threshold, in differing bits of :func:`phash`
+            (0..63; -1 turns the check off).
+        arrow: also write Arrow shards to ``OUT_DIR/arrow``.
+        shard_size: rows per Arrow shard.
+    """
+
+    face: FaceOptions = field(default_factory=FaceOptions)
+    format: str = "jpg"
+    quality: int = 95
+    dup_distance: int = 6
+    arrow: bool = False
+    shard_size: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.format not in ("jpg", "png"):
+            raise ValueError(f"--format must be jpg or png, got {self.format!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"--quality must be in [1, 100], got {self.quality}")
+        if not -1 <= self.dup_distance <= 63:
+            raise ValueError(f"--dup-distance must be in [-1, 63], got {self.dup_distance}")
+        if self.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes a photo's result (not packing-only options)."""
+        import onnxruntime
+
+        detector = self.face.detector
+        if detector != "mtcnn":  # a file: its content, wherever it lives
+            detector = hashlib.sha256(Path(detector).read_bytes()).hexdigest()
+        facts = {
+            "pipeline": PIPELINE_VERSION,
+            "face": {**self.face.as_dict(), "detector": detector},
+            "format": self.format,
+            "quality": self.quality,
+            "opencv": cv2.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        }
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------- photo results
+
+
+def phash(crop: np.ndarray) -> int:
+    """63-bit perceptual hash of an image: grey, 32x32 (area), 2-D DCT-II, the 8x8
+    lowest frequencies without the DC term, each bit = coefficient > their median."""
+    grey = crop if crop.ndim == 2 else cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)
+    small = cv2.resize(grey, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+    coeffs = cv2.dct(small)[:8, :8].ravel()[1:].astype(np.float64)
+    bits = coeffs > np.median(coeffs)
+    return int(sum(1 << i for i in np.flatnonzero(bits)))
+
+
+def hamming_pairs(hashes: Sequence[int], max_distance: int) -> list[tuple[int, int, int]]:
+    """``(i, j, distance)`` for ``i < j`` whose hashes differ in at most ``max_distance``
+    bits, in ``(i, j)`` order. Vectorised per row (identities have up to thousands)."""
+    if max_distance < 0 or len(hashes) < 2:
+        return []
+    h = np.asarray(hashes, dtype=np.uint64)
+    bits = np.unpackbits(h.view(np.uint8).reshape(-1, 8), axis=1)  # (n, 64)
+    out = []
+    for i in range(len(h) - 1):
+        d = np.count_nonzero(bits[i + 1 :] != bits[i], axis=1)
+        for j in np.flatnonzero(d <= max_distance):
+            out.append((i, i + 1 + int(j), int(d[j])))
+    return out
+
+
+def _encode(crop: np.ndarray, options: PrepareOptions) -> bytes:
+    if options.format == "png":
+        ok, buf = cv2.imencode(".png", crop, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    else:
+        ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, options.quality])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {crop.shape} crop as {options.format}")
+    return buf.tobytes()
+
+
+@dataclass
+class PhotoRecord:
+    """One photo's result as cached and packed (JSON-able, plus the encoded crop)."""
+
+    file: str
+    reason: str | None
+    detail: str = ""
+    faces: int = 0
+    score: float | None = None
+    box: list[float] | None = None
+    landmarks: list[float] | None = None
+    phash: int | None = None
+    image: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+    @staticmethod
+    def from_result(file: str, r: FaceResult, options: PrepareOptions) -> PhotoRecord:
+        if not r.ok:
+            return PhotoRecord(file, r.reason, r.detail, r.faces)
+        assert r.crop is not None and r.box is not None and r.landmarks is not None
+        image = _encode(r.crop, options)
+        stored = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR)
+        return PhotoRecord(
+            file,
+            None,
+            "",
+            r.faces,
+            float(r.score),
+            [float(v) for v in r.box],
+            [float(v) for v in r.landmarks.ravel()],
+            phash(stored),  # of the image as stored: reproducible from train.rec
+            image,
+        )
+
+
+def _pack_chunk(key: str, records: list[PhotoRecord]) -> bytes:
+    meta = []
+    for r in records:
+        m = {k: v for k, v in r.__dict__.items() if k != "image"}
+        m["image_bytes"] = len(r.image)
+        meta.append(m)
+    header = json.dumps({"key": key, "records": meta}, sort_keys=True).encode()
+    payload = b"".join(r.image for r in records)
+    return _CHUNK_MAGIC + struct.pack("<Q", len(header)) + header + payload
+
+
+def _read_chunk(path: Path, chunk: Chunk, images: bool = True) -> list[PhotoRecord] | None:
+    """The records of a cached chunk file, or ``None`` if it is not a complete chunk for
+    ``chunk`` (then it is computed again). ``images=False`` reads only the header (and
+    checks the file's size against it)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(_CHUNK_MAGIC)) != _CHUNK_MAGIC:
+                return None
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > os.fstat(f.fileno()).st_size:
+                return None
+            header = json.loads(f.read(n))
+            if header.get("key") != chunk.key:
+                return None
+            sizes = [int(m.pop("image_bytes")) for m in header["records"]]
+            records = [PhotoRecord(**m) for m in header["records"]]
+            end = len(_CHUNK_MAGIC) + 8 + n + sum(sizes)
+            if end != os.fstat(f.fileno()).st_size or [r.file for r in records] != chunk.files:
+                return None
+            if images:
+                for r, size in zip(records, sizes, strict=True):
+                    r.image = f.read(size)
+                    if len(r.image) != size:
+                        return None
+        return records
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
+# ------------------------------------------------------------------------- scanning
+
+
+@dataclass
+class Chunk:
+    identity: str
+    files: list[str]  # paths relative to RAW_DIR, POSIX separators
+    key: str = ""
+
+
+@dataclass
+class Scan:
+    identities: list[str]
+    chunks: list[Chunk]
+    ignored: list[str]
+
+    @property
+    def num_photos(self) -> int:
+        return sum(len(c.files) for c in self.chunks)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def scan_raw_dir(raw: Path, chunk_photos: int = CHUNK_PHOTOS) -> Scan:
+    """Identities (sorted sub-folder names), their photos (sorted relative paths, any
+    depth, hidden files and folders skipped) in chunks, and the files that are ignored
+    (not a photo suffix, or not inside an identity folder)."""
+    identities, chunks, ignored = [], [], []
+    for entry in sorted(os.scandir(raw), key=lambda e: e.name):
+        if _hidden(entry.name):
+            continue
+        if not entry.is_dir():
+            ignored.append(entry.name)
+            continue
+        identities.append(entry.name)
+        files = []
+        for root, dirs, names in os.walk(entry.path):
+            dirs[:] = sorted(d for d in dirs if not _hidden(d))
+            for name in names:
+                if _hidden(name):
+                    continue
+                rel = Path(root, name).relative_to(raw).as_posix()
+                (files if name.lower().endswith(PHOTO_SUFFIXES) else ignored).append(rel)
+        files.sort()
+        for i in range(0, len(files), chunk_photos):
+            chunks.append(Chunk(entry.name, files[i : i + chunk_photos]))
+    ignored.sort()
+    return Scan(identities, chunks, ignored)
+
+
+def _chunk_key(raw: Path, chunk: Chunk, fingerprint: str) -> str:
+    h = hashlib.sha256(fingerprint.encode())
+    h.update(chunk.identity.encode("utf-8", "surrogateescape") + b"\0")
+    for rel in chunk.files:
+        try:
+            st = os.stat(raw / rel)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"  # reported as unreadable; retried next run
+        h.update(rel.encode("utf-8", "surrogateescape") + b"\0" + stamp.encode() + b"\0")
+    return h.hexdigest()
+
+
+# -------------------------------------------------------------------------- workers
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(raw: str, options: PrepareOptions) -> None:
+    cv2.setNumThreads(1)  # one core per worker: the pool is the parallelism
+    _worker["raw"] = Path(raw)
+    _worker["options"] = options
+    _worker["finder"] = FaceFinder(options.face, threads=1)
+
+
+def _process_chunk(item: tuple[int, Chunk]) -> tuple[int, bytes]:
+    """Worker: the packed result of one chunk."""
+    index, chunk = item
+    raw, options, finder = _worker["raw"], _worker["options"], _worker["finder"]
+    records = [
+        PhotoRecord.from_result(rel, finder.find_file(raw / rel), options) for rel in chunk.files
+    ]
+    return index, _pack_chunk(chunk.key, records)
+
+
+class PrepareInterrupted(RuntimeError):
+    """Raised by the ``interrupt_after`` test hook of :func:`prepare`."""
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """``forkserver`` (``spawn`` where there is none), never ``fork``.
+
+    Forking copies a process whose other threads (NumPy's and OpenCV's pools start at
+    import; onnxruntime's and torch's with a model loaded) may hold a lock at that moment,
+    and the lock stays held forever in the child: an intermittent hang, seen with an
+    embedding model loaded. The fork server is a fresh process; workers fork from it and
+    build their own detector.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def _compute(
+    raw: Path,
+    options: PrepareOptions,
+    jobs: list[tuple[int, Chunk]],
+    workers: int,
+    done: Callable[[int, bytes], None],
+) -> None:
+    if not jobs:
+        return
+    if workers <= 1:
+        _init_worker(str(raw), options)
+        try:
+            for job in jobs:
+                done(*_process_chunk(job))
+        finally:
+            _worker.clear()
+        return
+    ctx = _pool_context()
+    with ctx.Pool(min(workers, len(jobs)), _init_worker, (str(raw), options)) as pool:
+        for index, data in pool.imap_unordered(_process_chunk, jobs, chunksize=1):
+            done(index, data)
+
+
+# -------------------------------------------------------------------------- outputs
+
+
+def _text(s: str) -> str:
+    """A path for a UTF-8 text file: undecodable bytes and tab/newline escaped."""
+    s = s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _fmt(values: Sequence[float] | None) -> str:
+    return "" if values is None else ",".join(f"{v:.2f}" for v in values)
+
+
+@dataclass
+class PrepareResult:
+    """What :func:`prepare` did: ``report.json``'s content plus facts of this run."""
+
+    report: dict[str, Any]
+    photos: int
+    kept: int
+    computed_chunks: int
+    cached_chunks: int
+
+
+def _identity_records(cache: Path, scan: Scan) -> Iterator[tuple[str, list[PhotoRecord]]]:
+    """``(identity, records)`` in order, read chunk by chunk from the cache (one
+    identity in memory at a time)."""
+    chunks = iter(scan.chunks)
+    pending = next(chunks, None)
+    for name in scan.identities:
+        records: list[PhotoRecord] = []
+        while pending is not None and pending.identity == name:
+            got = _read_chunk(cache / f"{pending.key}.chunk", pending)
+            if got is None:
+                raise RuntimeError(
+                    f"{cache}: chunk {pending.key} vanished or changed while packing"
+                )
+            records.extend(got)
+            pending = next(chunks, None)
+        yield name, records
+
+
+def _write_outputs(out: Path, cache: Path, scan: Scan, options: PrepareOptions) -> dict[str, Any]:
+    size = options.face.image_size
+    identities: dict[str, Any] = {}
+    reasons = dict.fromkeys(REASONS, 0)
+    rejected = ["file\treason\tdetail"]
+    faces = ["key\tlabel\tfile\tscore\tfaces\tbox\tlandmarks"]
+    labels = ["label\tidentity\timages"]
+    duplicates: list[dict[str, Any]] = []
+    writer = FaceRecWriter(out, image_size=(size, size))
+    label = 0
+    try:
+        for name, records in _identity_records(cache, scan):
+            kept = [r for r in records if r.ok]
+            counts = dict.fromkeys(REASONS, 0)
+            for r in records:
+                if not r.ok:
+                    counts[r.reason] += 1
+                    reasons[r.reason] += 1
+                    rejected.append(f"{_text(r.file)}\t{r.reason}\t{_text(r.detail)}")
+            for r in kept:
+                key = writer.add(label, r.image)
+                faces.append(
+                    f"{key}\t{label}\t{_text(r.file)}\t{r.score:.4f}\t{r.faces}\t"
+                    f"{_fmt(r.box)}\t{_fmt(r.landmarks)}"
+                )
+            pairs = hamming_pairs([r.phash for r in kept], options.dup_distance)
+            for i, j, d in pairs:
+                duplicates.append(
+                    {"identity": name, "a": kept[i].file, "b": kept[j].file, "distance": d}
+                )
+            identities[name] = {
+                "label": label if kept else None,
+                "photos": len(records),
+                "kept": len(kept),
+                "rejected": {k: v for k, v in counts.items() if v},
+                "several_faces_found": sum(1 for r in kept if r.faces > 1),
+                "near_duplicate_pairs": len(pairs),
+            }
+            if kept:
+                labels.append(f"{label}\t{_text(name)}\t{len(kept)}")
+                label += 1
+        if label:
+            writer.close()
+        else:  # nothing to train on: no face-layout files, not even those of an earlier run
+            writer.abort()
+            for stale in ("train.rec", "train.idx", "property"):
+                with contextlib.suppress(FileNotFoundError):
+                    (out / stale).unlink()
+    except BaseException:
+        writer.abort()
+        raise
+
+    n_kept = sum(v["kept"] for v in identities.values())
+    report = {
+        "options": {
+            **options.face.as_dict(),
+            "format": options.format,
+            "quality": options.quality,
+            "dup_distance": options.dup_distance,
+        },
+        "totals": {
+            "identities": len(scan.identities),
+            "labelled_identities": label,
+            "photos": scan.num_photos,
+            "kept": n_kept,
+            "rejected": scan.num_photos - n_kept,
+            "reasons": reasons,
+            "several_faces_found": sum(v["several_faces_found"] for v in identities.values()),
+            "near_duplicate_pairs": len(duplicates),
+            "ignored_files": len(scan.ignored),
+        },
+        "identities": identities,
+        "near_duplicates": duplicates,
+        "ignored_files": scan.ignored,
+    }
+    write_text(out / "labels.tsv", "\n".join(labels) + "\n")
+    write_text(out / "faces.tsv", "\n".join(faces) + "\n")
+    write_text(out / "rejected.tsv", "\n".join(rejected) + "\n")
+    write_json(out / "report.json", report)
+    return report
+
+
+def _write_arrow(out: Path, options: PrepareOptions, progress: bool) -> None:
+    from datasets.arrow_shards import MANIFEST, convert_to_shards
+    from datasets.dataset import RecordIODataset
+
+    shards = out / "arrow"
+    if shards.is_dir():  # shards of an earlier run may hold other images: start afresh
+        for p in shards.iterdir():
+            if p.name == MANIFEST or p.name.endswith(".arrow"):
+                p.unlink()
+    convert_to_shards(RecordIODataset(out / "train.rec"), shards, options.shard_size, progress)
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    if not (enabled and sys.stderr.isatty()):  # a log file gets no bar, as in the trainer
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="photo", desc="prepare", file=sys.stderr, dynamic_ncols=True)
+
+
+def prepare(
+    raw_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    options: PrepareOptions | None = None,
+    *,
+    workers: int = 1,
+    progress: bool = True,
+    chunk_photos: int = CHUNK_PHOTOS,
+    interrupt_after: int | None = None,
+) -> PrepareResult:
+    """Build the training data of ``raw_dir`` in ``out_dir`` (see the module docstring).
+
+    Args:
+        workers: processes detecting faces (<= 1: in this process).
+        progress: show a progress bar (only when stderr is a terminal).
+        chunk_photos: photos per cached chunk.
+        interrupt_after: test hook: raise :class:`PrepareInterrupted` after this many
+            chunks were computed and cached (workers are terminated mid-chunk).
+    Raises:
+        ValueError: ``raw_dir`` is missing, has no identity folder, or contains ``out_dir``.
+    """
+    options = options or PrepareOptions()
+    raw, out = Path(raw_dir), Path(out_dir)
+    if not raw.is_dir():
+        raise ValueError(f"{raw}: no such directory")
+    if out.resolve() == raw.resolve() or raw.resolve() in out.resolve().parents:
+        raise ValueError(f"{out}: the output directory must not be inside RAW_DIR {raw}")
+    scan = scan_raw_dir(raw, chunk_photos)
+    if not scan.identities:
+        raise ValueError(f"{raw}: no identity sub-folders (expected RAW_DIR/<identity>/<photo>)")
+    cache = out / CACHE_DIR
+    cache.mkdir(parents=True, exist_ok=True)
+    fingerprint = options.fingerprint()
+    jobs = []
+    for i, chunk in enumerate(scan.chunks):
+        chunk.key = _chunk_key(raw, chunk, fingerprint)
+        path = cache / f"{chunk.key}.chunk"
+        if not (path.is_file() and _read_chunk(path, chunk, images=False) is not None):
+            jobs.append((i, chunk))
+    cached = len(scan.chunks) - len(jobs)
+
+    bar = _progress_bar(scan.num_photos, progress)
+    if bar is not None:
+        bar.update(scan.num_photos - sum(len(c.files) for _, c in jobs))
+    computed = 0
+
+    def done(index: int, data: bytes) -> None:
+        nonlocal computed
+        chunk = scan.chunks[index]
+        write_bytes(cache / f"{chunk.key}.chunk", data)
+        computed += 1
+        if bar is not None:
+            bar.update(len(chunk.files))
+        if interrupt_after is not None and computed >= interrupt_after:
+            raise PrepareInterrupted(f"interrupted after {computed} chunks (test hook)")
+
+    try:
+        _compute(raw, options, jobs, workers, done)
+    finally:
+        if bar is not None:
+            bar.close()
+    report = _write_outputs(out, cache, scan, options)
+    if options.arrow and report["totals"]["kept"]:
+        _write_arrow(out, options, progress and sys.stderr.isatty())
+    # the cache now matches RAW_DIR: drop chunks of photos that are gone or changed, and
+    # temporary files of writes a kill interrupted
+    wanted = {f"{c.key}.chunk" for c in scan.chunks}
+    for p in cache.iterdir():
+        if p.name not in wanted:
+            with contextlib.suppress(OSError):
+                p.unlink()
+    return PrepareResult(report, scan.num_photos, report["totals"]["kept"], computed, cached)
+
+
+# -------------------------------------------------------------------------- command
+
+
+def iter_faces(
+    paths: Sequence[str | os.PathLike[str]], options: FaceOptions, workers: int = 1
+) -> Iterator[FaceResult]:
+    """:class:`FaceResult` of each photo file, in order, detected by ``workers`` processes
+    (<= 1: in this process). For ``eval.embed`` and other callers with many photos."""
+    if workers <= 1 or len(paths) < 2:
+        finder = FaceFinder(options)
+        for p in paths:
+            yield finder.find_file(p)
+        return
+    ctx = _pool_context()
+    opts = PrepareOptions(face=options)
+    with ctx.Pool(min(workers, len(paths)), _init_worker, ("/", opts)) as pool:
+        yield from pool.imap(_find_one, [os.fspath(p) for p in paths], chunksize=4)
+
+
+def _find_one(path: str) -> FaceResult:
+    return _worker["finder"].find_file(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m datasets.prepare",
+        description="Detect, align and pack a folder of raw photos (one sub-folder per "
+        "identity) into face-layout training data (train.rec/.idx, property), with "
+        "report.json and rejected.tsv. Resumable: rerun the same command after an "
+        "interruption.",
+    )
+    p.add_argument("raw_dir", help="RAW_DIR/<identity>/<photo>.jpg|.png|.webp")
+    p.add_argument("out_dir", help="output directory (created)")
+    add_face_arguments(p)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
+    p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="crop encoding")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of the crops")
+    p.add_argument(
+        "--dup-distance",
+        type=int,
+        default=6,
+        help="report pairs of faces of one identity whose 63-bit perceptual hashes differ "
+        "in at most this many bits (-1: off)",
+    )
+    p.add_argument("--arrow", action="store_true", help="also write Arrow shards to OUT/arrow")
+    p.add_argument("--shard-size", type=int, default=100_000, help="rows per Arrow shard")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def add_face_arguments(p: argparse.ArgumentParser, min_size: float = 40.0) -> None:
+    """The :class:`FaceOptions` flags (shared with ``eval.compare`` / ``eval.embed``)."""
+    p.add_argument(
+        "--detector",
+        default="mtcnn",
+        help="'mtcnn' (built in) or an insightface SCRFD/RetinaFace .onnx (det_10g.onnx)",
+    )
+    p.add_argument(
+        "--policy",
+        default="largest",
+        choices=("largest", "central", "single"),
+        help="face to keep in a photo with several: largest box, most central, or "
+        "none (single: reject the photo)",
+    )
+    p.add_argument(
+        "--min-size",
+        type=float,
+        default=min_size,
+        help="smallest face kept: shorter side of its box in pixels",
+    )
+    p.add_argument(
+        "--min-score",
+        type=float,
+        default=None,
+        help="smallest detection score kept (default: MTCNN 0.9, SCRFD 0.5)",
+    )
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=1280,
+        help="detect on a copy no larger than this (alignment reads the full photo)",
+    )
+
+
+def face_options(args: argparse.Namespace, image_size: int = 112) -> FaceOptions:
+    """:class:`FaceOptions` from parsed :func:`add_face_arguments` flags."""
+    return FaceOptions(
+        detector=args.detector,
+        policy=args.policy,
+        min_size=args.min_size,
+        min_score=args.min_score,
+        max_side=args.max_side,
+        image_size=image_size,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        options = PrepareOptions(
+            face=face_options(args),
+            format=args.format,
+            quality=args.quality,
+            dup_distance=args.dup_distance,
+            arrow=args.arrow,
+            shard_size=args.shard_size,
+        )
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        result = prepare(
+            args.raw_dir, args.out_dir, options, workers=args.workers, progress=not args.no_progress
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished chunks are kept; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    t = result.report["totals"]
+    why = ", ".join(f"{k} {v}" for k, v in t["reasons"].items() if v) or "none"
+    print(
+        f"kept {t['kept']} of {t['photos']} photos in {t['labelled_identities']} identities "
+        f"(of {t['identities']}); rejected: {why}; near-duplicate pairs: "
+        f"{t['near_duplicate_pairs']}; chunks computed {result.computed_chunks}, "
+        f"cached {result.cached_chunks}"
+    )
+    if not t["kept"]:
+        print(f"error: no face kept: see {Path(args.out_dir) / 'rejected.tsv'}", file=sys.stderr)
+        return 1
+    print(f"wrote {Path(args.out_dir) / 'train.rec'} (+ .idx, property, report.json)")
+    print(
+        f"train on it with: data.root={args.out_dir} data.num_classes="
+        f"{t['labelled_identities']} data.num_images={t['kept']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
