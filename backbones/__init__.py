@@ -3,11 +3,29 @@
 >>> from backbones import get_model
 >>> model = get_model("r50", embedding_size=512)   # (B, 3, 112, 112) -> (B, 512)
 
-See ``docs/backbones.md`` for the models, their options and their sizes.
+Parameter names and shapes are arcface_torch's: its ``backbone.pth`` files load with
+``load_backbone_weights`` (or ``strict=True``), and ours load into its code. See
+``docs/backbones.md`` for the models, their options, their sizes and the weight files.
 """
 
 from backbones.flops import count_macs, count_parameters
 from backbones.norm import freeze_batchnorm
 from backbones.registry import get_model, list_models
+from backbones.weights import (
+    BackboneWeightsError,
+    load_backbone_weights,
+    read_backbone_weights,
+    save_backbone_weights,
+)
 
-__all__ = ["count_macs", "count_parameters", "freeze_batchnorm", "get_model", "list_models"]
+__all__ = [
+    "BackboneWeightsError",
+    "count_macs",
+    "count_parameters",
+    "freeze_batchnorm",
+    "get_model",
+    "list_models",
+    "load_backbone_weights",
+    "read_backbone_weights",
+    "save_backbone_weights",
+]

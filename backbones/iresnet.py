@@ -7,17 +7,23 @@ changes), with no activation after the addition. The stem is
 64/128/256/512 each halve the resolution (112 -> 56 -> 28 -> 14 -> 7). The
 embedding head is ``BN2d -> dropout -> flatten -> FC(512*7*7 -> E) -> BN1d``
 with the final BN1d scale fixed to 1 (only its shift is learned).
+
+Module and parameter names are arcface_torch's (``conv1``, ``layer3.5.bn2``,
+``fc``, ``features``, ...); weights saved by this project before that rename
+(``stem.*``, ``units.N.*``, ``head.*``) are translated on load
+(:mod:`backbones.weights`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from backbones.checkpointing import run_blocks
 from backbones.precision import run_fp32
+from backbones.weights import upgrade_hook
 
 #: Units per stage for each depth.
 IRESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {
@@ -62,10 +68,16 @@ class IBasicBlock(nn.Module):
 
 
 class IResNet(nn.Module):
-    """IResNet backbone.
+    """IResNet backbone, with arcface_torch's module names (so its ``backbone.pth``
+    files load with ``strict=True``, and ours load into its code).
 
     Maps ``(B, 3, 112, 112)`` images in [-1, 1] to ``(B, embedding_size)``
     embeddings (not L2-normalised).
+
+    Modules: ``conv1``, ``bn1``, ``prelu`` (stem); ``layer1`` .. ``layer4``
+    (:class:`IBasicBlock` units ``bn1, conv1, bn2, prelu, conv2, bn3`` and, on the
+    first unit of each stage, ``downsample.0`` conv1x1 / ``downsample.1`` BN);
+    ``bn2``, ``dropout``, ``fc``, ``features`` (the embedding head).
 
     Args:
         layers: number of units in each of the four stages.
@@ -91,27 +103,24 @@ class IResNet(nn.Module):
             raise ValueError(f"input_size must be divisible by 16, got {input_size}")
         self.checkpoint = checkpoint
         self.embedding_size = embedding_size
-        self.stem = nn.Sequential(
-            _conv3x3(3, _WIDTHS[0]),
-            nn.BatchNorm2d(_WIDTHS[0], eps=_BN_EPS),
-            nn.PReLU(_WIDTHS[0]),
-        )
-        units: list[nn.Module] = []
+        self.stage_depths = tuple(layers)
+        self.conv1 = _conv3x3(3, _WIDTHS[0])
+        self.bn1 = nn.BatchNorm2d(_WIDTHS[0], eps=_BN_EPS)
+        self.prelu = nn.PReLU(_WIDTHS[0])
         cin = _WIDTHS[0]
-        for depth, width in zip(layers, _WIDTHS, strict=True):
+        for stage, (depth, width) in enumerate(zip(layers, _WIDTHS, strict=True), start=1):
+            units = []
             for i in range(depth):
                 units.append(IBasicBlock(cin, width, stride=2 if i == 0 else 1))
                 cin = width
-        self.units = nn.Sequential(*units)
+            self.add_module(f"layer{stage}", nn.Sequential(*units))
         side = input_size // 16
-        self.head = nn.Sequential(
-            nn.BatchNorm2d(cin, eps=_BN_EPS),
-            nn.Dropout(dropout),
-            nn.Flatten(1),
-            nn.Linear(cin * side * side, embedding_size),
-            nn.BatchNorm1d(embedding_size, eps=_BN_EPS),
-        )
+        self.bn2 = nn.BatchNorm2d(cin, eps=_BN_EPS)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(cin * side * side, embedding_size)
+        self.features = nn.BatchNorm1d(embedding_size, eps=_BN_EPS)
         self._init_weights()
+        self.register_load_state_dict_pre_hook(upgrade_hook)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -120,14 +129,34 @@ class IResNet(nn.Module):
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        features = self.head[-1]
-        features.weight.requires_grad_(False)  # fixed unit scale on the embedding
+        self.features.weight.requires_grad_(False)  # fixed unit scale on the embedding
+
+    def units(self) -> Iterator[nn.Module]:
+        """The residual units in forward order (``layer1.0`` ... ``layer4.N``)."""
+        for stage in range(1, 5):
+            yield from getattr(self, f"layer{stage}")
+
+    def legacy_renames(self) -> dict[str, str]:
+        """Format-1 module prefixes -> current ones (:mod:`backbones.weights`): the
+        stem ``stem.0/1/2``, the flat ``units.N`` and the head ``head.0/3/4``."""
+        renames = {"stem.0.": "conv1.", "stem.1.": "bn1.", "stem.2.": "prelu."}
+        n = 0
+        for stage, depth in enumerate(self.stage_depths, start=1):
+            for i in range(depth):
+                renames[f"units.{n}."] = f"layer{stage}.{i}."
+                n += 1
+        renames.update({"head.0.": "bn2.", "head.3.": "fc.", "head.4.": "features."})
+        return renames
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 512, H/16, W/16)`` -> ``(B, embedding_size)``."""
+        return self.features(self.fc(torch.flatten(self.dropout(self.bn2(x)), 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, embedding_size)`` float32."""
-        x = self.stem(x)
-        x = run_blocks(self.units, x, self.checkpoint and self.training)
-        return run_fp32(self.head, x)
+        x = self.prelu(self.bn1(self.conv1(x)))
+        x = run_blocks(self.units(), x, self.checkpoint and self.training)
+        return run_fp32(self._head, x)
 
 
 def iresnet(depth: int, **kwargs: object) -> IResNet:

@@ -1,37 +1,50 @@
 """MobileFaceNet: a depthwise-separable face backbone with a GDC head.
 
 Layout for a channel scale ``s`` (``mbf``: s=2, blocks (1, 4, 6, 2);
-``mbf_large``: s=4, blocks (2, 8, 12, 4)) at 112x112 input:
+``mbf_large``: s=4, blocks (2, 8, 12, 4)) at 112x112 input, with arcface_torch's
+module names:
 
-========================  ============  =====================  ========
-unit                      output        expansion width        stride
-========================  ============  =====================  ========
-conv3x3 + BN + PReLU      64s x 56x56   -                      2
-stage 0: blocks[0] units  64s x 56x56   depthwise, or 128      1
-down 1 + blocks[1] res.   64s x 28x28   128                    2
-down 2 + blocks[2] res.   128s x 14x14  256                    2
-down 3 + blocks[3] res.   128s x 7x7    512 (down), 256 (res)  2
-conv1x1 + BN + PReLU      512 x 7x7     -                      1
-GDC: dw7x7 + BN, FC, BN1d E                                    -
-========================  ============  =====================  ========
+===========  ==========================  ============  ===============  ======
+module       unit                        output        expansion width  stride
+===========  ==========================  ============  ===============  ======
+layers.0     conv3x3 + BN + PReLU        64s x 56x56   -                2
+layers.1     stage 0 (see below)         64s x 56x56   grouped, or 128  1
+layers.2     down 1                      64s x 28x28   128              2
+layers.3     blocks[1] residual units    64s x 28x28   128              1
+layers.4     down 2                      128s x 14x14  256              2
+layers.5     blocks[2] residual units    128s x 14x14  256              1
+layers.6     down 3                      128s x 7x7    512              2
+layers.7     blocks[3] residual units    128s x 7x7    256              1
+conv_sep     conv1x1 + BN + PReLU        512 x 7x7     -                1
+features     GDC: dw7x7 + BN, FC, BN1d   E             -                -
+===========  ==========================  ============  ===============  ======
 
-A unit is ``conv1x1 (expand) -> BN -> PReLU -> depthwise 3x3 (stride) -> BN ->
-PReLU -> conv1x1 (project) -> BN``, with an identity shortcut when the shape
-is kept. Stage 0 is a single depthwise 3x3 conv + BN + PReLU when
-``blocks[0] == 1`` and ``blocks[0]`` residual units otherwise. ``width_mult``
-scales every channel count (including the expansion widths and the 512 of the
-GDC), which gives the tiny CPU demo model (``mbf_tiny``: ``width_mult=0.25``).
+A unit (:class:`DepthWise`, ``layers.{0,1,2}``) is ``conv1x1 (expand) -> BN ->
+PReLU -> depthwise 3x3 (stride) -> BN -> PReLU -> conv1x1 (project) -> BN``, with
+an identity shortcut in the residual units (:class:`Residual` holds them as
+``layers.N``). Every conv/BN(/PReLU) triple is a :class:`ConvBlock` whose
+``layers.0/1/2`` are the conv, the BN and the PReLU.
+
+Stage 0 is ``blocks[0]`` residual units when ``blocks[0] > 1``; otherwise a
+single 3x3 conv + BN + PReLU, grouped as in insightface (``groups=64`` at
+``mbf``'s 128 channels: two input channels per group, weight ``(128, 2, 3, 3)``)
+or, with ``depthwise_stage0=True``, fully depthwise (``groups=128``, weight
+``(128, 1, 3, 3)``, as in the MobileFaceNet paper and this project's ``mbf``
+before format 2). ``width_mult`` scales every channel count (including the
+expansion widths, the stage-0 group count and the 512 of the GDC), which gives
+the tiny CPU demo model (``mbf_tiny``: ``width_mult=0.25``, depthwise stage 0).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from backbones.checkpointing import run_blocks
 from backbones.precision import run_fp32
+from backbones.weights import upgrade_hook
 
 
 def _round8(c: float) -> int:
@@ -39,8 +52,9 @@ def _round8(c: float) -> int:
     return max(8, int(c + 4) // 8 * 8)
 
 
-class ConvBN(nn.Sequential):
-    """``conv -> BN [-> PReLU]``; ``(B, cin, H, W) -> (B, cout, H', W')``."""
+class ConvBlock(nn.Module):
+    """``conv -> BN [-> PReLU]`` as ``layers.0/1[/2]`` (arcface_torch's ``ConvBlock``,
+    or its ``LinearBlock`` when ``act=False``); ``(B, cin, H, W) -> (B, cout, H', W')``."""
 
     def __init__(
         self,
@@ -50,39 +64,76 @@ class ConvBN(nn.Sequential):
         stride: int = 1,
         groups: int = 1,
         act: bool = True,
+        padding: int | None = None,
     ) -> None:
-        layers: list[nn.Module] = [
-            nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        super().__init__()
+        pad = kernel // 2 if padding is None else padding
+        modules: list[nn.Module] = [
+            nn.Conv2d(cin, cout, kernel, stride, pad, groups=groups, bias=False),
             nn.BatchNorm2d(cout),
         ]
         if act:
-            layers.append(nn.PReLU(cout))
-        super().__init__(*layers)
-
-
-class DepthwiseUnit(nn.Module):
-    """Expand (1x1) -> depthwise 3x3 (stride) -> linear project (1x1), with an
-    identity shortcut when ``stride == 1`` and ``cin == cout``.
-
-    ``(B, cin, H, W) -> (B, cout, H/stride, W/stride)``.
-    """
-
-    def __init__(self, cin: int, cout: int, expand: int, stride: int = 1) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            ConvBN(cin, expand, 1),
-            ConvBN(expand, expand, 3, stride, groups=expand),
-            ConvBN(expand, cout, 1, act=False),
-        )
-        self.residual = stride == 1 and cin == cout
+            modules.append(nn.PReLU(cout))
+        self.layers = nn.Sequential(*modules)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.body(x)
+        return self.layers(x)
+
+
+class DepthWise(nn.Module):
+    """Expand (1x1) -> depthwise 3x3 (stride) -> linear project (1x1), plus the input
+    when ``residual``; ``(B, cin, H, W) -> (B, cout, H/stride, W/stride)``."""
+
+    def __init__(
+        self, cin: int, cout: int, expand: int, stride: int = 1, residual: bool = False
+    ) -> None:
+        super().__init__()
+        if residual and (stride != 1 or cin != cout):
+            raise ValueError("a residual unit keeps the shape (stride 1, cin == cout)")
+        self.residual = residual
+        self.layers = nn.Sequential(
+            ConvBlock(cin, expand, 1),
+            ConvBlock(expand, expand, 3, stride, groups=expand),
+            ConvBlock(expand, cout, 1, act=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(x)
         return out + x if self.residual else out
 
 
+class Residual(nn.Module):
+    """``n`` shape-keeping :class:`DepthWise` units as ``layers.0 .. layers.{n-1}``."""
+
+    def __init__(self, c: int, n: int, expand: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*(DepthWise(c, c, expand, residual=True) for _ in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class GDC(nn.Module):
+    """Global depthwise conv head: ``layers.0`` dw ``side x side`` conv + BN,
+    ``layers.1`` flatten, ``layers.2`` FC (no bias), ``layers.3`` BN1d;
+    ``(B, c, side, side) -> (B, embedding_size)``."""
+
+    def __init__(self, c: int, side: int, embedding_size: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            ConvBlock(c, c, side, groups=c, act=False, padding=0),
+            nn.Flatten(1),
+            nn.Linear(c, embedding_size, bias=False),
+            nn.BatchNorm1d(embedding_size),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
 class MobileFaceNet(nn.Module):
-    """MobileFaceNet backbone.
+    """MobileFaceNet backbone, with arcface_torch's module names (see the module
+    docstring for the layout).
 
     Maps ``(B, 3, 112, 112)`` images in [-1, 1] to ``(B, embedding_size)``
     embeddings (not L2-normalised).
@@ -93,6 +144,8 @@ class MobileFaceNet(nn.Module):
         scale: channel scale ``s`` of the layout table (2 for ``mbf``).
         width_mult: extra multiplier on every channel count (rounded to a
             multiple of 8); 0.25 gives a model small enough to train on CPU.
+        depthwise_stage0: with ``blocks[0] == 1``, make the stage-0 conv fully
+            depthwise instead of insightface's grouping (64 groups at width 1).
         checkpoint: checkpoint the activations of every unit in training.
         input_size: side of the square input; must be divisible by 16.
     """
@@ -103,6 +156,7 @@ class MobileFaceNet(nn.Module):
         blocks: Sequence[int] = (1, 4, 6, 2),
         scale: int = 2,
         width_mult: float = 1.0,
+        depthwise_stage0: bool = False,
         checkpoint: bool = False,
         input_size: int = 112,
     ) -> None:
@@ -113,41 +167,36 @@ class MobileFaceNet(nn.Module):
             raise ValueError(f"input_size must be divisible by 16, got {input_size}")
         self.checkpoint = checkpoint
         self.embedding_size = embedding_size
+        self.blocks = tuple(blocks)
 
         def ch(c: float) -> int:
             return _round8(c * width_mult)
 
         c1, c2 = ch(64 * scale), ch(128 * scale)
-        self.stem = ConvBN(3, c1, 3, stride=2)
-        units: list[nn.Module] = []
         if blocks[0] == 1:
-            units.append(ConvBN(c1, c1, 3, groups=c1))
+            groups = c1 if depthwise_stage0 else ch(64)
+            if c1 % groups:
+                raise ValueError(f"stage 0: {c1} channels do not split into {groups} groups")
+            stage0: nn.Module = ConvBlock(c1, c1, 3, groups=groups)
         else:
-            units += [DepthwiseUnit(c1, c1, ch(128)) for _ in range(blocks[0])]
-        # (output channels, expansion of the downsampling unit, expansion of
-        #  the residual units, number of residual units)
-        stages = (
-            (c1, ch(128), ch(128), blocks[1]),
-            (c2, ch(256), ch(256), blocks[2]),
-            (c2, ch(512), ch(256), blocks[3]),
+            stage0 = Residual(c1, blocks[0], ch(128))
+        self.layers = nn.ModuleList(
+            [
+                ConvBlock(3, c1, 3, stride=2),
+                stage0,
+                DepthWise(c1, c1, ch(128), stride=2),
+                Residual(c1, blocks[1], ch(128)),
+                DepthWise(c1, c2, ch(256), stride=2),
+                Residual(c2, blocks[2], ch(256)),
+                DepthWise(c2, c2, ch(512), stride=2),
+                Residual(c2, blocks[3], ch(256)),
+            ]
         )
-        cin = c1
-        for cout, down_expand, res_expand, n in stages:
-            units.append(DepthwiseUnit(cin, cout, down_expand, stride=2))
-            units += [DepthwiseUnit(cout, cout, res_expand) for _ in range(n)]
-            cin = cout
         c_sep = ch(512)
-        units.append(ConvBN(cin, c_sep, 1))
-        self.units = nn.Sequential(*units)
-        side = input_size // 16
-        self.gdc = ConvBN(c_sep, c_sep, side, groups=c_sep, act=False)
-        self.gdc[0].padding = (0, 0)  # global depthwise conv: 7x7 -> 1x1
-        self.head = nn.Sequential(
-            nn.Flatten(1),
-            nn.Linear(c_sep, embedding_size, bias=False),
-            nn.BatchNorm1d(embedding_size),
-        )
+        self.conv_sep = ConvBlock(c2, c_sep, 1)
+        self.features = GDC(c_sep, input_size // 16, embedding_size)
         self._init_weights()
+        self.register_load_state_dict_pre_hook(upgrade_hook)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -159,9 +208,38 @@ class MobileFaceNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def units(self) -> Iterator[nn.Module]:
+        """What activation checkpointing recomputes one at a time, in forward order:
+        stage 0 (or its units), every unit of stages 1-3, ``conv_sep``."""
+        for layer in list(self.layers)[1:]:
+            yield from layer.layers if isinstance(layer, Residual) else (layer,)
+        yield self.conv_sep
+
+    def legacy_renames(self) -> dict[str, str]:
+        """Format-1 module prefixes -> current ones (:mod:`backbones.weights`): ``stem``,
+        the flat ``units.N`` (``DepthwiseUnit.body`` = ``DepthWise.layers``, a
+        ``ConvBN`` sequence = ``ConvBlock.layers``), ``gdc`` and ``head.1/2``."""
+        renames = {"stem.": "layers.0.layers.", "gdc.": "features.layers.0.layers."}
+        old: list[str] = []  # the new prefix of each format-1 unit, in order
+        if self.blocks[0] == 1:
+            old.append("layers.1.layers.")
+        else:
+            old += [f"layers.1.layers.{i}." for i in range(self.blocks[0])]
+        for stage, n in zip((2, 4, 6), self.blocks[1:], strict=True):
+            old.append(f"layers.{stage}.")
+            old += [f"layers.{stage + 1}.layers.{i}." for i in range(n)]
+        for n, new in enumerate(old):
+            if new == "layers.1.layers.":  # a ConvBN stage 0: its modules are the ConvBlock's
+                renames[f"units.{n}."] = new
+            else:  # a DepthwiseUnit: body.K (a ConvBN) -> layers.K.layers
+                for k in range(3):
+                    renames[f"units.{n}.body.{k}."] = f"{new}layers.{k}.layers."
+        renames[f"units.{len(old)}."] = "conv_sep.layers."
+        renames.update({"head.1.": "features.layers.2.", "head.2.": "features.layers.3."})
+        return renames
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, embedding_size)`` float32."""
-        x = self.stem(x)
-        x = run_blocks(self.units, x, self.checkpoint and self.training)
-        x = self.gdc(x)
-        return run_fp32(self.head, x)
+        x = self.layers[0](x)
+        x = run_blocks(self.units(), x, self.checkpoint and self.training)
+        return run_fp32(self.features, x)

@@ -29,7 +29,21 @@ class FrozenBatchNorm(nn.Module):
         self.bias = bn.bias if bn.affine else None
         self.register_buffer("running_mean", bn.running_mean.detach().clone())
         self.register_buffer("running_var", bn.running_var.detach().clone())
+        # kept (never incremented) so the state_dict has BatchNorm's keys: frozen and
+        # unfrozen models save and load the same files
+        count = bn.num_batches_tracked
+        self.register_buffer(
+            "num_batches_tracked",
+            count.detach().clone() if count is not None else torch.tensor(0, dtype=torch.long),
+        )
         self.num_features = c
+
+    def _load_from_state_dict(
+        self, state_dict: dict, prefix: str, *args: object, **kwargs: object
+    ) -> None:
+        # a counter, not a weight: files without it load (as into BatchNorm)
+        state_dict.setdefault(prefix + "num_batches_tracked", self.num_batches_tracked)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(

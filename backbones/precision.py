@@ -8,15 +8,17 @@ quantised to half precision.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from torch import nn
 
 
-def run_fp32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def run_fp32(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Apply ``module`` to ``x`` in float32 with autocast disabled.
 
     Args:
-        module: the layers to run in full precision.
+        module: the layers to run in full precision (a module or a method that
+            applies several).
         x: any tensor; it is cast to ``float32`` first.
 
     Returns:

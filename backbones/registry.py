@@ -24,20 +24,61 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "r50": partial(iresnet, 50),
     "r100": partial(iresnet, 100),
     "r200": partial(iresnet, 200),
+    # insightface's MobileFaceNet: stage 0 is a 3x3 conv with groups=64 (two input
+    # channels per group); depthwise_stage0=True gives the fully depthwise variant
     "mbf": partial(MobileFaceNet, blocks=(1, 4, 6, 2), scale=2),
     "mbf_large": partial(MobileFaceNet, blocks=(2, 8, 12, 4), scale=4),
-    # the CPU demo model: mbf at a quarter of the width (~0.2M params, ~31M MACs)
-    "mbf_tiny": partial(MobileFaceNet, blocks=(1, 4, 6, 2), scale=2, width_mult=0.25),
+    # the CPU demo model: mbf at a quarter of the width (~0.2M params, ~31M MACs), with
+    # the fully depthwise stage 0 it has always had (its checkpoints keep loading)
+    "mbf_tiny": partial(
+        MobileFaceNet, blocks=(1, 4, 6, 2), scale=2, width_mult=0.25, depthwise_stage0=True
+    ),
+    # arcface_torch's vit_t, vit_s, vit_b and vit_l (its "vit_l_dp005_mask_005")
     "vit_t": partial(VisionTransformer, dim=256, depth=12, num_heads=8),
     "vit_s": partial(VisionTransformer, dim=512, depth=12, num_heads=8),
     "vit_b": partial(VisionTransformer, dim=512, depth=24, num_heads=8),
-    "vit_l": partial(VisionTransformer, dim=768, depth=24, num_heads=8),
+    "vit_l": partial(
+        VisionTransformer, dim=768, depth=24, num_heads=8, drop_path_rate=0.05, mask_ratio=0.05
+    ),
 }
+
+#: The model family of each constructor (``iresnet``, ``mbf``, ``vit``).
+_FAMILIES = {iresnet: "iresnet", MobileFaceNet: "mbf", VisionTransformer: "vit"}
 
 
 def list_models() -> list[str]:
     """Names accepted by :func:`get_model`, in registry order."""
     return list(_MODELS)
+
+
+def registry_defaults(name: str) -> dict[str, Any]:
+    """The constructor keywords the registry passes for ``name`` (``get_model``'s own
+    keywords override them).
+
+    Raises:
+        ValueError: for an unknown ``name``.
+    """
+    builder = _builder(name)
+    assert isinstance(builder, partial)
+    return dict(builder.keywords)
+
+
+def model_family(name: str) -> str:
+    """``iresnet``, ``mbf`` or ``vit``: the model class behind ``name``.
+
+    Raises:
+        ValueError: for an unknown ``name``.
+    """
+    builder = _builder(name)
+    assert isinstance(builder, partial)
+    return _FAMILIES[builder.func]
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(_MODELS)}") from None
 
 
 def get_model(name: str, *, freeze_bn: bool = False, **kwargs: Any) -> nn.Module:
@@ -52,16 +93,13 @@ def get_model(name: str, *, freeze_bn: bool = False, **kwargs: Any) -> nn.Module
             their running statistics (see :mod:`backbones.norm`).
         **kwargs: constructor arguments, e.g. ``embedding_size=512``,
             ``checkpoint=True`` (activation checkpointing), ``dropout`` (IResNet),
-            ``width_mult`` (MobileFaceNet), ``mask_ratio``/``drop_path_rate`` (ViT).
+            ``width_mult``/``depthwise_stage0`` (MobileFaceNet),
+            ``mask_ratio``/``drop_path_rate``/``layout`` (ViT).
             These override the registry's defaults for ``name``.
 
     Raises:
         ValueError: for an unknown ``name``.
         TypeError: for a keyword the model does not accept.
     """
-    try:
-        builder = _MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(_MODELS)}") from None
-    model = builder(**kwargs)
+    model = _builder(name)(**kwargs)
     return freeze_batchnorm(model) if freeze_bn else model

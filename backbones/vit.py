@@ -1,17 +1,26 @@
-"""Vision Transformer for 112x112 face images.
+"""Vision Transformer for 112x112 face images, with arcface_torch's layout.
 
-A 9x9 patch embedding (stride 9) turns a 112x112 image into a 12x12 grid of
-144 tokens (the last 4 pixel rows/columns are not covered). Learned position
-embeddings are added, ``depth`` pre-norm transformer blocks (multi-head
-self-attention and a GELU MLP, each with a residual connection and optional
-stochastic depth) follow, then a final LayerNorm. There is no class token:
-the embedding head flattens all 144 tokens, ``FC(144*dim -> dim) -> BN1d ->
-ReLU -> FC(dim -> E) -> BN1d``.
+A 9x9 patch embedding (stride 9, ``patch_embed.proj``) turns a 112x112 image
+into a 12x12 grid of 144 tokens (the last 4 pixel rows/columns are not
+covered). Learned position embeddings (``pos_embed``) are added, ``depth``
+pre-norm transformer blocks (``blocks.N``: ``norm1``, multi-head self-attention
+``attn.qkv``/``attn.proj`` with no qkv bias, ``norm2``, a ReLU6 MLP
+``mlp.fc1``/``mlp.fc2``, each branch with a residual connection and optional
+stochastic depth) follow, then a final LayerNorm (``norm``, eps 1e-5). There is
+no class token: the embedding head (``feature``) flattens all 144 tokens,
+``FC(144*dim -> dim) -> BN1d -> FC(dim -> E) -> BN1d`` (no bias, BN eps 2e-5,
+no activation between).
 
-Token masking (training only): with ``mask_ratio > 0`` a random subset of
-``round(144 * mask_ratio)`` tokens per sample is dropped before the blocks;
-after the blocks the dropped positions are filled with a learned mask token so
-the head still sees 144 tokens. In eval mode nothing is masked.
+Token masking (training only): with ``mask_ratio > 0`` each sample keeps
+``int(144 * (1 - mask_ratio))`` random tokens through the blocks and the final
+LayerNorm; the dropped positions are then filled with the learned ``mask_token``
+so the head still sees 144 tokens. In eval mode nothing is masked.
+
+``layout="v1"`` builds this project's ViT of format 1 (before the backbones took
+arcface_torch's layout) for the weights it saved: qkv biases, a GELU MLP, a ReLU
+between the head's two FCs, LayerNorm eps 1e-6 and BN eps 1e-5. Its parameter
+names are the current ones (format-1 names are translated on load by
+:mod:`backbones.weights`).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from torch import nn
 
 from backbones.checkpointing import run_blocks
 from backbones.precision import run_fp32
+from backbones.weights import upgrade_hook
 
 
 class DropPath(nn.Module):
@@ -44,13 +54,13 @@ class DropPath(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention, ``(B, N, dim) -> (B, N, dim)``."""
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,16 +72,37 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
+class Mlp(nn.Module):
+    """``fc1 -> act -> fc2``, ``(B, N, dim) -> (B, N, dim)``."""
+
+    def __init__(self, dim: int, hidden: int, act: type[nn.Module]) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = act()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block, ``(B, N, dim) -> (B, N, dim)``."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        drop_path: float,
+        qkv_bias: bool = False,
+        act: type[nn.Module] = nn.ReLU6,
+        norm_eps: float = 1e-5,
+    ) -> None:
         super().__init__()
-        hidden = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +110,47 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches as tokens: ``(B, 3, H, W) -> (B, (H/p)*(W/p), dim)``."""
+
+    def __init__(self, dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class FeatureHead(nn.Sequential):
+    """``FC(in -> dim) -> BN1d -> [ReLU ->] FC(dim -> E) -> BN1d`` as ``0``..``3``
+    (the optional ReLU, of the v1 layout, is no module: the indices stay
+    arcface_torch's); ``(B, in) -> (B, E)``."""
+
+    def __init__(self, cin: int, dim: int, embedding_size: int, bn_eps: float, relu: bool):
+        super().__init__(
+            nn.Linear(cin, dim, bias=False),
+            nn.BatchNorm1d(dim, eps=bn_eps),
+            nn.Linear(dim, embedding_size, bias=False),
+            nn.BatchNorm1d(embedding_size, eps=bn_eps),
+        )
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self[1](self[0](x))
+        if self.relu:
+            x = torch.relu(x)
+        return self[3](self[2](x))
+
+
+#: Per layout: qkv bias, MLP activation, ReLU in the head, LayerNorm eps, head BN eps.
+LAYOUTS: dict[str, tuple[bool, type[nn.Module], bool, float, float]] = {
+    "arcface": (False, nn.ReLU6, False, 1e-5, 2e-5),
+    "v1": (True, nn.GELU, True, 1e-6, 1e-5),
+}
+
+
 class VisionTransformer(nn.Module):
-    """ViT backbone for faces.
+    """ViT backbone for faces (arcface_torch's ``VisionTransformer`` layout and names).
 
     Maps ``(B, 3, 112, 112)`` images in [-1, 1] to ``(B, embedding_size)``
     embeddings (not L2-normalised).
@@ -96,6 +166,8 @@ class VisionTransformer(nn.Module):
         mask_ratio: fraction of tokens dropped in training (0 disables).
         checkpoint: checkpoint the activations of every block in training.
         input_size: side of the square input.
+        layout: ``"arcface"`` (arcface_torch's) or ``"v1"`` (this project's format-1
+            ViT, for its saved weights; see the module docstring).
     """
 
     def __init__(
@@ -110,30 +182,31 @@ class VisionTransformer(nn.Module):
         mask_ratio: float = 0.1,
         checkpoint: bool = False,
         input_size: int = 112,
+        layout: str = "arcface",
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        qkv_bias, act, relu, norm_eps, bn_eps = LAYOUTS[layout]
         self.checkpoint = checkpoint
         self.embedding_size = embedding_size
         self.mask_ratio = mask_ratio
+        self.layout = layout
         grid = input_size // patch_size
         self.num_tokens = grid * grid
-        self.patch_embed = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+        self.patch_embed = PatchEmbed(dim, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.Sequential(*(Block(dim, num_heads, mlp_ratio, r) for r in rates))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.head = nn.Sequential(
-            nn.Flatten(1),
-            nn.Linear(dim * self.num_tokens, dim, bias=False),
-            nn.BatchNorm1d(dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(dim, embedding_size, bias=False),
-            nn.BatchNorm1d(embedding_size),
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, mlp_ratio, r, qkv_bias, act, norm_eps) for r in rates
         )
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.feature = FeatureHead(dim * self.num_tokens, dim, embedding_size, bn_eps, relu)
         self._init_weights()
+        self.register_load_state_dict_pre_hook(upgrade_hook)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -147,21 +220,33 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def legacy_renames(self) -> dict[str, str]:
+        """Format-1 module prefixes -> current ones (:mod:`backbones.weights`): the patch
+        conv, each block's ``mlp.0``/``mlp.2`` and the head ``head.1/2/4/5``."""
+        renames = {"patch_embed.": "patch_embed.proj."}
+        for i in range(len(self.blocks)):
+            renames[f"blocks.{i}.mlp.0."] = f"blocks.{i}.mlp.fc1."
+            renames[f"blocks.{i}.mlp.2."] = f"blocks.{i}.mlp.fc2."
+        for old, new in ((1, 0), (2, 1), (4, 2), (5, 3)):
+            renames[f"head.{old}."] = f"feature.{new}."
+        return renames
+
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W) -> (B, N, dim)`` patch tokens plus positions."""
-        return self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        return self.patch_embed(x) + self.pos_embed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, embedding_size)`` float32."""
         x = self._tokens(x)
-        n_drop = round(self.num_tokens * self.mask_ratio) if self.training else 0
-        if n_drop:
-            b, n, d = x.shape
+        b, n, d = x.shape
+        n_keep = int(n * (1 - self.mask_ratio)) if self.training else n
+        if n_keep < n:
             order = torch.rand(b, n, device=x.device).argsort(dim=1)
-            keep = order[:, n_drop:].unsqueeze(-1).expand(-1, -1, d)
+            keep = order[:, :n_keep].unsqueeze(-1).expand(-1, -1, d)
             kept = run_blocks(self.blocks, x.gather(1, keep), self.checkpoint)
-            full = self.mask_token.to(kept.dtype).expand(b, n, d)
-            x = full.scatter(1, keep, kept)
+            normed = self.norm(kept)  # float32 under autocast too (LayerNorm)
+            # the mask tokens fill the dropped positions after the final norm
+            x = self.mask_token.to(normed.dtype).expand(b, n, d).scatter(1, keep, normed)
         else:
-            x = run_blocks(self.blocks, x, self.checkpoint and self.training)
-        return run_fp32(self.head, self.norm(x))
+            x = self.norm(run_blocks(self.blocks, x, self.checkpoint and self.training))
+        return run_fp32(self.feature, x.flatten(1))

@@ -219,7 +219,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m eval.export_onnx", description="Export a backbone to ONNX."
     )
     p.add_argument("--network", required=True, help="backbone name (r50, r100, mbf, vit_t, ...)")
-    p.add_argument("--checkpoint", help="backbone state_dict; random weights if omitted")
+    p.add_argument(
+        "--checkpoint",
+        help="backbone weights (.pt/.pth/.safetensors, ours or arcface_torch's; the "
+        "embedding size is read from them); random weights if omitted",
+    )
     p.add_argument("--output", required=True, help="the .onnx file to write")
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (exporter default if unset)")

@@ -1,8 +1,9 @@
 """Building the model to evaluate: a backbone checkpoint or an ONNX file.
 
-Checkpoints are plain backbone ``state_dict`` files written by ``torch.save``
-and are read with ``torch.load(path, weights_only=True)``. Backbones come from
-``backbones.get_model(name, **kwargs)``, imported lazily.
+Checkpoints are backbone ``state_dict`` files (``torch.save`` files read with
+``weights_only=True``, or ``.safetensors``), ours or arcface_torch's, read and checked
+by :mod:`backbones.weights`. Backbones come from ``backbones.get_model(name,
+**kwargs)``, imported lazily.
 """
 
 from __future__ import annotations
@@ -20,22 +21,12 @@ from eval.extract import Embedder, module_embedder
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a backbone ``state_dict`` with ``weights_only=True``.
+    """Read a backbone ``state_dict`` (``.pt``/``.pth`` with ``weights_only=True``, or
+    ``.safetensors``): :func:`backbones.weights.read_backbone_weights`, which strips the
+    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
+    from backbones.weights import read_backbone_weights
 
-    A leading ``module.`` (DDP) prefix is stripped from every key.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a loadable weights-only checkpoint: {exc}") from exc
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a state_dict mapping, got {type(state).__name__}")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return dict(state)
+    return read_backbone_weights(path)
 
 
 def build_backbone(
@@ -44,18 +35,23 @@ def build_backbone(
     device: str | torch.device = "cpu",
     **kwargs: Any,
 ) -> nn.Module:
-    """``backbones.get_model(network, **kwargs)`` with optional checkpoint weights, in eval mode."""
-    from backbones import get_model  # lazy: the backbone zoo is heavy and optional here
+    """``backbones.get_model(network, **kwargs)`` with optional checkpoint weights, in eval mode.
 
-    model = get_model(network, **kwargs)
+    The weights may be ours (any format version) or arcface_torch's; keywords the file
+    implies (its embedding size, the format-1 ViT layout:
+    :func:`backbones.weights.infer_model_kwargs`) are added unless given. Weights of
+    another network raise :class:`backbones.weights.BackboneWeightsError` (a
+    ``ValueError``) naming the file, the network and the first mismatching key."""
+    from backbones import get_model  # lazy: the backbone zoo is heavy and optional here
+    from backbones.weights import infer_model_kwargs, load_backbone_state
+
+    state = None
     if checkpoint is not None:
         state = load_state_dict(checkpoint)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"{os.fspath(checkpoint)}: does not match network {network!r}: {exc}"
-            ) from exc
+        kwargs = {**infer_model_kwargs(state), **kwargs}
+    model = get_model(network, **kwargs)
+    if state is not None:
+        load_backbone_state(model, state, f"{os.fspath(checkpoint)} (network {network!r})")
     return model.to(device).eval()
 
 

@@ -254,7 +254,7 @@ def test_vit_token_masking_only_in_training() -> None:
 
 
 def test_mbf_width_mult_gives_a_small_fast_model() -> None:
-    tiny = get_model("mbf", width_mult=0.25)
+    tiny = get_model("mbf", width_mult=0.25, depthwise_stage0=True)  # = mbf_tiny
     assert count_parameters(tiny) == count_parameters(get_model("mbf_tiny"))
     assert count_parameters(tiny) < 0.3e6
     assert count_macs(tiny) < 40e6

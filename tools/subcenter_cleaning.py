@@ -257,21 +257,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_backbone_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"--backbone-checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "backbone" in state and isinstance(state["backbone"], dict):
-        state = state["backbone"]
-    if not isinstance(state, dict):
-        raise TypeError(f"{path}: expected a state_dict or a dict with 'backbone'")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (errors raise)."""
     args = _parser().parse_args(argv)
-    from backbones import get_model
+    from backbones import get_model, load_backbone_weights
     from datasets.dataset import open_dataset
 
     with distributed_command(args.device) as ctx:
@@ -301,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(model_kwargs, dict):
             raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
         backbone = get_model(args.network, embedding_size=dim, **model_kwargs)
-        backbone.load_state_dict(_load_backbone_state(Path(backbone_path)))
+        load_backbone_weights(backbone, backbone_path)
         backbone.to(device).eval()
 
         def embed(images: torch.Tensor) -> torch.Tensor:
