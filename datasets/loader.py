@@ -180,6 +180,13 @@ class FaceLoader:
     def num_classes(self) -> int:
         return self.dataset.num_classes
 
+    def dataset_table(self) -> list[dict[str, Any]]:
+        """The datasets trained on, with their label and image offsets
+        (:func:`datasets.multi.dataset_table`; one entry for a single dataset)."""
+        from datasets.multi import dataset_table
+
+        return dataset_table(self.dataset)
+
     def set_epoch(self, epoch: int) -> None:
         """Call before each epoch (resumes within the epoch loaded by load_state_dict)."""
         self.sampler.set_epoch(epoch)

@@ -67,10 +67,19 @@ def dataset_labels(dataset: Any) -> np.ndarray:
       the memory map (records whose header needs the slow path are unpacked one by one);
     * :class:`~datasets.arrow_shards.ArrowDataset`: the ``label`` column;
     * a dataset with a ``labels`` array (``ImageFolderDataset``): that array;
-    * anything else with ``label_of(i)``: one call per sample.
+    * anything else with ``label_of(i)``: one call per sample;
+    * :class:`~datasets.multi.ConcatFaceDataset` (several ``data.root``): each part's
+      labels as above, shifted by its class offset.
     """
     from datasets.dataset import RecordIODataset
+    from datasets.multi import ConcatFaceDataset
 
+    if isinstance(dataset, ConcatFaceDataset):
+        parts = [
+            dataset_labels(d) + offset
+            for d, offset in zip(dataset.datasets, dataset.class_offsets, strict=False)
+        ]
+        return np.concatenate(parts).astype(np.int64, copy=False)
     if isinstance(dataset, RecordIODataset):
         labels = _identity_record_labels(dataset) if dataset.face_layout else None
         return labels if labels is not None else _header_labels(dataset)
