@@ -9,8 +9,14 @@ Memory is the growth of the process's peak resident set during one step, with
 the peak reset just before it (Linux ``/proc/self/clear_refs``); on CUDA it is
 ``max_memory_allocated`` growth. Prints one Markdown table (rank 0).
 
+``--backend`` picks the head's implementation (``PartialFC(backend=...)``): ``torch``
+(the chunked path), ``triton`` (the fused kernels: CUDA; on the CPU only under
+``TRITON_INTERPRET=1``, Triton's interpreter, at toy sizes) or ``auto`` (default:
+triton on CUDA when it applies, torch elsewhere).
+
     .venv/bin/python -m bench.bench_head                  # the issue's grid
     .venv/bin/python -m bench.bench_head --classes 20000 --steps 2   # quick
+    python -m bench.bench_head --backend triton --batch 1024      # a CUDA machine
 """
 
 from __future__ import annotations
@@ -155,7 +161,7 @@ def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file:
         for rate in args.sample_rates:
             head = PartialFC(
                 classes * world_size, args.dim, MARGINS[args.margin](), sample_rate=rate,
-                device=device, chunk_classes=args.chunk or None,
+                device=device, chunk_classes=args.chunk or None, backend=args.backend,
             )  # fmt: skip
             steps[f"head {rate}"] = partial(_head_step, head, x, labels)
         memory = {name: _memory_growth(step, device) for name, step in steps.items()}
@@ -173,7 +179,7 @@ def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file:
         print(
             f"\nworld size {world_size}, {args.threads} thread(s)/rank, B_global {args.batch}, "
             f"D {args.dim}, device {device.type}, chunk {args.chunk or 'auto'}, "
-            f"margin {args.margin}\n"
+            f"margin {args.margin}, backend {args.backend} ({head.active_backend})\n"
         )
         print(
             "| C_local | sample_rate | head s/step | 3 bare products s | head / bare | "
@@ -235,6 +241,11 @@ def main() -> None:
     parser.add_argument(
         "--margin", choices=sorted(MARGINS), default="arcface",
         help="the head's margin (adaface, curricular, ...: batch-aware margins)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--backend", choices=["auto", "torch", "triton"], default="auto",
+        help="the head's implementation (triton: the fused kernels; CUDA, or the CPU "
+        "interpreter under TRITON_INTERPRET=1)",
     )  # fmt: skip
     parser.add_argument("--plot", default="", help="write a PNG of time and memory against C_local")
     args = parser.parse_args()

@@ -4,7 +4,7 @@
     make gpu-check-smoke                   # python -m bench.gpu_check --smoke (CPU, tiny sizes)
 
 Meant for a machine with one CUDA GPU whose system Python already has the project's
-requirements, without network access: nothing is installed. Four sections, each with
+requirements, without network access: nothing is installed. Five sections, each with
 its own time cap (checked between measurements) inside an overall budget of 8 minutes:
 
 ``head``
@@ -14,7 +14,18 @@ its own time cap (checked between measurements) inside an overall budget of 8 mi
     ``Gᵀ·X``, as in :mod:`bench.bench_head`; bf16 operands for the bf16 rows) and a dense
     head (full logits and autograd; bf16 operands, fp32 logits for the bf16 rows). Medians of
     interleaved calls timed with CUDA events; memory is the growth of
-    ``max_memory_allocated`` during one call, next to the weight gradient's size.
+    ``max_memory_allocated`` during one call, next to the weight gradient's size. Each
+    configuration runs the head's torch backend and, where triton imports, its triton
+    backend (``PartialFC(backend="triton")``, the fused kernels), whose memory beyond the
+    weight gradient is reported apart.
+``triton``
+    An autotune of the triton backend's tiles at C_local 256k, B 1024, D 512, bf16
+    products: each forward-kernel and each weight-gradient-kernel candidate timed alone
+    (compile or resource errors recorded), then a whole step (forward + backward, no
+    margin or collectives) with the best of each, in both embedding-gradient layouts
+    (``dx_in_forward``: from the forward's ``P V``, four products; or recomputed in the
+    backward, five), next to the three bare bf16 products; the best tiles are written as
+    ``recommended_tiles``.
 ``train``
     ``Trainer.train_step`` for r50 and r100 at batch 256 with bf16 autocast and bf16
     head products (100k classes, the ``ms1mv3_r50`` recipe otherwise), with and without
@@ -24,8 +35,9 @@ its own time cap (checked between measurements) inside an overall budget of 8 mi
     :class:`datasets.loader.FaceLoader` on a synthetic ``.rec`` generated into a
     temporary directory, with 8 and 14 workers, batches delivered to the GPU: img/s.
 ``tests``
-    ``pytest -m gpu`` over the suite, then the head, optimizer and trainer tests with
-    ``--device cuda`` (nccl at world size 1); "not run" when pytest is not installed.
+    ``pytest -m gpu`` over the suite, then the head, optimizer, trainer and triton-head
+    tests with ``--device cuda`` (nccl at world size 1); "not run" when pytest is not
+    installed.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` (and the pytest logs) to ``--out``,
 rewritten after every section, with the torch, CUDA and GPU versions. Each section
@@ -35,7 +47,10 @@ do not change the exit status.
 
 ``--smoke`` runs the same code on the CPU at tiny sizes (mbf_tiny instead of the
 IResNets, pytest only collecting), timed with ``time.perf_counter`` and with memory
-reported as null, so that ``make test`` keeps this script from rotting.
+reported as null, so that ``make test`` keeps this script from rotting. There the triton
+backend runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set here), far too
+slow for the head section's rows, which are skipped (the report says so); the triton
+section runs one tile configuration at toy size.
 """
 
 from __future__ import annotations
@@ -65,7 +80,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("head", "train", "loader", "tests")
+SECTIONS = ("head", "triton", "train", "loader", "tests")
 TOTAL_BUDGET_S = 480.0  # the issue's 8 minutes of wall time for the whole check
 
 
@@ -79,6 +94,13 @@ class Plan:
     head_rates: tuple[float, ...]
     head_repeats: int
     head_cap_s: float
+    head_backends: tuple[str, ...]
+    triton_classes: int
+    triton_batch: int
+    triton_dim: int
+    triton_candidates: int  # of each kernel's candidate list, the first this many
+    triton_repeats: int
+    triton_cap_s: float
     train_networks: tuple[str, ...]
     train_batch: int
     train_classes: int
@@ -102,6 +124,13 @@ GPU_PLAN = Plan(
     head_rates=(1.0, 0.1),
     head_repeats=10,
     head_cap_s=60.0,
+    head_backends=("torch", "triton"),
+    triton_classes=262_144,
+    triton_batch=1024,
+    triton_dim=512,
+    triton_candidates=8,
+    triton_repeats=5,
+    triton_cap_s=60.0,
     train_networks=("r50", "r100"),
     train_batch=256,
     train_classes=100_000,
@@ -126,6 +155,13 @@ SMOKE_PLAN = Plan(
     head_rates=(1.0, 0.1),
     head_repeats=2,
     head_cap_s=60.0,
+    head_backends=("torch",),  # the interpreter would take minutes: skipped, and said so
+    triton_classes=256,
+    triton_batch=32,
+    triton_dim=64,
+    triton_candidates=1,
+    triton_repeats=1,
+    triton_cap_s=60.0,
     train_networks=("mbf_tiny",),
     train_batch=4,
     train_classes=500,
@@ -146,6 +182,8 @@ SMOKE_PLAN = Plan(
 GOAL_HEAD = dict(c_local=262_144, batch=1024, matmul="bf16", sample_rate=1.0)
 GOAL_HEAD_TIME_RATIO = 2.0  # head step / three bare bf16 products
 GOAL_HEAD_MEMORY_RATIO = 1.5  # memory growth / weight gradient
+GOAL_TRITON_TIME_RATIO = 1.3  # the triton head step / three bare bf16 products
+GOAL_TRITON_EXTRA_MIB = 64.0  # the triton head's memory beyond the weight and its gradient
 GOAL_TRAIN = dict(network="r50", batch=256, amp="bf16", img_s=6000.0)
 GOAL_LOADER = dict(workers=14, img_s=8000.0)
 
@@ -245,15 +283,29 @@ def _check_cap(deadline: float, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------ head
+def _triton_unavailable(clock: Clock) -> str | None:
+    """Why the triton backend cannot run on this check's device, or None."""
+    from partial_fc.backend import interpreter_requested, triton_missing
+
+    missing = triton_missing()
+    if missing is not None:
+        return missing
+    if not clock.cuda and not interpreter_requested():
+        return "no CUDA device and TRITON_INTERPRET is not set"
+    return None
+
+
 def _head_rows(
     plan: Plan,
     clock: Clock,
     inputs: dict[str, torch.Tensor],
     matmul: str,
+    errors: list[str],
 ) -> list[dict[str, Any]]:
-    """One C_local and product dtype: every sample rate's row."""
+    """One C_local and product dtype: every sample rate's row, per backend."""
     from bench.bench_head import _bare_products, _dense_step, _head_step
     from partial_fc import ArcFace, PartialFC
+    from partial_fc.sampling import num_sampled_classes
 
     x, labels, weight = inputs["x"], inputs["labels"], inputs["weight"]
     batch, dim = x.shape
@@ -266,36 +318,50 @@ def _head_rows(
         ),
         "dense": partial(_dense_step, x, inputs["dense_weight"], labels, low),
     }
-    for rate in plan.head_rates:
-        head = PartialFC(
-            classes, dim, ArcFace(64.0, 0.5), sample_rate=rate, matmul_dtype=low,
-            max_local_batch=batch, device=clock.device,
-        )  # fmt: skip
-        calls[f"head {rate}"] = partial(_head_step, head, x, labels)
+    backends = [b for b in plan.head_backends if b == "torch" or not _triton_unavailable(clock)]
+    for backend in backends:
+        for rate in plan.head_rates:
+            try:
+                head = PartialFC(
+                    classes, dim, ArcFace(64.0, 0.5), sample_rate=rate, matmul_dtype=low,
+                    max_local_batch=batch, backend=backend, device=clock.device,
+                )  # fmt: skip
+            except Exception as exc:  # e.g. the kernels' self-test failed: keep the rest
+                errors.append(f"{backend} head, rate {rate}, {matmul}: {exc}")
+                continue
+            calls[f"{backend} {rate}"] = partial(_head_step, head, x, labels)
     memory = {name: clock.memory_growth_mib(fn) for name, fn in calls.items()}
     times = clock.interleaved_medians(calls, plan.head_repeats)
     grad_mib = classes * dim * 4 / 2**20  # the fp32 weight shard's gradient
     rows = []
-    for rate in plan.head_rates:
-        name = f"head {rate}"
-        head_mem = memory[name]
-        rows.append(
-            dict(
-                c_local=classes,
-                batch=batch,
-                matmul=matmul,
-                sample_rate=rate,
-                head_s=times[name],
-                bare_s=times["bare"],
-                dense_s=times["dense"],
-                head_over_bare=times[name] / times["bare"],
-                dense_over_bare=times["dense"] / times["bare"],
-                head_mem_mib=head_mem,
-                weight_grad_mib=grad_mib,
-                head_mem_over_grad=None if head_mem is None else head_mem / grad_mib,
-                dense_mem_mib=memory["dense"],
+    for backend in backends:
+        for rate in plan.head_rates:
+            name = f"{backend} {rate}"
+            if name not in calls:
+                continue
+            head_mem = memory[name]
+            rows.append(
+                dict(
+                    c_local=classes,
+                    batch=batch,
+                    matmul=matmul,
+                    sample_rate=rate,
+                    backend=backend,
+                    head_s=times[name],
+                    bare_s=times["bare"],
+                    dense_s=times["dense"],
+                    head_over_bare=times[name] / times["bare"],
+                    dense_over_bare=times["dense"] / times["bare"],
+                    head_mem_mib=head_mem,
+                    weight_grad_mib=grad_mib,
+                    head_mem_over_grad=None if head_mem is None else head_mem / grad_mib,
+                    # Beyond the gradient the step allocates (dense, or the sampled rows').
+                    head_extra_mib=None
+                    if head_mem is None
+                    else head_mem - num_sampled_classes(classes, rate, batch) * dim * 4 / 2**20,
+                    dense_mem_mib=memory["dense"],
+                )
             )
-        )
     return rows
 
 
@@ -307,6 +373,13 @@ def run_head(plan: Plan, clock: Clock, deadline: float, out: dict[str, Any]) -> 
     out["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32 if clock.cuda else None
     rows: list[dict[str, Any]] = out.setdefault("rows", [])
     errors: list[str] = out.setdefault("errors", [])
+    if "triton" not in plan.head_backends:
+        out["triton_rows"] = (
+            "skipped in the smoke run: Triton's CPU interpreter would take minutes at these "
+            "sizes (the triton section runs the kernels at toy size)"
+        )
+    elif why := _triton_unavailable(clock):
+        out["triton_rows"] = f"not run: {why}"
     # Drawn on the device: a (1024, 256k) CPU draw and copy would eat into the time cap.
     generator = torch.Generator(device=device).manual_seed(0)
     for classes in plan.head_classes:
@@ -322,13 +395,163 @@ def run_head(plan: Plan, clock: Clock, deadline: float, out: dict[str, Any]) -> 
             what = f"C_local {classes}, {matmul} products"
             _check_cap(deadline, f"the head at {what}")
             try:
-                rows.extend(_head_rows(plan, clock, inputs, matmul))
+                rows.extend(_head_rows(plan, clock, inputs, matmul, errors))
             except Exception as exc:
                 # One configuration failing (e.g. out of memory) keeps the others.
                 errors.append(f"{what}: {type(exc).__name__}: {exc}")
             clock.release()
         del inputs, weight
         clock.release()
+    if errors:
+        raise RuntimeError("; ".join(errors))
+
+
+# ---------------------------------------------------------------------------- triton
+# Candidates, most promising first: the first of each compiles for sm_90 at D 512 with
+# bf16 operands without spilling registers (ptxas's report, no GPU needed; the figures
+# after each are registers / bytes spilled a thread); all fit in an H100/H200 SM's
+# 227 KiB of shared memory. The smoke run tries the first of each only.
+# Forward: (block_b, block_c, num_warps, num_stages).
+TRITON_FORWARD_CANDIDATES = (
+    (32, 32, 8, 2),  # 196 / 0 (partial_fc.triton_ce.default_tiles)
+    (32, 32, 8, 1),  # 214 / 0
+    (32, 16, 8, 1),  # 218 / 0
+    (16, 32, 4, 1),  # 237 / 0
+    (32, 64, 8, 2),  # 255 / 96
+    (32, 32, 4, 2),  # 255 / 224
+    (16, 64, 4, 2),  # 255 / 280
+    (64, 32, 8, 1),  # 255 / 744
+)
+# Weight gradient: (grad_block_c, grad_block_b, grad_num_warps, grad_num_stages).
+TRITON_GRAD_CANDIDATES = (
+    (16, 32, 8, 1),  # 179 / 0 (default_tiles)
+    (16, 16, 4, 1),  # 251 / 0
+    (32, 16, 8, 1),  # 255 / 24
+    (32, 32, 8, 1),  # 255 / 40
+    (16, 32, 4, 1),  # 255 / 104
+    (32, 32, 8, 2),  # 255 / 144
+    (16, 64, 8, 1),  # 255 / 152
+    (32, 64, 8, 2),  # 255 / 1328
+)
+
+
+def _median_s(clock: Clock, fn: Callable[[], object], repeats: int) -> float:
+    """One warm-up (compile) call, then the median of ``repeats`` timed calls."""
+    fn()
+    clock.sync()
+    return statistics.median(clock.time_each(fn, repeats))
+
+
+def run_triton(plan: Plan, clock: Clock, deadline: float, out: dict[str, Any]) -> None:
+    """Autotune the triton backend's tiles (see the module docstring); fills ``out``."""
+    why = _triton_unavailable(clock)
+    if why is not None:
+        out["not_run"] = why
+        return
+    from partial_fc import triton_ce
+    from partial_fc.triton_ce import FusedForward, TritonTiles
+
+    device = clock.device
+    batch, dim, classes = plan.triton_batch, plan.triton_dim, plan.triton_classes
+    scale, low = 64.0, torch.bfloat16
+    out.update(c_local=classes, batch=batch, dim=dim, matmul="bf16", repeats=plan.triton_repeats)
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, dim, generator=generator, device=device)
+    xn = x / x.norm(dim=1, keepdim=True)
+    weight = torch.randn(classes, dim, generator=generator, device=device) * 0.01
+    target = torch.randint(0, classes, (batch,), generator=generator, device=device)
+    factor = torch.full((batch,), scale / batch, device=device)
+    grad_rows = torch.empty_like(weight)
+    base = triton_ce.default_tiles(dim, low)
+    first = triton_ce.fused_forward(xn, weight, None, target, scale, low, base, with_dx=False)
+    lse = first.peak + first.total.log()
+    errors: list[str] = out.setdefault("errors", [])
+
+    def forward(tiles: TritonTiles) -> object:
+        return triton_ce.fused_forward(xn, weight, None, target, scale, low, tiles, with_dx=True)
+
+    def weight_grad(tiles: TritonTiles) -> None:
+        fused = FusedForward(first.peak, first.total, None, first.inv_norms, tiles)
+        triton_ce.fused_backward(
+            fused, xn, weight, None, target, lse, factor, scale, low, None, grad_rows
+        )
+
+    kernels = (
+        ("forward", TRITON_FORWARD_CANDIDATES, forward,
+         lambda c: dataclasses.replace(base, block_b=c[0], block_c=c[1], num_warps=c[2],
+                                       num_stages=c[3])),
+        ("weight_grad", TRITON_GRAD_CANDIDATES, weight_grad,
+         lambda c: dataclasses.replace(base, grad_block_c=c[0], grad_block_b=c[1],
+                                       grad_num_warps=c[2], grad_num_stages=c[3])),
+    )  # fmt: skip
+    best: dict[str, TritonTiles] = {}
+    # Compiling a candidate takes seconds: each kernel gets 40% of the section's time
+    # (its first candidate always runs), the whole steps the rest.
+    start = time.monotonic()
+    for share, (kernel, candidates, run, tiles_of) in zip((0.4, 0.8), kernels, strict=True):
+        results: list[dict[str, Any]] = out.setdefault(kernel, [])
+        until = start + share * (deadline - start)
+        for candidate in candidates[: plan.triton_candidates]:
+            tiles = tiles_of(candidate)
+            row: dict[str, Any] = dict(tiles=dataclasses.asdict(tiles), ms=None, error=None)
+            if results and time.monotonic() > until:
+                row["error"] = "skipped: the section's time share for this kernel ran out"
+            else:
+                try:
+                    row["ms"] = _median_s(clock, partial(run, tiles), plan.triton_repeats) * 1e3
+                except Exception as exc:  # out of shared memory or registers, compile errors
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            results.append(row)
+        timed = [r for r in results if r["ms"] is not None]
+        if not timed:
+            raise RuntimeError(f"no {kernel} candidate ran: {results[0]['error']}")
+        best[kernel] = TritonTiles(**min(timed, key=lambda r: r["ms"])["tiles"])
+    fwd, grad = best["forward"], best["weight_grad"]
+    tuned = dataclasses.replace(
+        fwd, grad_block_c=grad.grad_block_c, grad_block_b=grad.grad_block_b,
+        grad_num_warps=grad.grad_num_warps, grad_num_stages=grad.grad_num_stages,
+    )  # fmt: skip
+    from bench.bench_head import _bare_products
+
+    operand = torch.randn(batch, classes, generator=generator, device=device).to(low)
+    bare = partial(_bare_products, x.to(low), weight.to(low), operand)
+    bare_s = _median_s(clock, bare, plan.triton_repeats)
+    del operand
+    grad_mib = classes * dim * 4 / 2**20
+    layouts: list[dict[str, Any]] = out.setdefault("layouts", [])
+    for dx_in_forward in (True, False):
+        _check_cap(deadline, f"the whole step with dx_in_forward={dx_in_forward}")
+        tiles = dataclasses.replace(tuned, dx_in_forward=dx_in_forward)
+        grad_xn = torch.zeros_like(xn)
+
+        def step(tiles: TritonTiles = tiles, grad_xn: torch.Tensor = grad_xn) -> None:
+            fused = triton_ce.fused_forward(
+                xn, weight, None, target, scale, low, tiles, with_dx=True
+            )
+            triton_ce.fused_backward(
+                fused, xn, weight, None, target, lse, factor, scale, low, grad_xn, grad_rows
+            )
+
+        try:
+            step_s = _median_s(clock, step, plan.triton_repeats)
+            extra = clock.memory_growth_mib(step)  # the gradient buffer exists already
+        except Exception as exc:
+            errors.append(f"dx_in_forward={dx_in_forward}: {type(exc).__name__}: {exc}")
+            continue
+        layouts.append(
+            dict(
+                dx_in_forward=dx_in_forward,
+                step_ms=step_s * 1e3,
+                bare_ms=bare_s * 1e3,
+                over_bare=step_s / bare_s,
+                extra_mib=extra,
+                weight_grad_mib=grad_mib,
+            )
+        )
+    fastest = min(layouts, key=lambda r: r["step_ms"], default=None)
+    if fastest is not None:
+        recommended = dataclasses.replace(tuned, dx_in_forward=fastest["dx_in_forward"])
+        out["recommended_tiles"] = dataclasses.asdict(recommended)
     if errors:
         raise RuntimeError("; ".join(errors))
 
@@ -513,6 +736,7 @@ TEST_FILES = (
     "tests/test_partial_fc_head.py",
     "tests/test_partial_fc_optim.py",
     "tests/test_trainer.py",
+    "tests/test_triton_head.py",  # the triton backend's kernels compiled, against the reference
 )
 # pytest's closing line: "3 passed, 1 skipped in 9.1s", "12 tests collected in 1.0s", ...
 _SUMMARY = re.compile(r"\d+ (passed|failed|skipped|deselected|errors?|tests? collected)")
@@ -527,7 +751,7 @@ def _pytest_runs(plan: Plan, clock: Clock) -> list[tuple[str, list[str]]]:
     return [
         ("tests marked gpu", [*base, "-m", "gpu", *extra, "tests"]),
         (
-            f"head, optimizer and trainer tests on {device}",
+            f"head, optimizer, trainer and triton-head tests on {device}",
             [*base, "-m", "not slow", "--device", device, *extra, *TEST_FILES],
         ),
     ]
@@ -641,10 +865,20 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
     sections = report["sections"]
     goals = []
     head_rows = sections.get("head", {}).get("rows", [])
-    row = next(
-        (r for r in head_rows if all(r.get(k) == v for k, v in GOAL_HEAD.items())),
-        None,
-    )
+
+    def goal_row(backend: str) -> dict[str, Any] | None:
+        # Rows written before the triton backend existed carry no backend: torch's.
+        return next(
+            (
+                r
+                for r in head_rows
+                if all(r.get(k) == v for k, v in GOAL_HEAD.items())
+                and r.get("backend", "torch") == backend
+            ),
+            None,
+        )
+
+    row = goal_row("torch")
     where = "head at C_local 256k, B 1024, bf16, rate 1.0"
     if row is None:
         goals.append(_goal(f"{where}: time", f"<= {GOAL_HEAD_TIME_RATIO}x bare", None, None))
@@ -668,6 +902,28 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                 None if mem is None else mem <= GOAL_HEAD_MEMORY_RATIO,
             )
         )
+    row = goal_row("triton")
+    where = "triton head at C_local 256k, B 1024, bf16, rate 1.0"
+    ratio = None if row is None else row["head_over_bare"]
+    goals.append(
+        _goal(
+            f"{where}: time",
+            f"<= {GOAL_TRITON_TIME_RATIO}x the 3 bare bf16 products",
+            None
+            if ratio is None
+            else f"{ratio:.2f}x ({row['head_s'] * 1e3:.2f} vs {row['bare_s'] * 1e3:.2f} ms)",
+            None if ratio is None else ratio <= GOAL_TRITON_TIME_RATIO,
+        )
+    )
+    extra = None if row is None else row.get("head_extra_mib")
+    goals.append(
+        _goal(
+            f"{where}: memory beyond the weight gradient",
+            f"<= {GOAL_TRITON_EXTRA_MIB:.0f} MiB",
+            None if extra is None else f"{extra:.0f} MiB",
+            None if extra is None else extra <= GOAL_TRITON_EXTRA_MIB,
+        )
+    )
     train_rows = [
         r
         for r in sections.get("train", {}).get("rows", [])
@@ -760,18 +1016,23 @@ def markdown(report: dict[str, Any]) -> str:
             f"## Head (B {head['batch']}, D {head['dim']}, {head['margin']}, one process, "
             f"medians of {head['repeats']} interleaved calls)",
             "",
-            "| C_local | products | sample_rate | head ms | 3 bare ms | head / bare | dense ms | "
-            "dense / bare | head mem MiB | / weight grad | dense mem MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| C_local | products | sample_rate | backend | head ms | 3 bare ms | head / bare | "
+            "dense ms | dense / bare | head mem MiB | / weight grad | beyond the grad MiB | "
+            "dense mem MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in head["rows"]:
             lines.append(
                 f"| {r['c_local']:,} | {r['matmul']} | {r['sample_rate']} | "
+                f"{r.get('backend', 'torch')} | "
                 f"{r['head_s'] * 1e3:.2f} | {r['bare_s'] * 1e3:.2f} | {r['head_over_bare']:.2f}x | "
                 f"{r['dense_s'] * 1e3:.2f} | {r['dense_over_bare']:.2f}x | "
                 f"{_fmt(r['head_mem_mib'], '.0f')} | {_fmt(r['head_mem_over_grad'], '.2f')} | "
-                f"{_fmt(r['dense_mem_mib'], '.0f')} |"
+                f"{_fmt(r.get('head_extra_mib'), '.0f')} | {_fmt(r['dense_mem_mib'], '.0f')} |"
             )
+    if head.get("triton_rows"):
+        lines += ["", f"Triton backend rows: {head['triton_rows']}."]
+    lines += _triton_markdown(sections.get("triton", {}))
     train = sections.get("train", {})
     if train.get("rows"):
         lines += [
@@ -822,6 +1083,50 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _triton_markdown(triton: dict[str, Any]) -> list[str]:
+    """The triton section's tables (candidates per kernel, the two layouts)."""
+    if triton.get("not_run"):
+        return ["", "## Triton autotune", "", f"Not run: {triton['not_run']}."]
+    if not (triton.get("forward") or triton.get("weight_grad")):
+        return []
+    lines = [
+        "",
+        f"## Triton autotune (C_local {triton['c_local']:,}, B {triton['batch']}, "
+        f"D {triton['dim']}, {triton['matmul']} products, medians of {triton['repeats']})",
+    ]
+    keys = {
+        "forward": ("block_b", "block_c", "num_warps", "num_stages"),
+        "weight_grad": ("grad_block_c", "grad_block_b", "grad_num_warps", "grad_num_stages"),
+    }
+    for kernel, names in keys.items():
+        if not triton.get(kernel):
+            continue
+        lines += ["", f"| {kernel} kernel: {', '.join(names)} | ms | error |", "|---|---|---|"]
+        for r in triton[kernel]:
+            tiles = ", ".join(str(r["tiles"][n]) for n in names)
+            error = (r["error"] or "").replace("|", "/").replace("\n", " ")
+            lines.append(f"| {tiles} | {_fmt(r['ms'], '.3f')} | {error} |")
+    if triton.get("layouts"):
+        lines += [
+            "",
+            "| embedding gradient | step ms | 3 bare ms | step / bare | beyond the grad MiB |",
+            "|---|---|---|---|---|",
+        ]
+        for r in triton["layouts"]:
+            layout = (
+                "from the forward (4 products)"
+                if r["dx_in_forward"]
+                else ("recomputed in the backward (5 products)")
+            )
+            lines.append(
+                f"| {layout} | {r['step_ms']:.3f} | {r['bare_ms']:.3f} | {r['over_bare']:.2f}x | "
+                f"{_fmt(r['extra_mib'], '.0f')} |"
+            )
+    if triton.get("recommended_tiles"):
+        lines += ["", f"Recommended tiles: `{triton['recommended_tiles']}`."]
+    return lines
+
+
 def _write(out_dir: Path, report: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (
@@ -858,6 +1163,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("gpu_check: torch sees no CUDA device (--smoke runs on the CPU)", file=sys.stderr)
         return 2
+    if args.smoke:
+        # Triton's CPU interpreter for the triton section; it must be asked for before
+        # anything imports triton (environment() below does).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     clock = Clock(device)
     started = time.monotonic()
     overall_deadline = started + TOTAL_BUDGET_S - 10.0  # leave time to write the report
@@ -873,12 +1182,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     runners: dict[str, Callable[[float, dict[str, Any]], None]] = {
         "head": partial(run_head, plan, clock),
+        "triton": partial(run_triton, plan, clock),
         "train": partial(run_train, plan, clock),
         "loader": partial(run_loader, plan, clock),
         "tests": lambda deadline, out: run_tests(plan, clock, deadline, out, out_dir),
     }
     caps = {
         "head": plan.head_cap_s,
+        "triton": plan.triton_cap_s,
         "train": plan.train_cap_s,
         "loader": plan.loader_cap_s,
         "tests": plan.tests_cap_s,

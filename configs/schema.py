@@ -44,10 +44,40 @@ class ModelConfig:
     """Dimension of the face embedding produced by the backbone."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``backbones.get_model`` (e.g. ``model.kwargs.dropout=0.1``)."""
+    init_from: str = ""
+    """Backbone weights a new run starts from (fine-tuning): a ``backbone.pt``/``.pth``
+    (this project's or arcface_torch's, DDP ``module.`` prefixes stripped) or a
+    ``.safetensors`` file; loaded strictly before step 0, the head starts afresh. Ignored
+    when the run resumes from a checkpoint (the checkpoint's weights win). Empty: random
+    initialisation."""
+    freeze_stem: bool = False
+    """Freeze the stem (the layers before the first residual unit: conv/BN/PReLU of the
+    ResNets and MobileFaceNets, the patch and position embeddings of the ViTs): no
+    gradient, not in the optimizer, its BatchNorm statistics fixed."""
+    freeze_units: int = 0
+    """Freeze the first N residual units (blocks) in forward order, and the stem with
+    them (a unit after a trained stem would see moving inputs); 0: none. Checked against
+    the network's unit count at start-up."""
+    freeze_bn_stats: bool = False
+    """Keep every BatchNorm layer of the backbone in eval mode while training: it
+    normalises with, and never updates, its running statistics (the pretrained ones);
+    its affine weight and bias still train unless frozen."""
 
     def validate(self) -> None:
         _check(bool(self.network), "model.network", "must be a non-empty name", self.network)
         _check(self.embedding_size > 0, "model.embedding_size", "must be > 0", self.embedding_size)
+        _check(
+            isinstance(self.init_from, str),
+            "model.init_from",
+            "must be a path to backbone weights, or empty",
+            self.init_from,
+        )
+        _check(
+            isinstance(self.freeze_units, int) and self.freeze_units >= 0,
+            "model.freeze_units",
+            "must be >= 0 (the number of leading residual units to freeze)",
+            self.freeze_units,
+        )
 
 
 #: Arguments of the batch-aware margins -> the head options that set them.
@@ -120,6 +150,13 @@ class HeadConfig:
     matmul_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Precision of the head's matrix products (bf16/fp16: tensor cores on GPU,
     fp32 accumulation and fp32 softmax statistics)."""
+    backend: Literal["auto", "torch", "triton"] = "auto"
+    """Code of the head's non-target logits: ``torch`` (chunked blocks; every option, any
+    device), ``triton`` (fused kernels that never write a logits block: CUDA,
+    ``num_subcenters`` 1, no inter-class filtering, no ``curricular``; needs the triton
+    package, checked at start-up), or ``auto``: triton where it applies and the products
+    are bf16/fp16 (``matmul_dtype``), torch elsewhere (docs/partial_fc.md, "Triton
+    kernels")."""
     adaface_h: float = 0.333
     """AdaFace: gain from the normalised feature norm to the margin scaler (> 0)."""
     ema_alpha: float = 0.01
@@ -140,6 +177,14 @@ class HeadConfig:
     """ElasticFace: apply the drawn margin as ArcFace (arc) or CosFace (cos) does."""
     elastic_plus: bool = False
     """ElasticFace+: the largest target cosine gets the smallest drawn margin."""
+    init: Literal["random", "imprint"] = "random"
+    """Initial class centres of a new run: ``random`` (N(0, 0.01^2), seeded by
+    ``train.seed``) or ``imprint``: each centre points along the mean of its training
+    images' L2-normalised embeddings under the initial backbone (``model.init_from``;
+    the row keeps its random norm, which only sets its step size), computed in one
+    rank-parallel pass before step 0; with sub-centres, sub-centre 0 is that mean and
+    the others are nudged off it (docs/training.md, "Fine-tuning"). Classes without
+    images keep the random centre. Not applied on resume."""
 
     def batch_margin(self) -> Any:
         """The batch-aware margin (``loss`` adaface, magface, curricular or elastic) these
@@ -242,6 +287,22 @@ class HeadConfig:
             self.matmul_dtype,
         )
         _check(
+            self.backend in ("auto", "torch", "triton"),
+            "head.backend",
+            "must be auto, torch or triton",
+            self.backend,
+        )
+        if self.backend == "triton":
+            from partial_fc.backend import triton_missing, triton_unsupported
+
+            why = triton_missing() or triton_unsupported(
+                num_subcenters=self.num_subcenters,
+                filtering=threshold is not None,
+                loss=self.loss,
+            )
+            if why:
+                raise ConfigError(f"head.backend=triton: {why}; 'auto' runs such a head on torch")
+        _check(
             0.0 < self.sample_rate <= 1.0,
             "head.sample_rate",
             "must be in (0, 1]: the fraction of negative class centres sampled per step",
@@ -259,18 +320,34 @@ class HeadConfig:
             "must be > 0 classes per block, or null",
             self.chunk_size,
         )
+        _check(
+            self.init in ("random", "imprint"),
+            "head.init",
+            "must be random or imprint",
+            self.init,
+        )
 
 
 @dataclass
 class DataConfig:
     """Training data and its loader."""
 
-    root: str = ""
-    """Directory holding ``train.rec``, ``train.idx``, ``property`` and the ``.bin`` targets."""
+    root: str | list[str] = ""
+    """Training data: a directory holding ``train.rec``, ``train.idx``, ``property`` (and the
+    ``.bin`` targets), a ``.rec`` file, a directory of Arrow shards or an image folder; or a
+    list of them (``data.root=[/data/a,/data/b]``), kinds mixed, trained as one dataset whose
+    label spaces are concatenated in list order (docs/data.md, "Several datasets")."""
     num_classes: int = 0
-    """Number of identities; checked against the dataset's ``property``/header."""
+    """Number of identities (with several ``data.root``, their sum); checked against the
+    data."""
     num_images: int = 0
-    """Number of training images; checked against the dataset."""
+    """Number of training images (with several ``data.root``, their sum); checked against
+    the data."""
+    weights: list[float] = field(default_factory=list)
+    """Per-dataset sampling weights, one per ``data.root`` entry, each > 0: an epoch stays
+    ``data.num_images`` samples, of which dataset i gives the share w_i / sum(w) (rounded
+    by largest remainder; its images repeated or subsampled, seeded). Empty: every image
+    once per epoch."""
     batch_size: int = 128
     """Per-rank micro-batch size (the global batch is ``batch_size * world_size``)."""
     num_workers: int = 2
@@ -296,8 +373,48 @@ class DataConfig:
     workers share the count) has skipped more distinct samples than this fraction of
     ``data.num_images``; in [0, 1)."""
 
+    def roots(self) -> list[str]:
+        """``data.root`` as a list (one entry for a single dataset)."""
+        return list(self.root) if isinstance(self.root, list | tuple) else [self.root]
+
     def validate(self) -> None:
-        _check(bool(self.root), "data.root", "must name the dataset directory", self.root)
+        roots = self.roots()
+        _check(
+            bool(roots) and all(isinstance(r, str) and r.strip() for r in roots),
+            "data.root",
+            "must name the dataset directory, or a non-empty list of them, none empty",
+            self.root,
+        )
+        import os.path
+
+        same = [os.path.normpath(r) if isinstance(r, str) else r for r in roots]
+        for i, root in enumerate(same):
+            first = same.index(root)
+            _check(
+                first == i,
+                f"data.root[{i}]",
+                f"repeats data.root[{first}] (its identities would count twice, as other classes)",
+                roots[i],
+            )
+        if self.weights:
+            _check(
+                len(self.weights) == len(roots),
+                "data.weights",
+                f"needs one weight per data.root entry ({len(roots)})",
+                self.weights,
+            )
+            _check(
+                all(_finite(w) and w > 0 for w in self.weights),
+                "data.weights",
+                "must be finite and > 0",
+                self.weights,
+            )
+            _check(
+                self.sampler == "random",
+                "data.weights",
+                "work with data.sampler=random only (the P x K sampler draws by identity)",
+                self.weights,
+            )
         _check(self.num_classes > 0, "data.num_classes", "must be > 0", self.num_classes)
         _check(self.num_images > 0, "data.num_images", "must be > 0", self.num_images)
         _check(self.batch_size > 0, "data.batch_size", "must be > 0", self.batch_size)
@@ -415,6 +532,13 @@ class OptimizerConfig:
     """Storage of the head optimizer's momentum / Adam moments: ``bf16`` halves their
     memory (updates are still computed in fp32; see docs/partial_fc.md for the measured
     trade-off)."""
+    backbone_lr_mult: float = 1.0
+    """The backbone's learning rate is ``optimizer.lr`` times this (> 0; the head's is
+    ``optimizer.lr``); both follow the same schedule. Fine-tuning uses < 1."""
+    weight_decay_exclude_norm_bias: bool = False
+    """Exclude the backbone's normalisation, PReLU and bias parameters (every parameter
+    with at most one dimension, or named ``*.bias``; timm's convention) from weight decay.
+    false: decay on every parameter, as arcface_torch does."""
 
     def validate(self) -> None:
         _check(
@@ -462,6 +586,21 @@ class OptimizerConfig:
             f"times optimizer.lr={self.lr:g} must be < 1: every step scales the weights by "
             "(1 - lr * weight_decay), which is then zero or negative",
             self.weight_decay,
+        )
+        _check(
+            _finite(self.backbone_lr_mult) and self.backbone_lr_mult > 0,
+            "optimizer.backbone_lr_mult",
+            "must be finite and > 0 (to keep backbone layers fixed, use model.freeze_stem / "
+            "model.freeze_units)",
+            self.backbone_lr_mult,
+        )
+        _check(
+            self.lr * self.backbone_lr_mult * self.weight_decay < 1.0,
+            "optimizer.backbone_lr_mult",
+            f"times optimizer.lr={self.lr:g} times optimizer.weight_decay="
+            f"{self.weight_decay:g} must be < 1: every step scales the backbone's weights by "
+            "(1 - lr * mult * weight_decay), which is then zero or negative",
+            self.backbone_lr_mult,
         )
 
 

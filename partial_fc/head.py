@@ -3,19 +3,31 @@ distributed margin-softmax loss over all of them."""
 
 from __future__ import annotations
 
+import warnings
 import weakref
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from partial_fc.backend import (
+    BACKENDS,
+    Backend,
+    auto_picks_triton,
+    interpreter_requested,
+    triton_missing,
+    triton_unsupported,
+)
 from partial_fc.collectives import PAD_LABEL, gather_for_loss, rank_and_world_size
 from partial_fc.init import block_seeded_normal_
 from partial_fc.margins import CombinedMargin, MarginSpec
 from partial_fc.sampling import num_sampled_classes, sample_classes, sampling_generator
 from partial_fc.sharding import class_range
 from partial_fc.softmax_ce import CEOptions, MarginSoftmaxCE
+
+if TYPE_CHECKING:
+    from partial_fc.triton_ce import TritonTiles
 
 _INIT_STD = 0.01
 # Smaller blocks save little memory and make the matrix products less efficient.
@@ -78,6 +90,20 @@ class PartialFC(nn.Module):
         matmul_dtype: ``torch.bfloat16`` or ``torch.float16`` to run the three
             matrix products on tensor cores (GPU); products accumulate in fp32 on
             CUDA and the softmax statistics stay fp32. None: full precision.
+        backend: which code computes the non-target logits and their gradients.
+            ``"torch"``: the chunked path above, everywhere, every option.
+            ``"triton"``: fused Triton kernels that never write a logits block
+            (:mod:`partial_fc.triton_ce`): CUDA tensors (or ``TRITON_INTERPRET=1`` on
+            the CPU), K = 1, no inter-class filtering, no CurricularFace, fp32/bf16/fp16
+            weights; anything else raises ``ValueError`` here, naming it. ``"auto"``
+            (default): triton for CUDA weights with bf16/fp16 products when triton
+            imports and the options allow it, torch otherwise
+            (:func:`partial_fc.backend.auto_picks_triton` says why not fp32). On a CUDA
+            device the kernels first check themselves once on a tiny problem
+            (:func:`partial_fc.triton_ce.self_test`, here when the weight is created on
+            it); should they fail, "auto" warns and stays on torch, "triton" raises.
+        triton_tiles: tile sizes of the triton backend (a
+            :class:`partial_fc.triton_ce.TritonTiles`); None: chosen from D and dtype.
         device, dtype: of the weight (fp32 by default; the head computes in at
             least fp32 even under autocast).
 
@@ -105,6 +131,8 @@ class PartialFC(nn.Module):
         matmul_dtype: torch.dtype | None = None,
         interclass_filtering_threshold: float | None = None,
         interclass_filtering_mode: Literal["remove", "zero"] = "remove",
+        backend: Backend = "auto",
+        triton_tiles: TritonTiles | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -159,6 +187,21 @@ class PartialFC(nn.Module):
         self.interclass_filtering_mode = interclass_filtering_mode
         margin.check_num_classes(num_classes)
         self.margin = margin
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self.triton_tiles = triton_tiles
+        # Which options rule the triton backend out (None: it can run this head).
+        self._no_triton = triton_unsupported(
+            num_subcenters=num_subcenters,
+            filtering=interclass_filtering_threshold is not None,
+            margin=margin,
+            dtype=dtype,
+        )
+        if backend == "triton" and (triton_missing() or self._no_triton):
+            why = triton_missing() or self._no_triton
+            raise ValueError(f"backend='triton' cannot run this head: {why}")
+        self._self_tests: dict[tuple, str | None] = {}  # (device, dtype) -> problem or None
         self.num_steps = 0
         self.weight = nn.Parameter(
             torch.empty(self.num_local * num_subcenters, embedding_size, device=device, dtype=dtype)
@@ -171,6 +214,53 @@ class PartialFC(nn.Module):
         self._single_backward_nnz: int | None = None
         self._fresh_grad: weakref.ref | None = None  # weak: .grad = None must free it
         self.weight.register_post_accumulate_grad_hook(self._mark_coalesced)
+        if backend == "triton" and not self.weight.is_cuda and not interpreter_requested():
+            raise ValueError(
+                f"backend='triton' needs the weight on a CUDA device, got {self.weight.device} "
+                "(or TRITON_INTERPRET=1 for Triton's CPU interpreter); use 'auto' or 'torch'"
+            )
+        self._resolve_backend()  # on a CUDA device: the kernels' self-test, at start-up
+
+    @property
+    def active_backend(self) -> Literal["torch", "triton"]:
+        """The backend the next step runs: ``backend`` with "auto" decided for the
+        weight's current device."""
+        return self._resolve_backend()
+
+    def _resolve_backend(self) -> Literal["torch", "triton"]:
+        """The backend of the next step (``backend`` with "auto" decided for the
+        weight's current device; the self-test runs once per device and dtype)."""
+        if self.backend == "torch" or self._no_triton is not None:
+            return "torch"
+        if not self.weight.is_cuda:
+            return "triton" if self.backend == "triton" else "torch"
+        if self.backend == "auto" and (
+            triton_missing() is not None
+            or not auto_picks_triton(self.matmul_dtype or self.weight.dtype)
+        ):  # an explicit "triton" checked the import at construction
+            return "torch"
+        key = (self.weight.device, self.weight.dtype, self.matmul_dtype)
+        if key not in self._self_tests:
+            from partial_fc.triton_ce import self_test
+
+            self._self_tests[key] = problem = self_test(
+                self.weight.device, self.weight.dtype, self.embedding_size, self.matmul_dtype,
+                self.triton_tiles,
+            )  # fmt: skip
+            if problem is not None and self.backend == "auto":
+                warnings.warn(
+                    f"PartialFC: the triton kernels failed their self-test on "
+                    f"{self.weight.device} ({problem}); this head runs on the torch path",
+                    stacklevel=2,
+                )
+        problem = self._self_tests[key]
+        if problem is None:
+            return "triton"
+        if self.backend == "triton":
+            raise RuntimeError(
+                f"backend='triton': the kernels failed their self-test on {key[0]}: {problem}"
+            )
+        return "torch"
 
     def reset_parameters(self) -> None:
         """Draw the centres from N(0, 0.01^2), a class's centre depending only on
@@ -236,6 +326,8 @@ class PartialFC(nn.Module):
                 matmul_dtype=self.matmul_dtype,
                 seed=self.seed,
                 training=training,
+                backend=self._resolve_backend(),
+                triton_tiles=self.triton_tiles,
             )
             loss, correct = MarginSoftmaxCE.apply(
                 embeddings,
@@ -304,5 +396,5 @@ class PartialFC(nn.Module):
             f"num_classes={self.num_classes}, class_start={self.class_start}, "
             f"num_local={self.num_local}, embedding_size={self.embedding_size}, "
             f"num_subcenters={self.num_subcenters}, sample_rate={self.sample_rate}, "
-            f"chunk_classes={self.chunk_classes}"
+            f"chunk_classes={self.chunk_classes}, backend={self.backend}"
         )

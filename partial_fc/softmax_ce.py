@@ -40,6 +40,12 @@ sample's softmax altogether (logit -inf, no gradient). ``"zero"`` is the
 reference implementation's behaviour: the cosine is set to 0, so the entry
 still adds ``exp(0)`` to the denominator, with no gradient.
 
+Backend. With ``CEOptions.backend == "triton"`` the chunk loops give way to the fused
+kernels of :mod:`partial_fc.triton_ce` (imported on first use): the non-target
+statistics, and in the backward the non-target gradients, come from tiles that never
+leave registers; everything else above is shared. Its options are checked by the
+head (:mod:`partial_fc.backend`): K = 1, no filtering, no CurricularFace.
+
 Relies on ``torch.softmax(x, dim=1, out=x)`` working in place (it does on the
 CPU and CUDA kernels of torch 2.x; the tests compare against a dense float64
 reference, so a kernel that stopped allowing it would fail them).
@@ -48,7 +54,7 @@ reference, so a kernel that stopped allowing it would fail them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -79,6 +85,8 @@ class CEOptions:
     matmul_dtype: torch.dtype | None = None
     seed: int = 0
     training: bool = True
+    backend: Literal["torch", "triton"] = "torch"
+    triton_tiles: Any = None  # partial_fc.triton_ce.TritonTiles, or None: its defaults
 
 
 class _KeptBlock(NamedTuple):
@@ -360,6 +368,23 @@ class MarginSoftmaxCE(torch.autograd.Function):
         chunk_stats: list[torch.Tensor] = []  # per chunk: [peak logit, sum exp(logit - peak)]
         inv_norms: list[torch.Tensor] = []  # 1/|w| of the rows in use, for the backward
         kept: _KeptBlock | None = None
+        fused = None
+        if opts.backend == "triton" and num_used > 0:
+            # The fused kernels replace the chunk loop (no logits block at all).
+            from partial_fc import triton_ce
+
+            fused = triton_ce.fused_forward(
+                xn, weight, sampled, target_col, margin.scale, opts.matmul_dtype,
+                opts.triton_tiles, with_dx=ctx.needs_input_grad[0] and opts.training,
+            )  # fmt: skip
+            peak, chunk_sum = fused.peak.to(xn.dtype), fused.total.to(xn.dtype)
+            max_other = peak
+            new_max = torch.maximum(local_max, peak)
+            local_sum = _rescaled(local_sum, local_max, new_max) + _rescaled(
+                chunk_sum, peak, new_max
+            )
+            local_max = new_max
+            bounds = []
 
         for start, stop in bounds:
             w_rows = _chunk_weight(weight, sampled, start, stop, k)
@@ -433,6 +458,7 @@ class MarginSoftmaxCE(torch.autograd.Function):
         # An intermediate, not an input or output: held on ctx so the backward can
         # drop it as soon as it is used (saved tensors live until the backward ends).
         ctx.kept = kept
+        ctx.fused = fused  # the triton backend's statistics and (B, D) direction, or None
         ctx.opts, ctx.bounds = opts, bounds
         ctx.terms = terms
         return loss, correct
@@ -503,9 +529,16 @@ class MarginSoftmaxCE(torch.autograd.Function):
                     target.copy_(_matmul(block.t(), scaled_xn, opts.matmul_dtype))
                 _weight_grad_(target, w_rows, inv_norms)
             del block, probs, w_rows, slope
+        if ctx.fused is not None:
+            from partial_fc import triton_ce
+
+            triton_ce.fused_backward(
+                ctx.fused, xn, weight, sampled, target_col, log_sum_exp, row_scale * scale,
+                scale, opts.matmul_dtype, grad_xn if need_embeddings else None, grad_rows,
+            )  # fmt: skip
 
         target_prob = torch.exp(target_logit - log_sum_exp)
-        if bounds:
+        if bounds or ctx.fused is not None:
             # The target entries: d loss / d cos_target = r_i * (p_target - 1) * slope_i,
             # through cos = <x_hat, w> / |w|, one (B, D) update for all chunks.
             grad_cos = torch.where(owned, row_scale * (target_prob - 1.0) * target_slope, 0.0)

@@ -249,8 +249,10 @@ def _aux_trainer(out: Path, *extra: str) -> Trainer:
 
 
 def test_on_disk_format_is_unchanged(tmp_path: Path) -> None:
-    """The names under which the parts are saved are the format (FORMAT_VERSION 1):
-    checkpoints written by earlier versions of the trainer must keep loading."""
+    """The names under which the parts are saved are the format (FORMAT_VERSION 2; 1
+    had the same parts, with format-1 backbone names): checkpoints written by earlier
+    versions of the trainer must keep loading (tests/test_backbone_compat.py resumes
+    one written by format-1 code)."""
     t = _aux_trainer(tmp_path, "aux.center_weight=0.1")
     t.train_step([(dataset()[0][:8], dataset()[1][:8])])
     ckpt = t.save_checkpoint()
@@ -277,7 +279,7 @@ def test_on_disk_format_is_unchanged(tmp_path: Path) -> None:
     assert head["optim_row_keys"] == ["momentum_buffer"]
     meta = json.loads((ckpt / "meta.json").read_text())
     assert {"format", "step", "world_size", "shards", "center_shards", "files"} <= set(meta)
-    assert (meta["format"], meta["num_classes"], meta["embedding_size"]) == (1, 11, 8)
+    assert (meta["format"], meta["num_classes"], meta["embedding_size"]) == (2, 11, 8)
     assert meta["shards"] == [{"file": "head-00000.pt", "class_start": 0, "num_local": 11, "K": 1}]
 
 

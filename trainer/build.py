@@ -11,6 +11,7 @@ import torch
 
 from configs import Config, ConfigError, HeadConfig
 from trainer.distributed import DistContext
+from trainer.finetune import freeze_backbone, init_new_run
 from trainer.loop import AuxLosses, Evaluator, Trainer
 from trainer.rng import seed_everything
 
@@ -74,6 +75,7 @@ def build_head(cfg: Config, device: torch.device) -> torch.nn.Module:
         interclass_filtering_threshold=cfg.head.interclass_filtering_threshold,
         interclass_filtering_mode=cfg.head.interclass_filtering_mode,
         matmul_dtype=_MATMUL_DTYPES[cfg.head.matmul_dtype],
+        backend=cfg.head.backend,
         device=device,
     )
 
@@ -130,17 +132,26 @@ def build_loader(cfg: Config, ctx: DistContext) -> FaceLoader:
     naming the file, key and offset; a configuration that does not match sound data
     raises :class:`ConfigError` naming the option. ``data.skip_corrupt`` and
     ``data.max_skipped_fraction`` reach the dataset.
+
+    Several ``data.root`` entries are opened as one
+    :class:`datasets.multi.ConcatFaceDataset` (labels concatenated in list order);
+    ``data.num_classes``/``data.num_images`` are checked against their sums, and
+    ``data.weights`` selects :class:`datasets.multi.WeightedDatasetSampler`.
     """
-    from datasets.dataset import open_dataset
     from datasets.errors import DataError
     from datasets.loader import FaceLoader
+    from datasets.multi import WeightedDatasetSampler, dataset_table, open_datasets
 
-    root = Path(cfg.data.root)
-    if not root.exists():
-        raise ConfigError(f"data.root: {str(root)!r} does not exist")
+    roots = cfg.data.roots()
+    several = len(roots) > 1
+    for i, root in enumerate(roots):
+        if not Path(root).exists():
+            key = f"data.root[{i}]" if several else "data.root"
+            raise ConfigError(f"{key}: {root!r} does not exist")
     try:
-        dataset = open_dataset(
-            root,
+        dataset = open_datasets(
+            roots,
+            option="data.root",
             flip=cfg.data.random_flip,
             num_classes=cfg.data.num_classes,
             skip_corrupt=cfg.data.skip_corrupt,
@@ -152,13 +163,30 @@ def build_loader(cfg: Config, ctx: DistContext) -> FaceLoader:
         raise DataError(str(exc), path=getattr(exc, "filename", None)) from None
     except ValueError as exc:  # num_classes given vs found in the data
         raise ConfigError(f"data.num_classes: {exc}") from None
+    table = dataset_table(dataset)
+    where = "data.root" if several else roots[0]
     if dataset.num_classes != cfg.data.num_classes:
+        parts = " + ".join(f"{e['num_classes']} ({e['name']})" for e in table)
         raise ConfigError(
-            f"data.num_classes={cfg.data.num_classes} but {root} holds {dataset.num_classes}"
+            f"data.num_classes={cfg.data.num_classes} but {where} holds {dataset.num_classes}"
+            + (f" = {parts}" if several else "")
         )
     if len(dataset) != cfg.data.num_images:
-        raise ConfigError(f"data.num_images={cfg.data.num_images} but {root} holds {len(dataset)}")
+        parts = " + ".join(f"{e['num_images']} ({e['name']})" for e in table)
+        raise ConfigError(
+            f"data.num_images={cfg.data.num_images} but {where} holds {len(dataset)}"
+            + (f" = {parts}" if several else "")
+        )
     sampler = None
+    if cfg.data.weights:
+        sampler = WeightedDatasetSampler(
+            [e["num_images"] for e in table],
+            cfg.data.weights,
+            batch_size=cfg.data.batch_size,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            seed=cfg.train.seed,
+        )
     if cfg.data.sampler == "pk":
         from datasets.pk_sampler import PKSampler, dataset_labels
 
@@ -189,14 +217,17 @@ def build_loader(cfg: Config, ctx: DistContext) -> FaceLoader:
 
 
 def resolve_target(cfg: Config, name: str) -> Path:
-    """``eval.targets`` entry -> ``.bin`` path (a path, or a name under ``data.root``)."""
+    """``eval.targets`` entry -> ``.bin`` path (a path, or a name under ``data.root``;
+    with several roots, the first that holds it)."""
     path = Path(name)
     if path.suffix == ".bin" and path.exists():
         return path
-    candidate = Path(cfg.data.root) / f"{name}.bin"
-    if candidate.exists():
-        return candidate
-    raise ConfigError(f"eval.targets: no {candidate} (nor a file {name!r})")
+    candidates = [Path(root) / f"{name}.bin" for root in cfg.data.roots()]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    listed = candidates[0] if len(candidates) == 1 else f"{name}.bin in any data.root"
+    raise ConfigError(f"eval.targets: no {listed} (nor a file {name!r})")
 
 
 def build_evaluator(cfg: Config) -> Evaluator | None:
@@ -296,10 +327,23 @@ def build_trainer(cfg: Config, ctx: DistContext) -> Trainer:
     backbone = build_backbone(cfg)
     check_batch_norm(backbone, cfg)
     check_embedding_size(backbone, cfg)
+    freeze = freeze_backbone(backbone, cfg.model)  # before the optimizer and DDP see it
+    if freeze.frozen_params and ctx.is_main:
+        log.info(
+            "frozen: %d backbone parameters (stem%s, layout %s); %d BatchNorm layers in eval",
+            len(freeze.frozen_params),
+            f" + {cfg.model.freeze_units} of {freeze.num_units} units"
+            if cfg.model.freeze_units
+            else "",
+            freeze.layout,
+            len(freeze.eval_norms or ()),
+        )
     head = build_head(cfg, ctx.device)
     aux = build_aux_losses(cfg, ctx.device)
     seed_everything(cfg.train.seed + 1_000_003 * (ctx.rank + 1))  # per-rank streams
     trainer = Trainer(cfg, backbone, head, loader, ctx, evaluator, aux)
     check_output_space(trainer, ctx)
-    trainer.maybe_resume()
+    if trainer.maybe_resume() is None:
+        # a new run: model.init_from and head.init=imprint (a resume's checkpoint wins)
+        init_new_run(trainer)
     return trainer

@@ -68,7 +68,13 @@ import torch
 
 from trainer.distributed import DistContext
 
-FORMAT_VERSION = 1
+#: ``meta.json``'s ``format``. 1: the first layout. 2: the same files and parts; the
+#: backbone's ``state_dict`` uses arcface_torch's names (``conv1``, ``layer1.0.*``,
+#: ``features``, ...; see :mod:`backbones.weights`). A format-1 checkpoint resumes: its
+#: backbone names (``stem.*``, ``units.N.*``, ``head.*``) are translated on load, and a
+#: network whose format-1 architecture differs (``mbf``'s depthwise stage 0, the ViT
+#: layout) is compared as ``model.kwargs`` plus :func:`backbones.weights.v1_model_kwargs`.
+FORMAT_VERSION = 2
 _FINAL = re.compile(r"^step-(\d{8})$")
 _CHUNK = 1 << 22  # bytes per read when hashing a file
 

@@ -17,7 +17,7 @@ come in three scopes, which decide the file they go to:
 * **per rank** (``rank-RRRRR.pt``, absent for ranks the saving job did not have): the
   RNG states.
 
-The part names are the keys of the on-disk format (``FORMAT_VERSION`` 1): renaming
+The part names are the keys of the on-disk format (``FORMAT_VERSION`` 2): renaming
 one would orphan the checkpoints already written.
 
 Resuming (:meth:`Checkpointer.resume`) is one check, then the restore:
@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -51,6 +51,7 @@ from torch import nn
 
 from configs import ConfigError
 from trainer.checkpoint import (
+    FORMAT_VERSION,
     CheckpointError,
     CheckpointManager,
     DamagedCheckpointError,
@@ -74,6 +75,7 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "optimizer.betas",
     "optimizer.eps",
     "optimizer.head_state_dtype",
+    "optimizer.backbone_lr_mult",
     "scheduler.",
     "train.epochs",
     "train.max_steps",
@@ -94,8 +96,13 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "head.sample_rate",
     "head.chunk_size",
     "head.matmul_dtype",
+    "head.backend",
     "head.interclass_filtering_threshold",
     "head.interclass_filtering_mode",
+    # fine-tuning: how a new run starts (a resume's checkpoint wins), BatchNorm updates
+    "model.init_from",
+    "head.init",
+    "model.freeze_bn_stats",
     "aux.",
     "checkpoint.",
     "eval.",
@@ -104,6 +111,9 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
 
 #: Why an option may not change on resume (the refusal names the reason).
 _FIXED_WHY = {
+    "model.freeze_": "the backbone optimizer's parameters are the checkpoint's",
+    "optimizer.weight_decay_exclude_norm_bias": "the backbone optimizer's parameter "
+    "groups are the checkpoint's",
     "model.": "the network's parameters are the checkpoint's",
     "head.num_subcenters": "the head's rows are the checkpoint's",
     "head.": "the head kind and its margins are part of what was learned",
@@ -111,6 +121,8 @@ _FIXED_WHY = {
     "data.num_images": "the sampler's position is an index into the checkpoint's data",
     "data.sampler": "the sampler's position is the checkpoint's sampler's",
     "data.pk_": "the sampler's position is the checkpoint's sampler's",
+    "data.weights": "the epoch's sample order is drawn from them (the sampler's position "
+    "indexes it)",
     "optimizer.name": "the optimizer state is the checkpoint's optimizer's",
     "train.seed": "the data order and sampling streams are seeded by it",
 }
@@ -137,6 +149,23 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def upgrade_v1_config(saved: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A format-1 checkpoint's configuration as this version builds it, and the keywords
+    added: the network's ``model.kwargs`` gain those that rebuild its format-1
+    architecture (:func:`backbones.weights.v1_model_kwargs`: ``mbf``'s depthwise stage
+    0, the format-1 ViT layout), so the resumed run must pass them too."""
+    from backbones.weights import v1_model_kwargs
+
+    model = saved.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("network"), str):
+        return saved, {}
+    kwargs = model.get("kwargs") if isinstance(model.get("kwargs"), dict) else {}
+    extra = v1_model_kwargs(model["network"], kwargs)
+    if not extra:
+        return saved, {}
+    return {**saved, "model": {**model, "kwargs": {**kwargs, **extra}}}, extra
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -404,11 +433,15 @@ class ShardedModule:
 class Fact:
     """A property of the run recorded in ``meta.json`` that a resumed run must share.
 
-    ``describe`` formats the saved value for the error, e.g. ``"{} classes"``."""
+    ``describe`` formats the saved value for the error, e.g. ``"{} classes"``. ``check``,
+    if given, replaces the equality test: ``check(saved, value)`` returns why the
+    checkpoint cannot be resumed, or ``None``; ``saved`` is ``None`` for a checkpoint
+    that does not record the fact (without ``check`` such a checkpoint passes)."""
 
     value: Any
     option: str
     describe: str
+    check: Callable[[Any, Any], str | None] | None = None
 
 
 class NonFiniteStateError(CheckpointError):
@@ -648,14 +681,25 @@ class Checkpointer:
         with this run; raise one :class:`ConfigError` naming every difference a resume
         cannot take; log the allowed ones, which this run applies."""
         problems = []
+        named = set()  # options whose fact differs: not repeated from the config below
         for key, fact in self.facts.items():
+            if fact.check is not None:
+                why = fact.check(meta.get(key), fact.value)
+                if why is not None:
+                    problems.append(f"{fact.option}: {why}")
+                    named.add(fact.option)
+                continue
             saved = meta.get(key, fact.value)  # older checkpoints may lack a fact
             if saved != fact.value:
                 problems.append(
                     f"{fact.option}={fact.value} but the checkpoint has "
                     f"{fact.describe.format(saved)}"
                 )
+                named.add(fact.option)
         saved_cfg = self._saved_config(shared)
+        legacy_kwargs: dict[str, Any] = {}
+        if saved_cfg is not None and int(meta.get("format", 1)) < 2:
+            saved_cfg, legacy_kwargs = upgrade_v1_config(saved_cfg)
         self.resumed_config = saved_cfg  # for the resume's batch-layout warning
         mine = self.replicated.get("config")
         current = self._saved_config({"config": mine.value}) if isinstance(mine, Recorded) else None
@@ -664,16 +708,17 @@ class Checkpointer:
             changed, refused = compare_configs(
                 saved_cfg, current, meta.get("world_size"), self.storage.ctx.world_size
             )
-            named = {
-                fact.option
-                for key, fact in self.facts.items()
-                if meta.get(key, fact.value) != fact.value
-            }
             problems += [
                 f"{key}: checkpoint {old!r}, now {new!r} ({why})"
                 for key, old, new, why in refused
                 if key not in named
             ]
+            if legacy_kwargs and any(key == "model.kwargs" for key, *_ in refused):
+                problems.append(
+                    "(a format-1 checkpoint: its network is this version's with "
+                    + ", ".join(f"model.kwargs.{k}={v!r}" for k, v in legacy_kwargs.items())
+                    + ", see docs/backbones.md)"
+                )
         if problems:
             raise ConfigError(
                 f"checkpoint {path} cannot be resumed with this configuration:\n  "
@@ -715,6 +760,11 @@ class Checkpointer:
         :class:`ConfigError`) and the loaded values' finiteness are checked."""
         meta = CheckpointManager.read_meta(path)
         ctx = self.storage.ctx
+        if int(meta.get("format", 1)) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path} has checkpoint format {meta['format']}, newer than this trainer's "
+                f"{FORMAT_VERSION}: resume it with the version that wrote it"
+            )
         # 1. bytes: every rank checks the files it reads
         error = None
         try:

@@ -48,8 +48,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from backbones.weights import save_backbone_weights
 from configs import Config, ConfigError, config_to_dict
-from datasets.atomic import append_text, atomic_open, write_json
+from datasets.atomic import append_text, write_json
 from datasets.augment import BatchAugment
 from trainer.amp import AmpPolicy
 from trainer.checkpoint import CheckpointError, CheckpointManager
@@ -69,6 +70,7 @@ from trainer.checkpointer import (
     nonfinite_parts,
 )
 from trainer.distributed import DistContext
+from trainer.finetune import backbone_param_groups
 from trainer.monitor import Monitor
 from trainer.optim import build_backbone_optimizer, build_head_optimizer
 from trainer.resume_warning import BatchLayout, batch_change_warning
@@ -171,7 +173,10 @@ class Trainer:
             self.model = self.backbone
         self.loader = loader
         self.evaluator = evaluator
-        self.opt_backbone = build_backbone_optimizer(cfg.optimizer, self.backbone.parameters())
+        # lr x optimizer.backbone_lr_mult; frozen parameters (model.freeze_*) left out
+        self.opt_backbone = build_backbone_optimizer(
+            cfg.optimizer, backbone_param_groups(self.backbone, cfg.optimizer)
+        )
         self.opt_head = build_head_optimizer(cfg.optimizer, self.head)
         aux = aux or AuxLosses()
         self.center = aux.center.to(ctx.device) if aux.center is not None else None
@@ -221,7 +226,8 @@ class Trainer:
 
         self.step = 0
         self.epoch = 0
-        self.last_lr = self.opt_backbone.param_groups[0]["lr"]
+        # optimizer.lr x schedule (the head's; the backbone's is x backbone_lr_mult)
+        self.last_lr = self.opt_head.param_groups[0]["lr"]
         self.history: list[dict[str, Any]] = []  # verification results by step
         self.monitor: Monitor | None = None  # while fit() runs
         self.checkpointer = self._build_checkpointer()
@@ -247,6 +253,17 @@ class Trainer:
         sharded = {"head": ShardedModule(head, self.opt_head, head.num_subcenters)}
         if center is not None:
             sharded["center"] = ShardedModule(center, self.opt_center, row_keys=("centers",))
+        facts = {
+            "num_classes": Fact(head.num_classes, "data.num_classes", "{} classes"),
+            "embedding_size": Fact(
+                head.embedding_size, "model.embedding_size", "embeddings of size {}"
+            ),
+        }
+        table = getattr(self.loader, "dataset_table", None)
+        if callable(table):  # the data.root list and its label offsets (datasets/multi.py)
+            from datasets.multi import resume_problem
+
+            facts["datasets"] = Fact(table(), "data.root", "{}", check=resume_problem)
         return Checkpointer(
             CheckpointManager(self.output / "checkpoints", self.ctx, self.cfg.checkpoint.keep_last),
             Attributes(self, ("step", "epoch")),
@@ -261,12 +278,7 @@ class Trainer:
             },
             sharded=sharded,
             per_rank={"rng": RngState()},
-            facts={
-                "num_classes": Fact(head.num_classes, "data.num_classes", "{} classes"),
-                "embedding_size": Fact(
-                    head.embedding_size, "model.embedding_size", "embeddings of size {}"
-                ),
-            },
+            facts=facts,
         )
 
     # ------------------------------------------------------------------ one step
@@ -288,7 +300,7 @@ class Trainer:
                 for i, (images, labels) in enumerate(micro_batches)
             ]
         result = self.stepper(micro_batches)
-        self.last_lr = self.opt_backbone.param_groups[0]["lr"]  # the LR this step used
+        self.last_lr = self.opt_head.param_groups[0]["lr"]  # the LR this step used
         for scheduler in self.schedulers:
             scheduler.step()
         self.step += 1
@@ -534,8 +546,10 @@ class Trainer:
 
     # -------------------------------------------------------------------- export
     def export_backbone(self, path: Path | None = None) -> Path:
-        """Save the backbone weights alone (rank 0, atomically), loadable with
-        ``torch.load(path, weights_only=True)``; returns the path."""
+        """Save the backbone weights alone (rank 0, atomically:
+        :func:`backbones.weights.save_backbone_weights`), loadable with
+        ``torch.load(path, weights_only=True)`` (``safetensors`` for a ``.safetensors``
+        path) into our model or arcface_torch's; returns the path."""
         path = path or self.output / "backbone.pt"
         bad = [p for p in nonfinite_parts(dict(self.backbone.state_dict())) if p]
         if any(self.ctx.all_gather_object(bad)):
@@ -545,9 +559,9 @@ class Trainer:
                 f"checkpoint: {self.last_good or 'none'}"
             )
         if self.ctx.is_main:
-            weights = {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
-            with atomic_open(path, "wb") as fh:
-                torch.save(weights, fh)
+            # arcface_torch's names: the file loads into its model code too; a path
+            # ending in .safetensors is written as safetensors
+            save_backbone_weights(self.backbone.state_dict(), path)
             log.info("exported backbone weights to %s", path)
         self.ctx.barrier()
         return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -10,10 +11,19 @@ from configs import OptimizerConfig
 
 
 def build_backbone_optimizer(
-    cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]
+    cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]]
 ) -> torch.optim.Optimizer:
-    """``torch.optim.SGD`` or ``AdamW`` over the backbone parameters."""
-    params = [p for p in params if p.requires_grad]
+    """``torch.optim.SGD`` or ``AdamW`` over the backbone parameters: a list of
+    parameters, or of parameter groups (``trainer.finetune.backbone_param_groups``:
+    their own ``lr`` / ``weight_decay``, the rest from ``cfg``). Parameters that do not
+    require a gradient are left out."""
+    items = list(params)
+    if items and isinstance(items[0], dict):
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in items]
+        params = groups  # type: ignore[assignment]
+        every = [p for g in groups for p in g["params"]]
+    else:
+        params = every = [p for p in items if p.requires_grad]  # type: ignore[assignment]
     # Fused: one kernel per parameter group, and a skipped step is decided on the
     # device (``found_inf``, see :func:`step_unless`) instead of read back by the host.
     if cfg.name == "sgd":
@@ -25,7 +35,7 @@ def build_backbone_optimizer(
             # from the gradient, skipping that when found_inf is set; a skipped first
             # step would leave them uninitialised. Zeros give the same first step
             # (buf = 0 * momentum + g) and make every step alike.
-            for param in params:
+            for param in every:
                 optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
         return optimizer
     if cfg.name == "adamw":
