@@ -39,6 +39,7 @@ from datasets.prepare import add_face_arguments, face_options
 from eval.extract import Embedder
 from eval.faces import embed_aligned, open_model, resize_crop
 from eval.metrics import VAL_THRESHOLDS_STEP, pair_distances, threshold_at_far
+from eval.onnx_infer import add_input_arguments, input_options
 
 
 class NoFaceError(ValueError):
@@ -150,6 +151,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="for --calibrate-bin")
     p.add_argument("--json", help="also write the result here")
     add_face_arguments(p, min_size=20.0)
+    add_input_arguments(p)
     args = p.parse_args(argv)
     if args.threshold is not None and not -1 <= args.threshold <= 1:
         p.error(f"--threshold must be a cosine in [-1, 1], got {args.threshold}")
@@ -161,7 +163,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns what it printed, as a dict (``--json``'s content)."""
     args = _parse_args(argv)
-    embed, size = open_model(args.model, args.network, args.device)
+    embed, size = open_model(args.model, args.network, args.device, input_options(args))
     finder = None if args.aligned else FaceFinder(face_options(args, image_size=size))
     sim, fa, fb = compare(embed, finder, args.photo_a, args.photo_b, size)
     out: dict[str, Any] = {"a": args.photo_a, "b": args.photo_b, "similarity": sim}

@@ -46,6 +46,7 @@ from datasets.photos import PHOTO_SUFFIXES
 from datasets.prepare import add_face_arguments, face_options, iter_faces
 from eval.extract import Embedder
 from eval.faces import embed_aligned, open_model
+from eval.onnx_infer import add_input_arguments, input_options
 
 
 def list_photos(root: str | os.PathLike[str]) -> list[str]:
@@ -165,6 +166,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--no-progress", action="store_true")
     add_face_arguments(p, min_size=20.0)
+    add_input_arguments(p)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.workers < 1:
         p.error("--batch-size and --workers must be >= 1")
@@ -174,7 +176,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the number of photos embedded."""
     args = _parse_args(argv)
-    embed, size = open_model(args.model, args.network, args.device)
+    embed, size = open_model(args.model, args.network, args.device, input_options(args))
     options = face_options(args, image_size=size)
     paths, results, emb = embed_folder(
         args.dir,

@@ -11,6 +11,8 @@ such embeddings is their dot product; the verification protocol's squared distan
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import cv2
 import numpy as np
@@ -21,11 +23,14 @@ from eval.metrics import l2_normalize
 
 
 def open_model(
-    model: str | os.PathLike[str], network: str | None = None, device: str | None = None
+    model: str | os.PathLike[str],
+    network: str | None = None,
+    device: str | None = None,
+    onnx_input: Mapping[str, Any] | None = None,
 ) -> tuple[Embedder, int]:
-    """``(embedder, input side)`` of ``model``: an ONNX file (``*.onnx``, written by
-    ``eval.export_onnx``; its input size is read from its metadata) or a backbone
-    checkpoint, which needs ``network`` (input 112).
+    """``(embedder, input side)`` of ``model``: an ONNX file (``*.onnx``: ours or anyone's;
+    its input convention is read as :class:`eval.onnx_infer.OnnxEmbedder` documents, with
+    ``onnx_input`` overrides) or a backbone checkpoint, which needs ``network`` (input 112).
 
     Raises:
         ValueError: a checkpoint without ``network``, a file that does not load.
@@ -41,12 +46,13 @@ def open_model(
     if path.lower().endswith(".onnx"):
         from eval.onnx_infer import OnnxEmbedder
 
-        emb = OnnxEmbedder(path, device=dev)
-        size = emb.metadata.get("input_size", "112x112")
-        h, _, w = size.partition("x")
-        if h != w or not h.isdigit():
-            raise ValueError(f"--model {path}: square input expected, metadata says {size!r}")
-        return emb, int(h)
+        emb = OnnxEmbedder(path, device=dev, **(onnx_input or {}))
+        h, w = emb.input_hw
+        if h != w:
+            raise ValueError(f"--model {path}: square input expected, the model takes {h}x{w}")
+        return emb, h
+    if any(v is not None for v in (onnx_input or {}).values()):
+        raise ValueError(f"--model {path}: --input-* options apply to ONNX models only")
     if network is None:
         raise ValueError(f"--model {path}: a checkpoint needs --network (r50, mbf, ...)")
     return make_embedder(network=network, checkpoint=path, device=dev), 112
