@@ -124,3 +124,13 @@ def test_triton_goals_read_the_triton_rows_only() -> None:
     assert torch_time["measured"].startswith("1.90x")
     report["goals"] = goals
     assert "| triton |" in markdown(report)
+
+
+def test_gpu_plan_caps_fit_the_overall_budget() -> None:
+    # every section must get its whole cap inside the 8 minutes, or the last one
+    # (the CUDA tests) is cut short on the machine
+    from bench import gpu_check
+
+    plan = gpu_check.GPU_PLAN
+    caps = [getattr(plan, f"{name}_cap_s") for name in gpu_check.SECTIONS]
+    assert sum(caps) <= gpu_check.TOTAL_BUDGET_S - 10.0
