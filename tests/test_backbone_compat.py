@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +35,8 @@ from backbones.weights import (
     v1_model_kwargs,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DATA = Path(__file__).parent / "data"
 ARC_KEYS = DATA / "arcface_torch_keys"
 LEGACY = DATA / "legacy_backbones"
@@ -43,14 +44,6 @@ V1_RUN = LEGACY / "v1_run"
 V1_CKPT = V1_RUN / "checkpoints" / "step-00000001"
 ARCFACE_MODELS = ["r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large"]
 ARCFACE_MODELS += ["vit_t", "vit_s", "vit_b", "vit_l"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _key_list(path: Path) -> dict[str, tuple[int, ...]]:

@@ -27,19 +27,12 @@ from trainer.amp import AmpPolicy
 from trainer.monitor import Monitor
 from trainer.schedule import WarmupPoly
 
-pytestmark = pytest.mark.on_device  # `pytest --device cuda` reruns these on the GPU
+pytestmark = [
+    pytest.mark.on_device,  # `pytest --device cuda` reruns these on the GPU
+    pytest.mark.usefixtures("one_thread"),
+]
 
 IN_DIM, EMB, CLASSES = 12, 8, 11
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread (as each spawned rank has): the suite shares 2 cores, and
-    oversubscribed OpenMP threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class TensorLoader:
