@@ -17,15 +17,16 @@ import pytest
 import datasets.atomic as atomic
 import train_dist
 from datasets.atomic import OutputWriteError, append_text, write_json
-from tests.test_trainer import (  # noqa: F401 (one_thread is an autouse fixture)
+from tests.test_trainer import (
     TensorLoader,
     dataset,
     make_cfg,
     make_trainer,
-    one_thread,
 )
 from trainer.monitor import Monitor, setup_logging
 from trainer.preflight import OutputDirError, probe_output
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 

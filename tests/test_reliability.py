@@ -22,20 +22,21 @@ import train_dist
 import trainer.checkpoint as checkpoint_module
 from configs import ConfigError, load_config
 from tests.distributed import run_ranks
-from tests.test_trainer import (  # noqa: F401 (one_thread is an autouse fixture)
+from tests.test_trainer import (
     CLASSES,
     TensorLoader,
     dataset,
     gather_state,
     make_cfg,
     make_trainer,
-    one_thread,
 )
 from trainer.build import check_embedding_size
 from trainer.checkpoint import CheckpointError, CheckpointManager
 from trainer.distributed import init_distributed
 from trainer.loop import TrainingError
 from trainer.preflight import OutputDirError, probe_output
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class KeyedLoader(TensorLoader):

@@ -14,16 +14,17 @@ import torch
 import trainer.checkpointer as checkpointer_module
 from configs import ConfigError, config_to_dict
 from tests.distributed import run_ranks
-from tests.test_trainer import (  # noqa: F401 (one_thread is an autouse fixture)
+from tests.test_trainer import (
     TensorLoader,
     dataset,
     make_cfg,
     make_trainer,
-    one_thread,
 )
 from trainer.checkpoint import DamagedCheckpointError
 from trainer.checkpointer import RESUME_MAY_CHANGE, compare_configs
 from trainer.loop import Trainer, TrainingError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(out: Path, *extra: str, world: int = 1, rank: int = 0) -> Trainer:

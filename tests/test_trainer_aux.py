@@ -11,7 +11,7 @@ import torch
 
 from configs import ConfigError, load_config
 from tests.distributed import run_ranks
-from tests.test_trainer import (  # noqa: F401 (one_thread is an autouse fixture)
+from tests.test_trainer import (
     CLASSES,
     EMB,
     TensorLoader,
@@ -20,10 +20,11 @@ from tests.test_trainer import (  # noqa: F401 (one_thread is an autouse fixture
     gather_state,
     make_backbone,
     make_cfg,
-    one_thread,
 )
 from trainer import DistContext, Trainer
 from trainer.build import build_aux_losses
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 AUX = ("aux.center_weight=0.1", "aux.triplet_weight=0.5")
 

@@ -13,7 +13,7 @@ import torch
 import trainer.checkpoint as checkpoint_module
 from partial_fc import ArcFace, PartialFC
 from tests.distributed import run_ranks
-from tests.test_trainer import (  # noqa: F401 (one_thread is an autouse fixture)
+from tests.test_trainer import (
     EMB,
     TensorLoader,
     dataset,
@@ -21,11 +21,12 @@ from tests.test_trainer import (  # noqa: F401 (one_thread is an autouse fixture
     make_backbone,
     make_cfg,
     make_trainer,
-    one_thread,
 )
 from tests.test_trainer_aux import make_aux_trainer
 from trainer import DistContext, Trainer
 from trainer.checkpoint import CheckpointManager
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 96 samples, global batch 24 -> 4 steps per epoch; 3 epochs -> 12 steps.
 RESUME_ARGS = ("train.epochs=3", "head.sample_rate=0.5", "optimizer.name=sgd")
