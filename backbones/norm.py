@@ -8,6 +8,8 @@ a different sub-batch). Unlike ``model.eval()``, the freeze survives
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,15 +56,18 @@ class FrozenBatchNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
-def freeze_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm layer in ``module`` (in place) by a
-    :class:`FrozenBatchNorm` holding its current statistics and parameters.
+def freeze_batchnorm(
+    module: nn.Module, select: Callable[[str], bool] | None = None, prefix: str = ""
+) -> nn.Module:
+    """Replace BatchNorm layers in ``module`` (in place) by :class:`FrozenBatchNorm`
+    layers holding their current statistics and parameters: every one, or those whose
+    qualified name (as in ``module.named_modules()``) ``select`` accepts.
 
-    Returns ``module`` (or the replacement when ``module`` is itself a
-    BatchNorm layer).
+    Returns ``module`` (or the replacement when ``module`` is itself a selected
+    BatchNorm layer). ``prefix`` is ``module``'s own name, for the recursion.
     """
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return FrozenBatchNorm(module)
+        return FrozenBatchNorm(module) if select is None or select(prefix) else module
     for name, child in module.named_children():
-        setattr(module, name, freeze_batchnorm(child))
+        setattr(module, name, freeze_batchnorm(child, select, f"{prefix}.{name}".lstrip(".")))
     return module

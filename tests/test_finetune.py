@@ -216,12 +216,19 @@ def test_freeze_stem_and_units_by_name(network: str) -> None:
     assert expected and frozen - fixed_before == expected
     assert report.num_units == count
     assert sorted(report.frozen_params or []) == sorted(expected)
-    # BatchNorm layers inside the frozen part stay in eval mode through train()
+    # BatchNorm layers inside the frozen part keep their statistics through training
+    # steps; the others update them
     model.train()
-    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    model(torch.zeros(2, 3, 112, 112))
-    for name, bn in bns.items():
-        assert bn.training == (not f"{name}.".startswith(stem + units)), name
+    bns = {n: m for n, m in model.named_modules() if getattr(m, "running_mean", None) is not None}
+    before = {n: m.running_mean.clone() for n, m in bns.items()}
+    assert before  # every family has BatchNorm layers
+    model(torch.rand(2, 3, 112, 112))
+    assert sorted(report.eval_norms or []) == sorted(
+        n for n in before if f"{n}.".startswith(stem + units)
+    )
+    for name, mean in before.items():
+        unchanged = torch.equal(bns[name].running_mean, mean)
+        assert unchanged == f"{name}.".startswith(stem + units), name
     with pytest.raises(ConfigError, match=f"has {count} residual units"):
         freeze_backbone(get_model(network), cfg.__class__(network, freeze_units=count + 1))
 

@@ -13,8 +13,7 @@
 * :func:`imprint_head`: ``head.init=imprint``, one rank-parallel pass over the
   training data (the sharded accumulation is :mod:`partial_fc.imprint`).
 
-All of it runs once, at start-up: nothing here is on the training step's path, except
-the forward pre-hook that keeps frozen BatchNorm layers in eval mode.
+All of it runs once, at start-up: nothing here is on the training step's path.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from backbones.norm import freeze_batchnorm
 from configs import ConfigError, ModelConfig, OptimizerConfig
 from trainer.distributed import DistContext
 
@@ -126,14 +126,7 @@ class FreezeReport:
     frozen_params: list[str] | None = None
     """Names of the parameters made ``requires_grad=False``."""
     eval_norms: list[str] | None = None
-    """Names of the BatchNorm modules kept in eval mode."""
-
-
-def _keep_eval(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook of a frozen BatchNorm: normalise with the running statistics
-    and never update them, whatever ``train()`` last set (it is called every step)."""
-    del args
-    module.training = False
+    """Names of the BatchNorm modules frozen (running statistics fixed)."""
 
 
 def freeze_backbone(backbone: nn.Module, cfg: ModelConfig) -> FreezeReport:
@@ -141,9 +134,10 @@ def freeze_backbone(backbone: nn.Module, cfg: ModelConfig) -> FreezeReport:
 
     Frozen parameters get ``requires_grad=False`` (the optimizer and DDP then leave
     them out: call this before both are built). BatchNorm layers inside the frozen
-    parts, and every BatchNorm layer with ``freeze_bn_stats``, stay in eval mode
-    through ``train()`` calls (a forward pre-hook), so their running statistics are
-    used and never change. Module types and ``state_dict`` keys are unchanged.
+    parts, and every BatchNorm layer with ``freeze_bn_stats``, become
+    :class:`backbones.norm.FrozenBatchNorm` (the one way this project freezes BatchNorm):
+    their running statistics are used in training too and never change, their scale and
+    shift keep their ``requires_grad``, and ``state_dict`` keys are unchanged.
     """
     report = FreezeReport()
     frozen_parts: set[str] = set()
@@ -169,15 +163,17 @@ def freeze_backbone(backbone: nn.Module, cfg: ModelConfig) -> FreezeReport:
                 f"model.freeze_units={cfg.freeze_units}: freezes every parameter of "
                 f"model.network={cfg.network!r}; nothing would train"
             )
-    report.eval_norms = []
-    for name, module in backbone.named_modules():
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-            continue
+
+    def frozen_norm(name: str) -> bool:
         inside = layout is not None and layout.part_of(f"{name}.running_mean") in frozen_parts
-        if cfg.freeze_bn_stats or inside:
-            module.register_forward_pre_hook(_keep_eval)
-            module.eval()
-            report.eval_norms.append(name)
+        return cfg.freeze_bn_stats or inside
+
+    report.eval_norms = [
+        name
+        for name, module in backbone.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen_norm(name)
+    ]
+    freeze_batchnorm(backbone, frozen_norm)
     return report
 
 
