@@ -44,10 +44,8 @@ def open_model(
         raise FileNotFoundError(f"--model {path}: no such file")
     dev = str(resolve_device(device, 0))
     if path.lower().endswith(".onnx"):
-        from eval.onnx_infer import OnnxEmbedder
-
-        emb = OnnxEmbedder(path, device=dev, **(onnx_input or {}))
-        h, w = emb.input_hw
+        emb = make_embedder(onnx_path=path, device=dev, onnx_input=onnx_input)
+        h, w = emb.input_hw  # type: ignore[attr-defined]  # an OnnxEmbedder
         if h != w:
             raise ValueError(f"--model {path}: square input expected, the model takes {h}x{w}")
         return emb, h
