@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from common.outdir import OutputLock
     from configs import Config
-    from trainer.output_lock import OutputLock
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -67,20 +67,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
+    from common.atomic import OutputWriteError
+    from common.outdir import OutputLock
     from datasets import DataError
-    from datasets.atomic import OutputWriteError
     from trainer.build import build_trainer
     from trainer.checkpoint import CheckpointError
     from trainer.distributed import init_distributed
     from trainer.loop import TrainingError
     from trainer.monitor import setup_logging
-    from trainer.output_lock import OutputLock
 
     # the collective timeout bounds every collective: a hung or dead peer makes the
     # others fail after it instead of waiting forever
     ctx = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     rank, world = ctx.rank, ctx.world_size
-    lock = OutputLock(cfg.train.output)
+    lock = OutputLock(cfg.train.output, "train.output", "train")
     trainer = None
     try:
         # one job per output directory: rank 0 locks it before anything is written
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _lock_output(lock: OutputLock, cfg: Config) -> str | None:
     """Rank 0: take ``train.output``'s lock, then check TensorBoard's directory; the
     refusal (naming the other job, or the directory) or ``None``."""
-    from trainer.output_lock import OutputLockedError
+    from common.outdir import OutputLockedError
     from trainer.preflight import OutputDirError, probe_tensorboard
 
     try:

@@ -27,7 +27,7 @@ Reading (:func:`read_backbone_weights`, :func:`load_backbone_weights`):
   and unexpected keys), and the model is left untouched.
 
 Writing (:func:`save_backbone_weights`): ``.safetensors`` or ``torch.save`` by
-the file's suffix, atomically (:mod:`datasets.atomic`): a failed write leaves the
+the file's suffix, atomically (:mod:`common.atomic`): a failed write leaves the
 previous file in place.
 """
 
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from datasets.atomic import atomic_open, naming
+from common.atomic import atomic_open, naming
 
 #: Prefixes added by wrappers around a model: DistributedDataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({wc['photos']} photos in {wc['wall_s']:.1f} s, kept {wc['kept']})"
     )
     if a.out:
-        from datasets.atomic import write_json
+        from common.atomic import write_json
 
         write_json(a.out, figures)
     return 0

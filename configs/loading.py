@@ -132,7 +132,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, directory: str | os.PathLike[str]) -> Path:
     """Write the resolved configuration to ``<directory>/config.json`` atomically."""
-    from datasets.atomic import write_json  # the one home for atomic writes
+    from common.atomic import write_json  # the one home for atomic writes
 
     target = Path(directory) / "config.json"
     write_json(target, config_to_dict(cfg), sort_keys=False)

@@ -11,7 +11,7 @@ Modules (one concern each):
 * :mod:`datasets.face_layout` — the MS1M/Glint360K/WebFace layout (header record 0, identity
   records) and the im2rec layout; ``FaceRecWriter`` writes the face layout (the only writer of
   it), ``read_property``/``write_property`` the ``property`` file.
-* :mod:`datasets.atomic` — atomic output files; every file the project writes goes through it.
+* :mod:`common.atomic` — atomic output files; every file the project writes goes through it.
 * :mod:`datasets.transforms` — OpenCV decode (RGB), flip, normalise to ``[-1, 1]``.
 * :mod:`datasets.dataset` — ``RecordIODataset``, ``ImageFolderDataset`` (and
   ``datasets.arrow_shards.ArrowDataset``): ``ds[i] -> (float32 (3, 112, 112), int label)``.

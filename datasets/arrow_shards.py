@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from datasets.atomic import atomic_path, write_json
+from common.atomic import atomic_path, write_json
 from datasets.dataset import FaceDataset, ImageFolderDataset, RecordIODataset
 from datasets.errors import DataError, LabelRangeError
 from datasets.transforms import decode_bgr

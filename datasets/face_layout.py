@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.atomic import write_text
+from common.atomic import write_text
 from datasets.errors import LabelRangeError
 from datasets.recordio import IndexedRecordIO, IRHeader, RecordIOError, pack, unpack
 

@@ -55,7 +55,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from datasets.atomic import write_bytes, write_json, write_text
+from common.atomic import write_bytes, write_json, write_text
 from datasets.detect.finder import REASONS, FaceFinder, FaceOptions, FaceResult
 from datasets.face_layout import FaceRecWriter
 from datasets.photos import PHOTO_SUFFIXES

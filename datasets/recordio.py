@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from datasets.atomic import AtomicFile, write_text
+from common.atomic import AtomicFile, write_text
 from datasets.errors import DataError
 
 MAGIC = 0xCED7230A
@@ -270,7 +270,7 @@ class MXRecordIO:
 
     ``read()`` returns the next record's bytes or ``None`` at the end of file;
     ``write(buf)`` appends one record. Writers write to a temporary sibling
-    (:class:`datasets.atomic.AtomicFile`) moved into place on :meth:`close`, so a
+    (:class:`common.atomic.AtomicFile`) moved into place on :meth:`close`, so a
     crashed write never leaves a half file under the real name.
     """
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from datasets.atomic import write_bytes
+from common.atomic import write_bytes
 
 SIZE = 112
 TRAIN, HELDOUT, PAIRS = 0, 1, 2  # rng stream ids

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from datasets.atomic import write_json
+from common.atomic import write_json
 from datasets.detect.finder import FaceFinder, FaceResult
 from datasets.photos import PhotoError, read_photo
 from datasets.prepare import add_face_arguments, face_options

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from datasets.atomic import atomic_path
+from common.atomic import atomic_path
 from datasets.detect.finder import FaceOptions, FaceResult
 from datasets.photos import PHOTO_SUFFIXES
 from datasets.prepare import add_face_arguments, face_options, iter_faces

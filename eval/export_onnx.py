@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from datasets.atomic import atomic_path
+from common.atomic import atomic_path
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"

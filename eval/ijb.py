@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from datasets.atomic import atomic_open, write_json
+from common.atomic import atomic_open, write_json
 from eval.extract import (
     Embedder,
     eval_mode,

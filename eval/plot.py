@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from datasets.atomic import atomic_open
+from common.atomic import atomic_open
 
 
 def save_roc_png(

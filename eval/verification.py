@@ -26,7 +26,7 @@ import numpy as np
 import torch.distributed as dist
 from torch import nn
 
-from datasets.atomic import write_json
+from common.atomic import write_json
 from eval.bin_io import PairSet, RestrictedUnpickler, load_bin, restricted_loads
 from eval.extract import Embedder, eval_mode, extract_embeddings, module_embedder
 from eval.metrics import evaluate, l2_normalize

@@ -1,5 +1,5 @@
 """Output and disk faults outside checkpoints: every file the trainer writes names the
-file when writing fails and leaves no temporary behind (``datasets.atomic``); a
+file when writing fails and leaves no temporary behind (``common.atomic``); a
 TensorBoard directory that cannot be written fails at start-up, one that breaks later
 costs a warning, not the run; the preflight space message never says ``0.00 GiB``."""
 
@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-import datasets.atomic as atomic
+import common.atomic as atomic
 import train_dist
-from datasets.atomic import OutputWriteError, append_text, write_json
+from common.atomic import OutputWriteError, append_text, write_json
 from tests.test_trainer import (
     TensorLoader,
     dataset,

@@ -1,4 +1,4 @@
-"""One job per output directory (``trainer.output_lock``): a second job is refused
+"""One job per output directory (``common.outdir``): a second job is refused
 naming the first, a lock left by a dead job is taken over, the lock goes on exit, also
 on errors. No sleeps: the "first job" is a lock held by this process."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import train_dist
-from trainer.output_lock import LOCK_NAME, OutputLock, OutputLockedError
+from common.outdir import LOCK_NAME, OutputLock, OutputLockedError
 
 
 def _dead_pid() -> int:

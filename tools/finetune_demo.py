@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from datasets.atomic import write_bytes, write_json
+from common.atomic import write_bytes, write_json
 
 log = logging.getLogger("finetune_demo")
 

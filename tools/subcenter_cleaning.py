@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from datasets.atomic import atomic_open, write_json, write_text
+from common.atomic import atomic_open, write_json, write_text
 from datasets.face_layout import FaceRecWriter
 from partial_fc.collectives import rank_and_world_size
 from partial_fc.sharding import class_range

@@ -50,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from backbones.weights import save_backbone_weights
 from configs import Config, ConfigError, config_to_dict
-from datasets.atomic import append_text, write_json
+from common.atomic import append_text, write_json
 from datasets.augment import BatchAugment
 from trainer.amp import AmpPolicy
 from trainer.checkpoint import CheckpointError, CheckpointManager

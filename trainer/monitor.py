@@ -1,7 +1,7 @@
 """Rank-0 observability: log lines, TensorBoard scalars and a TTY-only progress bar.
 
 Output failures name the file and never crash the run from a side channel: creating
-``train.log`` fails with :class:`~datasets.atomic.OutputWriteError` at start-up; a
+``train.log`` fails with :class:`~common.atomic.OutputWriteError` at start-up; a
 later write to it (full disk) prints one line naming it, and the file log stops (the
 stdout log goes on). TensorBoard likewise: its directory is probed at start-up
 (:func:`trainer.preflight.probe_tensorboard`), and a later failure of the event writer
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from datasets.atomic import OutputWriteError
+from common.atomic import OutputWriteError
 
 log = logging.getLogger("trainer")
 

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import torch
 
-
-class OutputDirError(OSError):
-    """``train.output`` cannot hold this run's files; the message names the path."""
+from common.outdir import OutputDirError, probe_directory
 
 
 def _size(n: float) -> str:
@@ -40,7 +38,7 @@ def probe_output(output: str | os.PathLike[str], rank: int = 0, required_bytes: 
             read-only file system, no space, ...).
     """
     path = Path(output)
-    _probe_directory(path, rank, f"train.output={str(path)!r}")
+    probe_directory(path, f"train.output={str(path)!r}", str(rank))
     if required_bytes > 0:
         free = shutil.disk_usage(path).free
         if free < required_bytes:
@@ -60,31 +58,9 @@ def probe_tensorboard(output: str | os.PathLike[str]) -> None:
         OutputDirError: naming the directory and ``log.tensorboard``.
     """
     path = Path(output) / "tensorboard"
-    _probe_directory(
-        path, 0, f"log.tensorboard=true, but {str(path)!r}", "set log.tensorboard=false"
+    probe_directory(
+        path, f"log.tensorboard=true, but {str(path)!r}", "0", "set log.tensorboard=false"
     )
-
-
-def _probe_directory(path: Path, rank: int, what: str, fix: str = "") -> None:
-    """Create ``path`` if needed, then write, fsync and remove a probe file in it."""
-    hint = f"; {fix}" if fix else ""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputDirError(f"{what} cannot be created: {exc}{hint}") from None
-    probe = path / f".write-probe-{rank}-{os.getpid()}"
-    try:
-        with open(probe, "wb") as fh:
-            fh.write(b"\0" * 4096)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        raise OutputDirError(f"{what} is not writable: {exc}{hint}") from None
-    finally:
-        try:
-            probe.unlink()
-        except OSError:
-            pass
 
 
 def checkpoint_bytes_estimate(

@@ -1,4 +1,4 @@
-"""datasets.atomic: a file appears whole or not at all, and an old one survives a failure."""
+"""common.atomic: a file appears whole or not at all, and an old one survives a failure."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets import atomic
+from common import atomic
 
 
 def _leftovers(directory: Path) -> list[str]:

@@ -1,0 +1,10 @@
+"""The bottom layer: helpers every other package may use, importing nothing of ours.
+
+* :mod:`common.atomic` — atomic output files (temporary sibling, fsync, rename);
+* :mod:`common.outdir` — output directories a command owns: a manifest that marks
+  them, one lock per run, probe files that never follow a symlink;
+* :mod:`common.errors` — :class:`~common.errors.UserError`, the base of every expected
+  failure (bad input, options or environment);
+* :mod:`common.cli` — the one error path of every command: an expected failure is one
+  line on stderr and exit code 1 or 2, only a bug prints a traceback.
+"""
