@@ -18,7 +18,7 @@ $(STAMP): requirements.txt requirements-test.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
 	touch $@
 
-# The GPU check's CPU smoke run comes first (so that bench/gpu_check.py never rots),
+# The GPU check's CPU smoke run comes first (so that bench/gpu_check/ never rots),
 # and pytest's summary is the last thing printed.
 test: $(STAMP)
 	$(MAKE) --no-print-directory gpu-check-smoke

@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
-from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
 
+from bench.common import FixedLengthLoader, seconds_of
 from datasets.augment import BatchAugment
 
 if TYPE_CHECKING:
@@ -36,28 +35,6 @@ if TYPE_CHECKING:
     from trainer.loop import Trainer
 
 BATCH = 32
-
-
-class _OneBatchLoader:
-    """Just enough of a loader for the Trainer's constructor (it reads the length)."""
-
-    def __init__(self, batches: int) -> None:
-        self.batches = batches
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        raise NotImplementedError("bench_augment times train_step on a fixed batch")
-
-    def state_dict(self) -> dict[str, int]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        pass
 
 
 def _demo_trainer(output: str) -> tuple[Config, Trainer]:
@@ -81,13 +58,7 @@ def _demo_trainer(output: str) -> tuple[Config, Trainer]:
     torch.manual_seed(0)
     backbone = get_model(cfg.model.network, embedding_size=cfg.model.embedding_size)
     head = build_head(cfg, ctx.device)
-    return cfg, Trainer(cfg, backbone, head, _OneBatchLoader(1000), ctx)
-
-
-def _time(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return cfg, Trainer(cfg, backbone, head, FixedLengthLoader(1000), ctx)
 
 
 def main() -> None:
@@ -108,9 +79,9 @@ def main() -> None:
         times: dict[str, list[float]] = {"step": [], "adaface": [], "every": []}
         for i in range(args.warmup + args.rounds):
             round_times = {
-                "step": _time(lambda: trainer.train_step([(images, labels)])),
-                "adaface": _time(lambda i=i: adaface(images, step=i, rank=0, seed=0)),
-                "every": _time(lambda i=i: every(images, step=i, rank=0, seed=0)),
+                "step": seconds_of(lambda: trainer.train_step([(images, labels)])),
+                "adaface": seconds_of(lambda i=i: adaface(images, step=i, rank=0, seed=0)),
+                "every": seconds_of(lambda i=i: every(images, step=i, rank=0, seed=0)),
             }
             if i >= args.warmup:
                 for key, value in round_times.items():

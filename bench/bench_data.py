@@ -18,7 +18,6 @@ Without ``--data`` a synthetic dataset (demo size) is generated in a temporary d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -53,50 +52,13 @@ def _imdecode(payloads: list[bytes], repeats: int) -> float:
     return best
 
 
-def _loader(
-    ds: Any, batch: int, workers: int, batches: int, device: str = "cpu", warmup: int = 3
-) -> float:
-    """Images/s of a :class:`~datasets.loader.FaceLoader` over ``batches`` batches after
-    ``warmup`` untimed ones (worker start-up; with many workers their first batches all
-    land at once, so the warm-up should exceed the worker count). On CUDA the batches are
-    delivered, normalised, to ``device``, and the clock stops after that work is done."""
-    import torch
-
-    from datasets.loader import FaceLoader
-
-    if warmup < 1:
-        raise ValueError(f"warmup must be >= 1 batch (it starts the clock), got {warmup}")
-    loader = FaceLoader(
-        ds, batch_size=batch, rank=0, world_size=1, num_workers=workers, device=device
-    )
-    if len(loader) == 0:
-        return float("nan")  # fewer images than one batch
-    cuda = torch.device(device).type == "cuda"
-    done = 0
-    epoch = 0
-    t0 = None
-    while done < batches + warmup:
-        loader.set_epoch(epoch)
-        for _ in loader:
-            done += 1
-            if done == warmup:
-                if cuda:
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-            if done == batches + warmup:
-                break
-        epoch += 1
-    if cuda:
-        torch.cuda.synchronize(device)
-    return batches * batch / (time.perf_counter() - t0)
-
-
 def run(
     data: Path, scratch: Path, n: int, repeats: int, batch: int, workers: int, batches: int
 ) -> dict:
     import cv2
     import torch
 
+    from bench.common import loader_images_per_s
     from datasets.arrow_shards import ArrowDataset, convert_to_shards
     from datasets.dataset import RecordIODataset
 
@@ -131,7 +93,7 @@ def run(
     rec.output = arrow.output = "float"
     res["ratio"] = {k: res[k] / res["imdecode"] for k in res if k.startswith(("recordio", "arrow"))}
     res["loader"] = {
-        name: _loader(ds, batch, workers, batches)
+        name: loader_images_per_s(ds, batch, workers, batches)
         for name, ds in (("recordio", rec), ("arrow", arrow))
     }
     res["loader_config"] = {"batch_size": batch, "workers": workers, "batches": batches}
@@ -162,10 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_1m": os.getloadavg()[0],
     }
     if a.out is not None:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = a.out.with_suffix(".tmp")
-        tmp_out.write_text(json.dumps(res, indent=1) + "\n")
-        os.replace(tmp_out, a.out)
+        from common.atomic import write_json
+
+        write_json(a.out, res, indent=1, sort_keys=False)
     print(f"per core ({res['images']} images, {res['image_bytes_mean']:.0f} B/JPEG):")
     print(f"  cv2.imdecode          {res['imdecode']:8.0f} img/s  1.00x")
     for k, v in res["ratio"].items():

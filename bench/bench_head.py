@@ -23,17 +23,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
+from bench.common import (
+    bare_products,
+    dense_arcface_step,
+    head_step,
+    interleaved_medians,
+    markdown_table,
+    peak_growth_mib,
+)
 from partial_fc import AdaFace, ArcFace, CurricularFace, ElasticFace, MagFace, PartialFC
 
 #: ``--margin`` choices, each at its paper's default settings.
@@ -44,86 +48,6 @@ MARGINS = {
     "curricular": CurricularFace,
     "elastic": ElasticFace,
 }
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _memory_growth(step: Callable[[], None], device: torch.device) -> float:
-    """Peak memory growth (MiB) of one call, after a warm-up call."""
-    step()  # warm-up: allocator, lazy init
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        _sync(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    base = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # reset VmHWM to the current RSS
-    step()
-    return (_status_kib("VmHWM") - base) / 1024
-
-
-def _interleaved_times(
-    steps: dict[str, Callable[[], None]], device: torch.device, repeats: int
-) -> dict[str, float]:
-    """Median seconds per call of each function, the calls interleaved round-robin
-    so that every function sees the same background load (this machine is shared)."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def _bare_products(x: torch.Tensor, w: torch.Tensor, grad_logits: torch.Tensor) -> None:
-    torch.mm(x, w.t())
-    torch.mm(grad_logits, w)
-    torch.mm(grad_logits.t(), x)
-
-
-# Each step drops its gradients at the end, so the next measurement's baseline
-# holds only the weights and the inputs.
-def _dense_step(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    labels: torch.Tensor,
-    matmul_dtype: torch.dtype | None = None,
-) -> None:
-    """A straightforward dense ArcFace head on one shard: full logits, autograd.
-    ``matmul_dtype`` (e.g. bf16) rounds the product's operands to it; the logits are
-    fp32 either way, as a mixed-precision dense head keeps them for the softmax."""
-    xi = x.clone().requires_grad_(True)
-    if matmul_dtype is None:
-        cos = F.normalize(xi) @ F.normalize(w).t()
-    else:
-        cos = (F.normalize(xi).to(matmul_dtype) @ F.normalize(w).to(matmul_dtype).t()).float()
-    target = cos.gather(1, labels[:, None]).clamp(-1 + 1e-7, 1 - 1e-7)
-    logits = cos.scatter(1, labels[:, None], torch.cos(torch.acos(target) + 0.5))
-    F.cross_entropy(64.0 * logits, labels).backward()
-    w.grad = None
-
-
-def _head_step(head: PartialFC, x: torch.Tensor, labels: torch.Tensor) -> None:
-    xi = x.clone().requires_grad_(True)
-    head(xi, labels).backward()
-    head.weight.grad = None
 
 
 def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file: str) -> None:
@@ -155,17 +79,17 @@ def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file:
         grad_logits = torch.randn(args.batch, classes, device=device)
         dense_w = w.clone().requires_grad_(True)
         steps = {
-            "bare": partial(_bare_products, xg, w, grad_logits),
-            "dense": partial(_dense_step, x, dense_w, labels % classes),
+            "bare": partial(bare_products, xg, w, grad_logits),
+            "dense": partial(dense_arcface_step, x, dense_w, labels % classes),
         }
         for rate in args.sample_rates:
             head = PartialFC(
                 classes * world_size, args.dim, MARGINS[args.margin](), sample_rate=rate,
                 device=device, chunk_classes=args.chunk or None, backend=args.backend,
             )  # fmt: skip
-            steps[f"head {rate}"] = partial(_head_step, head, x, labels)
-        memory = {name: _memory_growth(step, device) for name, step in steps.items()}
-        times = _interleaved_times(steps, device, args.steps)
+            steps[f"head {rate}"] = partial(head_step, head, x, labels)
+        memory = {name: peak_growth_mib(step, device) for name, step in steps.items()}
+        times = interleaved_medians(steps, device, args.steps)
         grad_mib = classes * args.dim * 4 / 2**20
         for rate in args.sample_rates:
             name = f"head {rate}"
@@ -181,16 +105,19 @@ def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file:
             f"D {args.dim}, device {device.type}, chunk {args.chunk or 'auto'}, "
             f"margin {args.margin}, backend {args.backend} ({head.active_backend})\n"
         )
-        print(
-            "| C_local | sample_rate | head s/step | 3 bare products s | head / bare | "
-            "dense s/step | head mem growth MiB | / weight grad | dense mem growth MiB |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|")
-        for classes, rate, ht, bt, dt, hm, gm, dm in rows:
-            print(
-                f"| {classes:,} | {rate} | {ht:.3f} | {bt:.3f} | {ht / bt:.2f}x | {dt:.3f} | "
-                f"{hm:.0f} | {hm / gm:.2f}x | {dm:.0f} |"
-            )
+        header = (
+            "C_local", "sample_rate", "head s/step", "3 bare products s", "head / bare",
+            "dense s/step", "head mem growth MiB", "/ weight grad", "dense mem growth MiB",
+        )  # fmt: skip
+        table = markdown_table(
+            header,
+            (
+                (f"{classes:,}", rate, f"{ht:.3f}", f"{bt:.3f}", f"{ht / bt:.2f}x", f"{dt:.3f}",
+                 f"{hm:.0f}", f"{hm / gm:.2f}x", f"{dm:.0f}")
+                for classes, rate, ht, bt, dt, hm, gm, dm in rows
+            ),
+        )  # fmt: skip
+        print("\n".join(table))
         if args.plot:
             _plot(rows, args.plot)
             print(f"\nplot written to {args.plot}")

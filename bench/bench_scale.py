@@ -26,7 +26,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench.bench_head import _bare_products, _interleaved_times, _status_kib
+from bench.common import (
+    bare_products,
+    interleaved_medians,
+    markdown_table,
+    proc_status_kib,
+    reset_peak_rss,
+)
 from partial_fc import ArcFace, PartialFC
 from partial_fc.optim import PartialFCSGD
 
@@ -47,7 +53,7 @@ def _bench_rank(rank: int, world: int, args: argparse.Namespace, identities: int
                             world_size=world)  # fmt: skip
     local_batch = args.batch // world
     gc.collect()
-    baseline_gib = _status_kib("VmRSS") / 2**20  # torch, gloo, Python: before any head
+    baseline_gib = proc_status_kib("VmRSS") / 2**20  # torch, gloo, Python: before any head
     head = PartialFC(identities, args.dim, ArcFace(), sample_rate=args.sample_rate, seed=0)
     opt = PartialFCSGD(
         head, lr=0.1, momentum=0.9, weight_decay=5e-4,
@@ -60,16 +66,15 @@ def _bench_rank(rank: int, world: int, args: argparse.Namespace, identities: int
     step = partial(_full_step, head, opt, x, labels)
     step()  # the optimizer's state exists from here on, as in a running job
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # peak resident set := current
+    reset_peak_rss()
     step()
-    peak_gib = _status_kib("VmHWM") / 2**20  # a training step's peak, nothing else
+    peak_gib = proc_status_kib("VmHWM") / 2**20  # a training step's peak, nothing else
     # The bare products' operands exist only now: they are not part of the peak.
     w_s = torch.randn(sampled, args.dim) * 0.01
     x_g, grad_logits = torch.randn(args.batch, args.dim), torch.randn(args.batch, sampled)
     start = time.perf_counter()
-    times = _interleaved_times(
-        {"step": step, "bare": partial(_bare_products, x_g, w_s, grad_logits)},
+    times = interleaved_medians(
+        {"step": step, "bare": partial(bare_products, x_g, w_s, grad_logits)},
         torch.device("cpu"),
         args.steps,
     )
@@ -89,25 +94,28 @@ def _bench_rank(rank: int, world: int, args: argparse.Namespace, identities: int
     dist.destroy_process_group()
 
 
+def _table_cells(r: dict) -> tuple[str, ...]:
+    """One size's row of the printed table."""
+    above = (r["peak_gib"] - r["baseline_gib"]) / r["shard_gib"]
+    return (
+        f"{r['identities']:,}", f"{r['c_local']:,}", f"{r['sampled']:,}", f"{r['step_s']:.3f}",
+        f"{r['bare_s']:.3f}", f"{r['step_s'] / r['bare_s']:.2f}x", f"{r['peak_gib']:.2f}",
+        f"{r['shard_gib']:.2f}", f"{r['peak_gib'] / r['shard_gib']:.2f}x", f"{above:.2f}x",
+    )  # fmt: skip
+
+
 def _report(rows: list[dict], args: argparse.Namespace) -> None:
     print(
         f"\n2 gloo ranks x {args.threads} thread, B_global {args.batch}, D {args.dim}, "
         f"sample_rate {args.sample_rate}, SGD momentum 0.9 + weight decay, "
         f"{args.state_dtype} momentum; medians of {args.steps} steps\n"
     )
-    print(
-        "| identities | C_local | sampled rows | full step s | 3 bare products s | "
-        "step / bare | peak RSS per rank GiB | fp32 shard GiB | RSS / shard | "
-        "(RSS - process baseline) / shard |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        above = (r["peak_gib"] - r["baseline_gib"]) / r["shard_gib"]
-        print(
-            f"| {r['identities']:,} | {r['c_local']:,} | {r['sampled']:,} | {r['step_s']:.3f} | "
-            f"{r['bare_s']:.3f} | {r['step_s'] / r['bare_s']:.2f}x | {r['peak_gib']:.2f} | "
-            f"{r['shard_gib']:.2f} | {r['peak_gib'] / r['shard_gib']:.2f}x | {above:.2f}x |"
-        )
+    header = (
+        "identities", "C_local", "sampled rows", "full step s", "3 bare products s",
+        "step / bare", "peak RSS per rank GiB", "fp32 shard GiB", "RSS / shard",
+        "(RSS - process baseline) / shard",
+    )  # fmt: skip
+    print("\n".join(markdown_table(header, map(_table_cells, rows))))
     print(f"\nprocess baseline (torch + gloo, no head): {rows[0]['baseline_gib']:.2f} GiB per rank")
     if args.plot:
         _plot(rows, args)

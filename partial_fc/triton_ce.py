@@ -49,7 +49,7 @@ hundreds of times B:
   tiles recomputing the logits once more for ``dX``): five products. Kept as
   ``TritonTiles(dx_in_forward=False)`` (the forward then skips ``U``; the backward
   runs the forward kernel again to accumulate it), so that a GPU can measure both
-  (``bench/gpu_check.py``).
+  (``bench/gpu_check/``).
 * One backward kernel recomputing each tile once and scattering one of the two
   gradients with atomics: four products, but ``(S / block_c) * B * D`` atomic adds for
   ``dX`` (a billion or more at C_local 256k, B 1024, D 512) or ``(B / block_b) * S * D`` for
@@ -133,7 +133,7 @@ class TritonTiles:
 
 def default_tiles(dim: int, compute_dtype: torch.dtype) -> TritonTiles:
     """Tiles for ``dim``-wide embeddings multiplied in ``compute_dtype``. No GPU has timed
-    them (``bench/gpu_check.py`` autotunes and records the best); they are the ones
+    them (``bench/gpu_check/`` autotunes and records the best); they are the ones
     that compile for sm_90 (H100/H200) without spilling registers, by ptxas's resource
     report (Triton 3.9, D 512, bf16 operands, compiled here without a GPU):
 

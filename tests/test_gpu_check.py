@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.gpu_check import evaluate_goals, markdown
+import pytest
+
+from bench.gpu_check import plan
+from bench.gpu_check.goals import evaluate_goals, load_goals, parse_goal
+from bench.gpu_check.report import markdown
 
 
 def _head_row(c_local: int, matmul: str, rate: float, ratio: float, mem: float | None) -> dict:
@@ -129,8 +133,59 @@ def test_triton_goals_read_the_triton_rows_only() -> None:
 def test_gpu_plan_caps_fit_the_overall_budget() -> None:
     # every section must get its whole cap inside the 8 minutes, or the last one
     # (the CUDA tests) is cut short on the machine
-    from bench import gpu_check
+    caps = [plan.GPU_PLAN.cap_s(name) for name in plan.SECTIONS]
+    assert sum(caps) <= plan.TOTAL_BUDGET_S - plan.REPORT_RESERVE_S
+    assert plan.TOTAL_BUDGET_S == 480.0  # issue 13's 8 minutes, read from goals.toml
 
-    plan = gpu_check.GPU_PLAN
-    caps = [getattr(plan, f"{name}_cap_s") for name in gpu_check.SECTIONS]
-    assert sum(caps) <= gpu_check.TOTAL_BUDGET_S - 10.0
+
+def test_goals_file_states_each_goal_and_its_issue() -> None:
+    goals = load_goals()
+    assert {key: (g.issue, g.limit, g.at_least) for key, g in goals.items()} == {
+        "head_time": (13, 2.0, False),
+        "head_memory": (13, 1.5, False),
+        "triton_time": (14, 1.3, False),
+        "triton_memory": (14, 64.0, False),
+        "r50_training": (13, 6000.0, True),
+        "loader": (13, 8000.0, True),
+        "whole_check": (13, 480.0, False),
+    }
+    assert goals["whole_check"].target == "<= 8 min wall time"
+    assert goals["r50_training"].target == ">= 6,000 img/s"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"at_least": 1.0}, "exactly one of at_most and at_least"),
+        ({"figure": "speed"}, "no format"),
+        ({"pick": "last"}, "pick must be"),
+        ({"typo": 1}, "unknown fields"),
+    ],
+)
+def test_a_malformed_goal_is_refused_by_name(change: dict, message: str) -> None:
+    entry = dict(issue=13, goal="g", target="<= {limit}", figure="img_s", at_most=1.0)
+    with pytest.raises(ValueError, match=f"goal broken: .*{message}"):
+        parse_goal("broken", {**entry, **change})
+
+
+def test_a_failing_or_capped_section_is_recorded_and_the_next_one_runs() -> None:
+    from bench.gpu_check.__main__ import run_section
+
+    def fails(deadline: float, out: dict) -> None:
+        out["rows"] = [1]
+        raise RuntimeError("out of memory")
+
+    def capped(deadline: float, out: dict) -> None:
+        plan.check_cap(deadline, "the second size")
+
+    failed: dict = {"error": None}
+    run_section(fails, float("inf"), failed)
+    assert failed["status"] == "failed" and failed["rows"] == [1]
+    assert failed["error"] == "RuntimeError: out of memory" and "traceback" in failed
+    incomplete: dict = {"error": None}
+    run_section(capped, 0.0, incomplete)
+    assert incomplete["status"] == "incomplete"
+    assert incomplete["error"] == "time cap reached before the second size"
+    not_run: dict = {"error": None}
+    run_section(lambda deadline, out: out.update(not_run="no triton"), 0.0, not_run)
+    assert not_run["status"] == "not run" and not_run["seconds"] >= 0.0
