@@ -367,6 +367,24 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, classes
 
 
+def _check_complete(path: Path) -> None:
+    """Refuse data that a command (``datasets.prepare``) is still writing or stopped
+    writing half-way: its ownership manifest says so (:func:`common.outdir.check_complete`);
+    also for ``OUT/arrow``, which the manifest of ``OUT`` lists."""
+    from common.outdir import check_complete, read_manifest
+
+    if not path.exists():
+        return
+    folder = path if path.is_dir() else path.parent
+    check_complete(folder)
+    try:
+        parent = read_manifest(folder.parent) if folder.parent != folder else None
+    except PermissionError:
+        return
+    if parent is not None and f"{folder.name}/" in parent.get("files", []):
+        check_complete(folder.parent)
+
+
 def open_dataset(path: str | os.PathLike, **kwargs: Any) -> FaceDataset:
     """Open training data by path, choosing the Dataset class from what is there.
 
@@ -375,6 +393,7 @@ def open_dataset(path: str | os.PathLike, **kwargs: Any) -> FaceDataset:
     ``kwargs`` go to the Dataset (``flip``, ``output``, ``skip_corrupt``, ``num_classes``).
     """
     path = Path(path)
+    _check_complete(path)
     if path.is_file() and path.suffix == ".rec":
         return RecordIODataset(path, **kwargs)
     if path.exists() and not path.is_dir():

@@ -4,13 +4,16 @@
 
     python -m datasets.prepare RAW_DIR OUT_DIR [--detector mtcnn|det_10g.onnx]
         [--policy largest|central|single] [--min-size 40] [--min-score S]
-        [--workers N] [--arrow] [--format jpg|png] [--quality 95] [--dup-distance 6]
+        [--max-pixels 40000000] [--workers N] [--arrow] [--format jpg|png]
+        [--quality 95] [--dup-distance 6] [--overwrite]
 
 ``RAW_DIR`` holds one sub-folder per identity (its name is the identity; photos may sit
-in nested folders below it) of JPEG, PNG or WebP photos of any size; EXIF orientation
-is honoured. Every photo goes through :class:`datasets.detect.finder.FaceFinder`:
-detection (MTCNN built in, or an insightface SCRFD/RetinaFace ``.onnx``), one face kept
-by the policy, 5-point similarity alignment to 112x112. ``OUT_DIR`` receives:
+in nested folders below it) of JPEG, PNG or WebP photos of up to ``--max-pixels``
+pixels; EXIF orientation is honoured. Symlinked folders are not followed (listed as
+ignored, with a trailing ``/``); a photo that is a symlink to a regular file is read.
+Every photo goes through :class:`datasets.detect.finder.FaceFinder`: detection
+(MTCNN built in, or an insightface SCRFD/RetinaFace ``.onnx``), one face kept by the
+policy, 5-point similarity alignment to 112x112. ``OUT_DIR`` receives:
 
 * ``train.rec``, ``train.idx``, ``property`` — the face layout the trainer reads
   (:class:`datasets.face_layout.FaceRecWriter`); labels ``0..C-1`` follow the sorted
@@ -18,9 +21,24 @@ by the policy, 5-point similarity alignment to 112x112. ``OUT_DIR`` receives:
 * ``labels.tsv`` — ``label, identity, images``;
 * ``faces.tsv`` — every kept face: ``key, label, file, score, faces, box, landmarks``;
 * ``rejected.tsv`` — ``file, reason, detail`` for every photo not kept (reasons:
-  ``unreadable``, ``no_face``, ``too_small``, ``low_score``, ``several_faces``);
+  ``unreadable``, ``not_a_file``, ``too_large``, ``no_face``, ``too_small``,
+  ``low_score``, ``several_faces``);
 * ``report.json`` — counts per identity and per reason, near-duplicate pairs, options;
 * ``arrow/`` — Arrow shards of the same images, with ``--arrow``.
+
+Names (identities, files) are written escaped in all of them (:func:`escape_name`):
+a backslash is doubled, tab/newline/CR are ``\\t``/``\\n``/``\\r``, a byte that is not
+UTF-8 is ``\\xNN``; :func:`unescape_name` gives the name back.
+
+**OUT_DIR is owned** (:class:`common.outdir.OwnedDir`): ``OUT_DIR/.owner.json`` says
+that ``datasets.prepare`` made it. A non-empty directory it did not make is refused,
+naming what is there, unless ``--overwrite`` is given (then files of the same names are
+replaced, and nothing else is touched). The command never deletes a file it did not
+write: only the outputs its manifest lists, its cache chunks and its own temporary
+files. One run at a time holds ``OUT_DIR/.lock``; a second run on the same OUT_DIR is
+refused, naming the first. The manifest says ``"complete": false`` while a run writes
+and is rewritten with ``"complete": true`` as the very last step; training refuses an
+OUT_DIR whose manifest is incomplete (:func:`common.outdir.check_complete`).
 
 **Resumable and idempotent.** Photos are processed in chunks (up to 32 photos of one
 identity); each finished chunk's result (encoded crops and detections) is written
@@ -41,10 +59,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
+import re
+import stat
 import struct
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -56,15 +77,34 @@ import cv2
 import numpy as np
 
 from common.atomic import write_bytes, write_json, write_text
+from common.cli import run_main
+from common.errors import UsageError, UserError
+from common.outdir import OwnedDir, probe_directory
 from datasets.detect.finder import REASONS, FaceFinder, FaceOptions, FaceResult
 from datasets.face_layout import FaceRecWriter
-from datasets.photos import PHOTO_SUFFIXES
+from datasets.photos import DEFAULT_MAX_PIXELS, PHOTO_SUFFIXES
 
+COMMAND = "datasets.prepare"
 CACHE_DIR = ".prepare_cache"
 CHUNK_PHOTOS = 32
 #: Bump when the per-photo results change for the same inputs (invalidates old chunks).
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 _CHUNK_MAGIC = b"FACEPREP1\n"
+_LAYOUT_FILES = ("train.rec", "train.idx", "property")
+_REPORT_FILES = ("labels.tsv", "faces.tsv", "rejected.tsv", "report.json")
+_CACHE_FILE = re.compile(r"[0-9a-f]{64}\.chunk")
+
+
+class PrepareError(UserError, ValueError):
+    """``datasets.prepare`` cannot go on; one line naming the file and the reason (exit 1)."""
+
+
+class PrepareArgumentError(UsageError, ValueError):
+    """A bad RAW_DIR, OUT_DIR or option; one line naming it (exit 2)."""
+
+
+class NoFaceKept(PrepareError):
+    """No photo of RAW_DIR kept a face (the reports are written, no training files)."""
 
 
 # ---------------------------------------------------------------------------- options
@@ -260,21 +300,48 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _links_to_folder(path: str) -> bool:
+    """Whether the symlink ``path`` leads to a folder (a loop or a dangling link: no)."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def scan_raw_dir(raw: Path, chunk_photos: int = CHUNK_PHOTOS) -> Scan:
     """Identities (sorted sub-folder names), their photos (sorted relative paths, any
-    depth, hidden files and folders skipped) in chunks, and the files that are ignored
-    (not a photo suffix, or not inside an identity folder)."""
+    depth, hidden files and folders skipped) in chunks, and what is ignored: files that
+    are not a photo suffix or not inside an identity folder, and folders that are not
+    entered (``name/``): a symlinked folder, at any level, is never followed (so RAW_DIR
+    cannot pull in files from elsewhere, and no symlink loop is walked), and a folder
+    that cannot be listed."""
     identities, chunks, ignored = [], [], []
     for entry in sorted(os.scandir(raw), key=lambda e: e.name):
         if _hidden(entry.name):
             continue
-        if not entry.is_dir():
+        if entry.is_symlink():  # never followed; one to a folder is listed as "name/"
+            ignored.append(entry.name + ("/" if _links_to_folder(entry.path) else ""))
+            continue
+        if not entry.is_dir(follow_symlinks=False):
             ignored.append(entry.name)
             continue
         identities.append(entry.name)
         files = []
-        for root, dirs, names in os.walk(entry.path):
-            dirs[:] = sorted(d for d in dirs if not _hidden(d))
+
+        def unlisted(exc: OSError, top: str = entry.path) -> None:
+            where = exc.filename if exc.filename is not None else top
+            ignored.append(Path(os.fsdecode(where)).relative_to(raw).as_posix() + "/")
+
+        for root, dirs, names in os.walk(entry.path, onerror=unlisted):
+            kept = []
+            for d in sorted(dirs):
+                if _hidden(d):
+                    continue
+                if os.path.islink(os.path.join(root, d)):
+                    ignored.append(Path(root, d).relative_to(raw).as_posix() + "/")
+                else:
+                    kept.append(d)
+            dirs[:] = kept
             for name in names:
                 if _hidden(name):
                     continue
@@ -309,11 +376,16 @@ def _init_worker(raw: str, options: PrepareOptions) -> None:
     cv2.setNumThreads(1)  # one core per worker: the pool is the parallelism
     _worker["raw"] = Path(raw)
     _worker["options"] = options
-    _worker["finder"] = FaceFinder(options.face, threads=1)
+    try:
+        _worker["finder"] = FaceFinder(options.face, threads=1)
+    except Exception as exc:  # a pool initialiser that raises is restarted forever:
+        _worker["error"] = exc  # raised by the first task instead, in the main process
 
 
 def _process_chunk(item: tuple[int, Chunk]) -> tuple[int, bytes]:
     """Worker: the packed result of one chunk."""
+    if "error" in _worker:
+        raise _worker["error"]
     index, chunk = item
     raw, options, finder = _worker["raw"], _worker["options"], _worker["finder"]
     records = [
@@ -365,10 +437,53 @@ def _compute(
 # -------------------------------------------------------------------------- outputs
 
 
-def _text(s: str) -> str:
-    """A path for a UTF-8 text file: undecodable bytes and tab/newline escaped."""
-    s = s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+_NEEDS_ESCAPE = re.compile("[\\\\\t\n\r\ud800-\udfff]")
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPE = re.compile(r"\\(?:x([89a-f][0-9a-f])|u([0-9a-f]{4})|(.))", re.DOTALL)
+_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    ch = m.group()
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8 (os.fsdecode's surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"  # any other lone surrogate
+
+
+def escape_name(name: str) -> str:
+    """A file or identity name as written in the TSV files and ``report.json``: valid
+    UTF-8 text on one line, unambiguous.
+
+    A backslash becomes ``\\\\``, tab, newline and carriage return ``\\t``, ``\\n``,
+    ``\\r``, a byte that is not UTF-8 (a lone surrogate of ``os.fsdecode``) ``\\xNN``
+    (two lower-case hex digits), any other lone surrogate ``\\uNNNN``. Since the backslash
+    itself is escaped, a name that is literally ``\\xff`` (four characters) is written
+    ``\\\\xff`` and cannot be mistaken for the byte 0xFF. :func:`unescape_name` inverts it.
+    """
+    return _NEEDS_ESCAPE.sub(_escape_char, name)
+
+
+def _unescape_match(m: re.Match[str]) -> str:
+    hex2, hex4, other = m.groups()
+    if hex2 is not None:
+        return chr(0xDC00 + int(hex2, 16))
+    if hex4 is not None:
+        return chr(int(hex4, 16))
+    if other in _UNESCAPES:
+        return _UNESCAPES[other]
+    raise ValueError(f"unknown escape \\{other} in a name")
+
+
+def unescape_name(text: str) -> str:
+    """The name :func:`escape_name` wrote (undecodable bytes as ``os.fsdecode`` gives
+    them: ``os.fsencode`` of the result is the name's bytes)."""
+    return _UNESCAPE.sub(_unescape_match, text)
+
+
+_text = escape_name
 
 
 def _fmt(values: Sequence[float] | None) -> str:
@@ -396,15 +511,21 @@ def _identity_records(cache: Path, scan: Scan) -> Iterator[tuple[str, list[Photo
         while pending is not None and pending.identity == name:
             got = _read_chunk(cache / f"{pending.key}.chunk", pending)
             if got is None:
-                raise RuntimeError(
-                    f"{cache}: chunk {pending.key} vanished or changed while packing"
+                raise PrepareError(
+                    f"{cache / (pending.key + '.chunk')}: cache chunk vanished or changed "
+                    "while packing; rerun the same command"
                 )
             records.extend(got)
             pending = next(chunks, None)
         yield name, records
 
 
-def _write_outputs(out: Path, cache: Path, scan: Scan, options: PrepareOptions) -> dict[str, Any]:
+def _write_outputs(
+    owned: OwnedDir, earlier: set[str], cache: Path, scan: Scan, options: PrepareOptions
+) -> dict[str, Any]:
+    """Write the face layout and the reports into ``owned.path``; ``earlier``: the
+    outputs an earlier run of this command wrote there (the only files it may delete)."""
+    out = owned.path
     size = options.face.image_size
     identities: dict[str, Any] = {}
     reasons = dict.fromkeys(REASONS, 0)
@@ -432,9 +553,14 @@ def _write_outputs(out: Path, cache: Path, scan: Scan, options: PrepareOptions) 
             pairs = hamming_pairs([r.phash for r in kept], options.dup_distance)
             for i, j, d in pairs:
                 duplicates.append(
-                    {"identity": name, "a": kept[i].file, "b": kept[j].file, "distance": d}
+                    {
+                        "identity": _text(name),
+                        "a": _text(kept[i].file),
+                        "b": _text(kept[j].file),
+                        "distance": d,
+                    }
                 )
-            identities[name] = {
+            identities[_text(name)] = {
                 "label": label if kept else None,
                 "photos": len(records),
                 "kept": len(kept),
@@ -446,12 +572,15 @@ def _write_outputs(out: Path, cache: Path, scan: Scan, options: PrepareOptions) 
                 labels.append(f"{label}\t{_text(name)}\t{len(kept)}")
                 label += 1
         if label:
+            owned.record(*_LAYOUT_FILES)  # before they appear: a crash leaves them ours
             writer.close()
         else:  # nothing to train on: no face-layout files, not even those of an earlier run
             writer.abort()
-            for stale in ("train.rec", "train.idx", "property"):
-                with contextlib.suppress(FileNotFoundError):
-                    (out / stale).unlink()
+            for stale in _LAYOUT_FILES:
+                if stale in earlier:  # ours; a file this command did not write is kept
+                    with contextlib.suppress(FileNotFoundError):
+                        (out / stale).unlink()
+                    owned.files.remove(stale)
     except BaseException:
         writer.abort()
         raise
@@ -460,6 +589,7 @@ def _write_outputs(out: Path, cache: Path, scan: Scan, options: PrepareOptions) 
     report = {
         "options": {
             **options.face.as_dict(),
+            "detector": _text(options.face.detector),
             "format": options.format,
             "quality": options.quality,
             "dup_distance": options.dup_distance,
@@ -477,8 +607,9 @@ def _write_outputs(out: Path, cache: Path, scan: Scan, options: PrepareOptions) 
         },
         "identities": identities,
         "near_duplicates": duplicates,
-        "ignored_files": scan.ignored,
+        "ignored_files": [_text(f) for f in scan.ignored],
     }
+    owned.record(*_REPORT_FILES)
     write_text(out / "labels.tsv", "\n".join(labels) + "\n")
     write_text(out / "faces.tsv", "\n".join(faces) + "\n")
     write_text(out / "rejected.tsv", "\n".join(rejected) + "\n")
@@ -486,16 +617,33 @@ def _write_outputs(out: Path, cache: Path, scan: Scan, options: PrepareOptions) 
     return report
 
 
-def _write_arrow(out: Path, options: PrepareOptions, progress: bool) -> None:
+def _write_arrow(
+    owned: OwnedDir, earlier: set[str], options: PrepareOptions, progress: bool
+) -> None:
     from datasets.arrow_shards import MANIFEST, convert_to_shards
     from datasets.dataset import RecordIODataset
 
+    out = owned.path
     shards = out / "arrow"
+    if shards.is_symlink() or (shards.exists() and "arrow/" not in earlier):
+        raise PrepareError(
+            f"{shards} exists and was not written by {COMMAND}; move it away to write "
+            "Arrow shards there (a file this command did not write is never deleted)"
+        )
+    owned.record("arrow/")
     if shards.is_dir():  # shards of an earlier run may hold other images: start afresh
         for p in shards.iterdir():
-            if p.name == MANIFEST or p.name.endswith(".arrow"):
+            if p.name == MANIFEST or p.name.endswith(".arrow") or _temporary(p.name):
                 p.unlink()
     convert_to_shards(RecordIODataset(out / "train.rec"), shards, options.shard_size, progress)
+
+
+def _temporary(name: str, of: Sequence[str] | None = None) -> bool:
+    """A temporary file of :mod:`common.atomic` (``.<name>.<random>.tmp``), of one of
+    ``of`` if given."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    return of is None or any(name.startswith(f".{o}.") for o in of)
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
@@ -506,6 +654,33 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="photo", desc="prepare", file=sys.stderr, dynamic_ncols=True)
 
 
+def _check_paths(raw: Path, out: Path) -> None:
+    """RAW_DIR exists and is a directory, OUT_DIR is not a symlink loop and not inside
+    RAW_DIR (:class:`PrepareArgumentError` otherwise)."""
+    for what, path in (("RAW_DIR", raw), ("OUT_DIR", out)):
+        if os.path.islink(path):
+            try:
+                os.stat(path)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise PrepareArgumentError(
+                        f"{what} {path}: a symlink loop ({exc.strerror})"
+                    ) from None
+                if what == "OUT_DIR":
+                    raise PrepareArgumentError(f"{what} {path}: a dangling symlink") from None
+    try:
+        st = os.stat(raw)
+    except FileNotFoundError:
+        raise PrepareArgumentError(f"{raw}: no such directory") from None
+    except OSError as exc:
+        raise PrepareArgumentError(f"RAW_DIR {raw}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise PrepareArgumentError(f"RAW_DIR {raw} is not a directory")
+    real_raw, real_out = os.path.realpath(raw), os.path.realpath(out)
+    if real_out == real_raw or real_out.startswith(real_raw.rstrip(os.sep) + os.sep):
+        raise PrepareArgumentError(f"{out}: the output directory must not be inside RAW_DIR {raw}")
+
+
 def prepare(
     raw_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -514,6 +689,7 @@ def prepare(
     workers: int = 1,
     progress: bool = True,
     chunk_photos: int = CHUNK_PHOTOS,
+    overwrite: bool = False,
     interrupt_after: int | None = None,
 ) -> PrepareResult:
     """Build the training data of ``raw_dir`` in ``out_dir`` (see the module docstring).
@@ -522,22 +698,55 @@ def prepare(
         workers: processes detecting faces (<= 1: in this process).
         progress: show a progress bar (only when stderr is a terminal).
         chunk_photos: photos per cached chunk.
+        overwrite: write into a non-empty ``out_dir`` that this command did not make
+            (``--overwrite``); files of other names there are kept.
         interrupt_after: test hook: raise :class:`PrepareInterrupted` after this many
             chunks were computed and cached (workers are terminated mid-chunk).
     Raises:
-        ValueError: ``raw_dir`` is missing, has no identity folder, or contains ``out_dir``.
+        PrepareArgumentError: ``raw_dir`` is missing, has no identity folder, or contains
+            ``out_dir``; ``out_dir`` is a symlink loop.
+        common.outdir.OutputDirError: ``out_dir`` is not a directory, cannot be written,
+            was not made by this command (without ``overwrite``), or is in use by another
+            run (``OutputLockedError``).
+        OSError: a file could not be read or written (named in the message).
     """
     options = options or PrepareOptions()
     raw, out = Path(raw_dir), Path(out_dir)
-    if not raw.is_dir():
-        raise ValueError(f"{raw}: no such directory")
-    if out.resolve() == raw.resolve() or raw.resolve() in out.resolve().parents:
-        raise ValueError(f"{out}: the output directory must not be inside RAW_DIR {raw}")
+    _check_paths(raw, out)
     scan = scan_raw_dir(raw, chunk_photos)
     if not scan.identities:
-        raise ValueError(f"{raw}: no identity sub-folders (expected RAW_DIR/<identity>/<photo>)")
+        raise PrepareArgumentError(
+            f"{raw}: no identity sub-folders (expected RAW_DIR/<identity>/<photo>)"
+        )
+    if out.exists() and not out.is_dir():
+        raise PrepareArgumentError(f"OUT_DIR {out} exists and is not a directory")
+    # a read-only or full file system: one line naming OUT_DIR, before any work
+    probe_directory(out, f"OUT_DIR={str(out)!r}")
+    with OwnedDir(out, COMMAND, "OUT_DIR", overwrite=overwrite) as owned:
+        if owned.stale:
+            print(f"{COMMAND}: note: took over the lock of {owned.stale} (gone)", file=sys.stderr)
+        earlier = set(owned.files)  # outputs an earlier run of this command wrote
+        return _prepare_locked(
+            raw, owned, earlier, scan, options, workers, progress, interrupt_after
+        )
+
+
+def _prepare_locked(
+    raw: Path,
+    owned: OwnedDir,
+    earlier: set[str],
+    scan: Scan,
+    options: PrepareOptions,
+    workers: int,
+    progress: bool,
+    interrupt_after: int | None,
+) -> PrepareResult:
+    out = owned.path
     cache = out / CACHE_DIR
-    cache.mkdir(parents=True, exist_ok=True)
+    if cache.is_symlink() or (cache.exists() and not cache.is_dir()):
+        raise PrepareError(f"{cache}: the cache folder is a symlink or not a directory")
+    owned.record(CACHE_DIR + "/")
+    cache.mkdir(exist_ok=True)
     fingerprint = options.fingerprint()
     jobs = []
     for i, chunk in enumerate(scan.chunks):
@@ -567,16 +776,21 @@ def prepare(
     finally:
         if bar is not None:
             bar.close()
-    report = _write_outputs(out, cache, scan, options)
+    report = _write_outputs(owned, earlier, cache, scan, options)
     if options.arrow and report["totals"]["kept"]:
-        _write_arrow(out, options, progress and sys.stderr.isatty())
+        _write_arrow(owned, earlier, options, progress and sys.stderr.isatty())
     # the cache now matches RAW_DIR: drop chunks of photos that are gone or changed, and
-    # temporary files of writes a kill interrupted
+    # temporary files of writes a kill interrupted; nothing else is touched
     wanted = {f"{c.key}.chunk" for c in scan.chunks}
     for p in cache.iterdir():
-        if p.name not in wanted:
+        if p.name not in wanted and (_CACHE_FILE.fullmatch(p.name) or _temporary(p.name)):
             with contextlib.suppress(OSError):
                 p.unlink()
+    for name in os.listdir(out):  # a killed run's temporaries of the outputs
+        if _temporary(name, _LAYOUT_FILES + _REPORT_FILES):
+            with contextlib.suppress(OSError):
+                os.unlink(out / name)
+    owned.commit()  # the last write: the outputs are complete
     return PrepareResult(report, scan.num_photos, report["totals"]["kept"], computed, cached)
 
 
@@ -600,6 +814,8 @@ def iter_faces(
 
 
 def _find_one(path: str) -> FaceResult:
+    if "error" in _worker:
+        raise _worker["error"]
     return _worker["finder"].find_file(path)
 
 
@@ -627,6 +843,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arrow", action="store_true", help="also write Arrow shards to OUT/arrow")
     p.add_argument("--shard-size", type=int, default=100_000, help="rows per Arrow shard")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty OUT_DIR that datasets.prepare did not make (files "
+        "of the output names are replaced; nothing else is touched)",
+    )
     return p
 
 
@@ -662,6 +884,13 @@ def add_face_arguments(p: argparse.ArgumentParser, min_size: float = 40.0) -> No
         default=1280,
         help="detect on a copy no larger than this (alignment reads the full photo)",
     )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse photos whose header announces more pixels (width x height) as "
+        "too_large, before decoding; bounds a worker's memory (default: 40 megapixels)",
+    )
 
 
 def face_options(args: argparse.Namespace, image_size: int = 112) -> FaceOptions:
@@ -673,10 +902,25 @@ def face_options(args: argparse.Namespace, image_size: int = 112) -> FaceOptions
         min_score=args.min_score,
         max_side=args.max_side,
         image_size=image_size,
+        max_pixels=getattr(args, "max_pixels", DEFAULT_MAX_PIXELS),
     )
 
 
+def _check_detector(options: FaceOptions) -> None:
+    """Open an ``.onnx`` detector once here, so that a bad file is one line naming it
+    (exit 2) before any worker starts."""
+    if options.detector == "mtcnn":
+        return
+    from datasets.detect import open_detector
+
+    try:
+        open_detector(options.detector, min_face_size=options.min_size)
+    except ValueError as exc:
+        raise PrepareArgumentError(f"--detector {exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command; expected failures raise (:func:`common.cli.run_main` prints them)."""
     args = build_parser().parse_args(argv)
     try:
         options = PrepareOptions(
@@ -687,14 +931,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             arrow=args.arrow,
             shard_size=args.shard_size,
         )
-        if args.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    except ValueError as exc:
+        raise PrepareArgumentError(str(exc)) from None
+    if args.workers < 1:
+        raise PrepareArgumentError(f"--workers must be >= 1, got {args.workers}")
+    _check_detector(options.face)
+    try:
         result = prepare(
-            args.raw_dir, args.out_dir, options, workers=args.workers, progress=not args.no_progress
+            args.raw_dir,
+            args.out_dir,
+            options,
+            workers=args.workers,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(
             "\ninterrupted: finished chunks are kept; run the same command to resume",
@@ -709,9 +959,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{t['near_duplicate_pairs']}; chunks computed {result.computed_chunks}, "
         f"cached {result.cached_chunks}"
     )
+    folders = [f for f in result.report["ignored_files"] if f.endswith("/")]
+    if folders:
+        print(
+            f"not entered: {len(folders)} symlinked or unreadable folders ({folders[0]}"
+            f"{', ...' if len(folders) > 1 else ''}; listed in report.json)"
+        )
     if not t["kept"]:
-        print(f"error: no face kept: see {Path(args.out_dir) / 'rejected.tsv'}", file=sys.stderr)
-        return 1
+        raise NoFaceKept(f"no face kept: see {Path(args.out_dir) / 'rejected.tsv'}")
     print(f"wrote {Path(args.out_dir) / 'train.rec'} (+ .idx, property, report.json)")
     print(
         f"train on it with: data.root={args.out_dir} data.num_classes="
@@ -721,4 +976,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog=COMMAND))

@@ -7,7 +7,12 @@ align it with the 5-point similarity transform onto the ArcFace template.
 
 Rejection reasons (stable names, used in ``rejected.tsv`` and ``report.json``):
 
-* ``unreadable`` — the file cannot be read or decoded;
+* ``unreadable`` — the file cannot be read or decoded (also: not a JPEG, PNG, WebP or
+  BMP file);
+* ``not_a_file`` — a FIFO, device, socket or directory (a symlink to one too): never
+  opened for reading, so it cannot hang or flood the reader;
+* ``too_large`` — the header announces more than ``max_pixels`` pixels, or the file is
+  over the matching byte cap: refused before decoding;
 * ``no_face`` — the detector found nothing;
 * ``too_small`` — faces were found, but none whose box (shorter side) is ``min_size``
   pixels or more among those with a good enough score;
@@ -25,9 +30,23 @@ import numpy as np
 
 from datasets.align import align_face
 from datasets.detect import POLICIES, Detections, FaceDetector, choose_face, open_detector
-from datasets.photos import PhotoError, decode_photo
+from datasets.photos import (
+    DEFAULT_MAX_PIXELS,
+    PhotoError,
+    decode_photo,
+    max_bytes_for,
+    read_photo_bytes,
+)
 
-REASONS = ("unreadable", "no_face", "too_small", "low_score", "several_faces")
+REASONS = (
+    "unreadable",
+    "not_a_file",
+    "too_large",
+    "no_face",
+    "too_small",
+    "low_score",
+    "several_faces",
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +67,9 @@ class FaceOptions:
         max_side: photos whose longer side is larger are detected on a copy resized to
             this (alignment still reads the full photo).
         image_size: side of the aligned square crop (112 for the ArcFace template).
+        max_pixels: photos whose header announces more pixels (width x height) are
+            refused as ``too_large`` before decoding; files over 4 bytes per pixel of it
+            (at least 16 MiB) too. Bounds the memory one photo can take.
     """
 
     detector: str = "mtcnn"
@@ -56,6 +78,7 @@ class FaceOptions:
     min_score: float | None = None
     max_side: int = 1280
     image_size: int = 112
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -68,6 +91,11 @@ class FaceOptions:
             raise ValueError(f"--max-side must be >= 64 pixels, got {self.max_side}")
         if not 16 <= self.image_size <= 1024:
             raise ValueError(f"--image-size must be in [16, 1024], got {self.image_size}")
+        if not 4096 <= self.max_pixels <= 1 << 30:
+            raise ValueError(
+                f"--max-pixels must be in [4096, {1 << 30}] (OpenCV's own limit), got "
+                f"{self.max_pixels}"
+            )
         if self.detector != "mtcnn" and not self.detector.lower().endswith(".onnx"):
             raise ValueError(
                 f"--detector must be 'mtcnn' or an insightface .onnx file, got {self.detector!r}"
@@ -193,18 +221,20 @@ class FaceFinder:
         )
 
     def find_bytes(self, data: bytes, where: str = "photo") -> FaceResult:
-        """:meth:`find` on an encoded photo; undecodable bytes give ``unreadable``."""
+        """:meth:`find` on an encoded photo; undecodable bytes give ``unreadable``, an
+        image over ``max_pixels`` gives ``too_large`` (not decoded)."""
         try:
-            bgr = decode_photo(data, where)
+            bgr = decode_photo(data, where, self.options.max_pixels)
         except PhotoError as exc:
-            return FaceResult("unreadable", str(exc).split(": ", 1)[-1])
+            return FaceResult(exc.reason, exc.detail)
         return self.find(bgr)
 
     def find_file(self, path: str | os.PathLike[str]) -> FaceResult:
-        """:meth:`find` on a photo file; a file that cannot be read gives ``unreadable``."""
+        """:meth:`find` on a photo file: only a regular file is read (``not_a_file``
+        otherwise), up to the byte cap (``too_large``); one that cannot be read gives
+        ``unreadable``."""
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            return FaceResult("unreadable", f"cannot read: {exc.strerror or exc}")
-        return self.find_bytes(data, os.fspath(path))
+            data = read_photo_bytes(path, max_bytes_for(self.options.max_pixels))
+        except PhotoError as exc:
+            return FaceResult(exc.reason, exc.detail)
+        return self.find_bytes(data, os.fsdecode(path))

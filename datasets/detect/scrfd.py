@@ -35,6 +35,9 @@ import numpy as np
 from datasets.detect.common import Detections, nms
 
 DEFAULT_INPUT = (640, 640)
+#: Largest input side accepted (the canvas is allocated per photo: 4096x4096 is 200 MB
+#: of float32); insightface's files use 640.
+MAX_INPUT_SIDE = 4096
 
 
 class SCRFD:
@@ -81,12 +84,25 @@ class SCRFD:
         fixed = inputs[0].shape[2:]
         if all(isinstance(v, int) and v > 0 for v in fixed):
             if input_size is not None and tuple(input_size) != tuple(fixed):
-                raise ValueError(f"{self.path}: input is fixed at {fixed}, got {input_size}")
+                raise ValueError(
+                    f"{self.path}: detector input is fixed at {fixed[0]}x{fixed[1]}, got "
+                    f"{input_size[0]}x{input_size[1]}"
+                )
             self.input_size = (int(fixed[0]), int(fixed[1]))
         else:
-            self.input_size = tuple(input_size) if input_size is not None else DEFAULT_INPUT
-        if any(v % 32 for v in self.input_size):
-            raise ValueError(f"input size must be multiples of 32, got {self.input_size}")
+            size = tuple(input_size) if input_size is not None else DEFAULT_INPUT
+            self.input_size = (int(size[0]), int(size[1]))
+        if any(v % 32 or v <= 0 for v in self.input_size):
+            raise ValueError(
+                f"{self.path}: detector input size must be positive multiples of 32, got "
+                f"{self.input_size[0]}x{self.input_size[1]}"
+            )
+        if max(self.input_size) > MAX_INPUT_SIDE:
+            raise ValueError(
+                f"{self.path}: detector input size {self.input_size[0]}x"
+                f"{self.input_size[1]} is over the {MAX_INPUT_SIDE}-pixel cap per side "
+                "(insightface's detectors use 640x640)"
+            )
         self.score_threshold = float(score_threshold)
         self.nms_threshold = float(nms_threshold)
         self._outputs = [o.name for o in self._session.get_outputs()]
