@@ -22,10 +22,11 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from common.outdir import OutputLock
+    from common.outdir import OwnedDir
     from configs import Config
 
 
@@ -42,9 +43,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
+    """Entry point; returns the process exit code.
+
+    Expected failures (:class:`common.errors.UserError`: a bad option, bad data, a
+    checkpoint or an output directory that cannot be used; an ``OSError``) are one line
+    on stderr: ``config error: ...`` (exit code 2), ``error: ...`` at start-up and
+    ``error (rank N): ...`` once training runs (exit code 1; every rank that stops says
+    why). Anything else is a bug and keeps its traceback."""
     args = parse_args(argv)
-    from configs import ConfigError, describe, load_config, save_config
+    from configs import describe, load_config
 
     if args.list_keys:
         for key, doc in describe():
@@ -52,40 +59,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        from trainer.preflight import probe_output
 
-    from trainer.preflight import OutputDirError, probe_output
-
-    try:  # before joining the job: an unwritable output fails every rank alike, at once
+        # before joining the job: an unwritable output fails every rank alike, at once
         probe_output(cfg.train.output, int(os.environ.get("RANK", "0")))
-    except OutputDirError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        code = _report(exc, "error")
+        if code is None:
+            raise
+        return code
+    return _run(cfg)
 
+
+def _run(cfg: Config) -> int:
+    """Join the job, claim ``train.output`` (rank 0), build the trainer and train."""
     import torch
     import torch.distributed as dist
 
-    from common.atomic import OutputWriteError
-    from common.outdir import OutputLock
-    from datasets import DataError
+    from configs import save_config
     from trainer.build import build_trainer
-    from trainer.checkpoint import CheckpointError
     from trainer.distributed import init_distributed
-    from trainer.loop import TrainingError
     from trainer.monitor import setup_logging
 
     # the collective timeout bounds every collective: a hung or dead peer makes the
     # others fail after it instead of waiting forever
     ctx = init_distributed(timeout_s=cfg.train.collective_timeout_s)
     rank, world = ctx.rank, ctx.world_size
-    lock = OutputLock(cfg.train.output, "train.output", "train")
+    owned: OwnedDir | None = None
     trainer = None
+    where = "error"  # how this rank's error lines start: "error (rank N)" once training
     try:
-        # one job per output directory: rank 0 locks it before anything is written
-        refusal = _lock_output(lock, cfg) if rank == 0 else None
+        # one job per output directory, owned by training: rank 0 claims and locks it
+        # before anything is written, and every rank learns whether it may go on
+        refusal: str | None = None
+        failure: BaseException | None = None
+        if rank == 0:
+            owned, refusal, failure = _claim_output(cfg)
         refusal = ctx.broadcast_object(refusal)
+        if failure is not None:
+            raise failure  # a bug: its traceback (the other ranks stop on the refusal)
         if refusal:
             if rank == 0:
                 print(f"error: {refusal}", file=sys.stderr)
@@ -101,36 +113,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             threads = int(os.environ.get("OMP_NUM_THREADS", "0"))
             torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
-        try:
-            setup_logging(cfg.train.output, rank)
-            if lock.stale:
-                logging.getLogger("trainer").warning(
-                    "took over the stale lock %s of %s (that job is gone)", lock.path, lock.stale
-                )
-            trainer = build_trainer(cfg, ctx)  # resumes first: a refused resume writes nothing
-            if rank == 0:
-                # After the resume check, so config.json describes what actually runs.
-                save_config(cfg, cfg.train.output)
-        except ConfigError as exc:
-            print(f"config error: {exc}", file=sys.stderr)
-            return 2
-        except (OutputDirError, CheckpointError, OutputWriteError, DataError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        try:
-            trainer.fit()
-        except (TrainingError, CheckpointError, OutputWriteError) as exc:
-            print(f"error (rank {rank}): {exc}", file=sys.stderr)
-            return 1
-        except dist.DistError as exc:  # a collective outside a step (verification, export)
-            print(f"error (rank {rank}): {_first_line(exc)} (a peer rank failed)", file=sys.stderr)
-            return 1
+        setup_logging(cfg.train.output, rank)
+        if owned is not None:
+            _log_claim(owned)
+        trainer = build_trainer(cfg, ctx)  # resumes first: a refused resume writes nothing
         if rank == 0:
-            print(
-                f"outputs in {cfg.train.output}: config.json, train.log, tensorboard/, "
-                f"checkpoints/, backbone.pt"
-            )
+            # After the resume check, so config.json describes what actually runs.
+            save_config(cfg, cfg.train.output)
+        where = f"error (rank {rank})"
+        trainer.fit()
+        if owned is not None:
+            written = _written(cfg)
+            owned.commit(*written)  # the manifest, last: the directory is complete
+            print(f"outputs in {cfg.train.output}: {', '.join(written)}")
         return 0
+    except dist.DistError as exc:  # a collective failed: a peer rank stopped
+        print(f"{where}: {_first_line(exc)} (a peer rank failed)", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        code = _report(exc, where)
+        if code is None:
+            raise
+        return code
     finally:
         # Free the trainer (DDP's reducer, the loader, every tensor a collective may
         # still reference) while the process group and the interpreter are alive:
@@ -140,24 +144,97 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
-        lock.release()
+        if owned is not None:
+            owned.close()
 
 
-def _lock_output(lock: OutputLock, cfg: Config) -> str | None:
-    """Rank 0: take ``train.output``'s lock, then check TensorBoard's directory; the
-    refusal (naming the other job, or the directory) or ``None``."""
-    from common.outdir import OutputLockedError
-    from trainer.preflight import OutputDirError, probe_tensorboard
+def _report(exc: BaseException, where: str) -> int | None:
+    """Print an expected failure as one line (``config error: ...`` for a configuration
+    error, else ``<where>: ...``); its exit code, or ``None`` for a bug."""
+    from common.cli import expected_failure
+    from configs import ConfigError
 
+    failure = expected_failure(exc)
+    if failure is None:
+        return None
+    code, message = failure
+    print(
+        f"{'config error' if isinstance(exc, ConfigError) else where}: {message}", file=sys.stderr
+    )
+    return code
+
+
+def _earlier_run(output: Path) -> bool:
+    """Whether ``output`` holds a run of a version before ownership manifests: no
+    ``.owner.json``, but the ``config.json`` and ``checkpoints/`` training writes."""
+    from common.outdir import MANIFEST_NAME
+
+    return (
+        not (output / MANIFEST_NAME).exists()
+        and (output / "config.json").is_file()
+        and (output / "checkpoints").is_dir()
+    )
+
+
+def _claim_output(cfg: Config) -> tuple[OwnedDir | None, str | None, BaseException | None]:
+    """Rank 0: open ``train.output`` as training's own directory (ownership manifest and
+    run lock, :class:`common.outdir.OwnedDir`), then check TensorBoard's directory.
+    Returns ``(the directory, None, None)``, or ``(None, refusal, None)`` naming the
+    other job or what the directory holds, or ``(None, None, bug)``."""
+    from common.cli import expected_failure
+    from common.outdir import OwnedDir
+    from trainer.preflight import probe_tensorboard
+
+    output = Path(cfg.train.output)
+    owned = OwnedDir(
+        output,
+        command="train",
+        option="train.output",
+        overwrite=cfg.train.overwrite or _earlier_run(output),
+        overwrite_option="train.overwrite=true",
+    )
     try:
-        lock.acquire()
+        owned.open()
+    except Exception as exc:
+        failure = expected_failure(exc)
+        return (None, failure[1], None) if failure else (None, "rank 0 failed", exc)
+    try:
         if cfg.log.tensorboard:
-            probe_tensorboard(cfg.train.output)
-    except (OutputLockedError, OutputDirError) as exc:
-        return str(exc)
-    except OSError as exc:
-        return f"train.output={cfg.train.output!r}: cannot take the lock {lock.path}: {exc}"
-    return None
+            probe_tensorboard(output)
+    except Exception as exc:
+        owned.close()
+        failure = expected_failure(exc)
+        return (None, failure[1], None) if failure else (None, "rank 0 failed", exc)
+    return owned, None, None
+
+
+def _log_claim(owned: OwnedDir) -> None:
+    log = logging.getLogger("trainer")
+    if owned.stale:
+        assert owned.lock is not None
+        log.warning(
+            "took over the stale lock %s of %s (that job is gone)", owned.lock.path, owned.stale
+        )
+    if owned.adopted:
+        log.warning(
+            "%s was not made by training (or by a version before ownership manifests): "
+            "writing into it (train.overwrite=true or an earlier run); files this run does "
+            "not write are kept",
+            owned.label,
+        )
+
+
+def _written(cfg: Config) -> list[str]:
+    """What the run wrote into ``train.output`` (as the manifest lists it): the files
+    that exist, TensorBoard's directory only when ``log.tensorboard`` is on."""
+    output = Path(cfg.train.output)
+    candidates = ["config.json", "train.log", "checkpoints/", "backbone.pt"]
+    if cfg.log.tensorboard:
+        candidates.insert(2, "tensorboard/")
+    if cfg.eval.targets:
+        candidates.append("verification.json")
+    candidates.append("bad_steps.jsonl")
+    return [name for name in candidates if (output / name.rstrip("/")).exists()]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -166,4 +243,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common.cli import run_main
+
+    sys.exit(run_main(main, prog="train_dist.py"))

@@ -1,10 +1,16 @@
 """Load a configuration from a preset or a file, apply overrides, save it resolved.
 
 A *spec* names a preset, one module of ``configs/presets/`` exposing
-``get_config() -> Config`` (``ms1mv2_r50``, ``configs/demo``, ``configs/demo.py``,
-``configs/presets/demo.py``), or a ``.json``/``.toml`` file whose nested tables
-override the defaults (a resolved ``config.json`` written by a run loads back
-unchanged). Optional ``base = "<preset>"`` at the top of a file starts from a preset.
+``get_config() -> Config``, by its exact name (``ms1mv2_r50``, ``configs/demo``,
+``configs/demo.py``, ``configs/presets/demo.py``: those spellings, relative, nothing
+else), or a ``.json``/``.toml`` file whose nested tables override the defaults (a
+resolved ``config.json`` written by a run loads back unchanged). Optional
+``base = "<preset>"`` at the top of a file starts from a preset.
+
+A path is always a path: an existing file is that file, whatever its name
+(``/elsewhere/configs/demo.py`` is not the ``demo`` preset but a Python file, which is
+refused: configuration files are ``.json`` or ``.toml``). Only the shipped preset's
+own module, reached by any path, stands for the preset.
 """
 
 from __future__ import annotations
@@ -48,16 +54,34 @@ def load_preset(name: str) -> Config:
     return cfg
 
 
+_PRESET_SPELLING = re.compile(
+    r"^(?:\./)?(?:configs/(?:presets/)?)?(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:\.py)?$"
+)
+
+
+def _shipped_module(name: str) -> Path:
+    return Path(configs.presets.__path__[0]) / f"{name}.py"
+
+
 def _preset_name(spec: str) -> str | None:
-    """``demo`` for ``demo``, ``configs/demo``, ``configs/presets/demo`` (each also
-    with ``.py``); ``None`` for anything else."""
+    """The preset ``spec`` names exactly, or ``None``.
+
+    ``demo`` for ``demo``, ``configs/demo``, ``configs/presets/demo`` (each also with
+    ``.py``, optionally after ``./``), as written (relative, no other folders): a
+    spelling, not a path.
+    An existing file is a preset only if it is the shipped preset module itself
+    (``configs/presets/demo.py`` from the repository, or its absolute path); any other
+    file, whatever its name, is not (``/elsewhere/configs/demo.py``).
+    """
     path = Path(spec)
-    if path.suffix not in ("", ".py"):
-        return None
-    parent = path.parent.parts
-    if not parent or parent[-1:] == ("configs",) or parent[-2:] == ("configs", "presets"):
-        return path.stem
-    return None
+    if path.is_file():
+        shipped = _shipped_module(path.stem)
+        try:
+            return path.stem if shipped.is_file() and path.samefile(shipped) else None
+        except OSError:
+            return None
+    match = _PRESET_SPELLING.match(spec.replace(os.sep, "/"))
+    return match.group("name") if match else None
 
 
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
@@ -117,6 +141,12 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> Config:
     else:
         name = _preset_name(spec)
         if name is None:
+            if path.is_file():
+                raise ConfigError(
+                    f"config {spec!r} is a file, not a preset (presets are chosen by name: "
+                    f"{', '.join(preset_names())}, also written configs/<name>); a "
+                    "configuration file must be .json or .toml"
+                )
             raise ConfigError(
                 f"config {spec!r} is neither a preset ({', '.join(preset_names())}) "
                 "nor a .json/.toml file"

@@ -9,13 +9,17 @@ trainer and never written back into the configuration.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from common.errors import UsageError
 
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names the option."""
+
+class ConfigError(UsageError, ValueError):
+    """A configuration key or value is invalid; the message names the option (exit
+    code 2, as for a bad command-line option)."""
 
 
 def _check(condition: bool, key: str, message: str, value: Any) -> None:
@@ -328,6 +332,18 @@ class HeadConfig:
         )
 
 
+def _dataset_place(root: str) -> str:
+    """Where ``data.root`` entry ``root`` leads: its real path (symlinks, ``..`` and the
+    working directory resolved), a ``train.rec`` file standing for its directory. Equal
+    places are one dataset; the data files' device and inode are compared again when the
+    datasets are opened (:func:`datasets.multi.open_datasets`), which also catches hard
+    links."""
+    place = os.path.realpath(root)
+    if os.path.basename(place) == "train.rec":
+        place = os.path.dirname(place)
+    return place
+
+
 @dataclass
 class DataConfig:
     """Training data and its loader."""
@@ -385,15 +401,14 @@ class DataConfig:
             "must name the dataset directory, or a non-empty list of them, none empty",
             self.root,
         )
-        import os.path
-
-        same = [os.path.normpath(r) if isinstance(r, str) else r for r in roots]
+        same = [_dataset_place(r) for r in roots]
         for i, root in enumerate(same):
             first = same.index(root)
             _check(
                 first == i,
                 f"data.root[{i}]",
-                f"repeats data.root[{first}] (its identities would count twice, as other classes)",
+                f"repeats data.root[{first}] ({roots[first]!r}, the same dataset: its "
+                "identities would count twice, as other classes)",
                 roots[i],
             )
         if self.weights:
@@ -654,7 +669,13 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this optimizer step (the schedule still spans ``epochs``); ``null`` = end."""
     output: str = "work_dirs/run"
-    """Output directory: resolved config, logs, TensorBoard, checkpoints, exported weights."""
+    """Output directory: resolved config, logs, TensorBoard, checkpoints, exported weights.
+    Owned by training (``.owner.json``): a non-empty directory that training did not make
+    is refused, naming what it holds (see ``train.overwrite``); never the root directory."""
+    overwrite: bool = False
+    """Write into a ``train.output`` that is not empty and was not made by training (a
+    dataset, another command's output, ...); files the run does not write are kept. A
+    directory of an earlier training run is always resumed into, without this."""
     max_bad_steps: int = 5
     """Stop with an error after this many consecutive steps with a non-finite loss or
     gradient (each such step is skipped: no parameter update, its batch keys logged)."""
@@ -703,7 +724,19 @@ class TrainConfig:
             "must be in [1, 2**40] or null",
             self.max_steps,
         )
-        _check(bool(self.output), "train.output", "must be a directory path", self.output)
+        _check(
+            isinstance(self.output, str) and bool(self.output.strip()),
+            "train.output",
+            "must be a directory path",
+            self.output,
+        )
+        _check(
+            os.path.realpath(self.output) != os.path.realpath(os.sep),
+            "train.output",
+            "is the root directory, which cannot be a run's output (give a directory of its "
+            "own, e.g. work_dirs/run)",
+            self.output,
+        )
         _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", self.max_bad_steps)
         _check(
             _finite(self.collective_timeout_s) and 0 < self.collective_timeout_s <= MAX_TIMEOUT_S,

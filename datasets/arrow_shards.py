@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from common.atomic import atomic_path, write_json
+from common.cli import run_main
 from datasets.dataset import FaceDataset, ImageFolderDataset, RecordIODataset
 from datasets.errors import DataError, LabelRangeError
 from datasets.transforms import decode_bgr
@@ -528,11 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    try:
-        return _run(a)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    # expected failures (bad data, OSError) are one line: common.cli's one error path
+    return run_main(lambda _: _run(a), prog="datasets.arrow_shards")
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -552,4 +550,4 @@ def _run(a: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main())  # main runs through common.cli.run_main itself

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad training data; the one-line message names the file, key and byte offset."""
 
     def __init__(

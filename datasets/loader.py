@@ -17,13 +17,27 @@ Bad data (:class:`datasets.errors.DataError`: a corrupt record, a bad label, too
 skipped samples) found in a worker process reaches the training process as the same
 one-line ``DataError``, raised from the iteration: the worker hands it back as a batch
 (:class:`FailedBatch`) instead of letting torch wrap it in a multi-line traceback.
+
+Data files that change under a run: RecordIO ``.rec`` files and Arrow shards are
+memory-mapped, and a read past the end of a file truncated during the run kills the
+reading process with ``SIGBUS``. The loader records the size, modification time and
+inode of every such file (:func:`data_files`) when it is built, checks them again at
+every :meth:`FaceLoader.set_epoch` (and before every batch when it decodes in the
+training process), and turns a worker killed by a bus error into a ``DataError`` naming
+the files (:meth:`FaceLoader.explain_failure`): ``<file> changed during the run: size
+X -> Y bytes``.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import random
+import re
+import signal
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,12 +104,90 @@ def collate_keyed(
     return images, labels, torch.tensor([b[2] for b in batch], dtype=torch.int64)
 
 
+def data_files(dataset: Any) -> list[Path]:
+    """The files ``dataset`` reads while training, memory-mapped: a RecordIO ``.rec``
+    with its ``.idx``, Arrow shards with their ``manifest.json``, those of every part of
+    a :class:`datasets.multi.ConcatFaceDataset`. An image folder has none (each image is
+    opened when read)."""
+    from datasets.multi import ConcatFaceDataset, dataset_kind
+
+    if isinstance(dataset, ConcatFaceDataset):
+        out: list[Path] = []
+        for part in dataset.datasets:
+            out += [f for f in data_files(part) if f not in out]
+        return out
+    kind = dataset_kind(dataset)
+    if kind == "recordio":
+        reader = dataset.reader
+        return [Path(reader.uri), Path(reader.idx_path)]
+    if kind == "arrow":
+        from datasets.arrow_shards import MANIFEST
+
+        return [*(Path(f) for f in dataset.files), Path(dataset.shard_dir) / MANIFEST]
+    return []
+
+
+FileStamp = tuple[int, int, int, int]
+"""``(size, mtime_ns, device, inode)`` of a data file."""
+
+
+def stamp_files(paths: list[Path]) -> dict[Path, FileStamp]:
+    """The :data:`FileStamp` of each existing file of ``paths``."""
+    stamps = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        stamps[path] = (st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
+    return stamps
+
+
+def changed_files(stamps: dict[Path, FileStamp]) -> list[str]:
+    """How each file of ``stamps`` differs from its stamp now, one phrase per changed
+    file (``<file> changed during the run: size X -> Y bytes``); empty if none did."""
+    out = []
+    for path, (size, mtime, dev, ino) in stamps.items():
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            out.append(
+                f"{path} changed during the run: it is gone ({exc.strerror or exc}; it had "
+                f"{size} bytes)"
+            )
+            continue
+        if st.st_size != size:
+            what = f"size {size} -> {st.st_size} bytes"
+        elif (st.st_dev, st.st_ino) != (dev, ino):
+            what = f"replaced by another file of the same size ({size} bytes)"
+        elif st.st_mtime_ns != mtime:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.st_mtime_ns / 1e9))
+            what = f"modified at {when} (size {size} bytes unchanged)"
+        else:
+            continue
+        out.append(f"{path} changed during the run: {what}")
+    return out
+
+
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid.*?\) (is killed by signal|exited unexpectedly)")
+
+
+def _restore_default_sigbus() -> None:
+    """In a loader worker: die of a bus error without torch's worker message (which
+    blames shared memory); the training process names the data files instead
+    (:meth:`FaceLoader.explain_failure`)."""
+    if hasattr(signal, "SIGBUS"):
+        signal.signal(signal.SIGBUS, signal.SIG_DFL)
+
+
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: one torch thread per worker, RNGs seeded per worker.
+    """DataLoader ``worker_init_fn``: one torch thread per worker, RNGs seeded per worker,
+    the default action for ``SIGBUS`` (see :meth:`FaceLoader.explain_failure`).
 
     OpenCV's thread count is deliberately not changed here: ``cv2.setNumThreads`` in a
     forked child whose parent already ran a parallel OpenCV call deadlocks.
     """
+    _restore_default_sigbus()
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32  # base_seed + worker_id, set by the DataLoader
     random.seed(seed)
@@ -155,6 +247,9 @@ class FaceLoader:
         self.batch_size = batch_size
         self._batches_done = 0
         self.last_keys: torch.Tensor | None = None
+        self.in_process = num_workers == 0
+        # the data files as they are now: checked at every epoch (see check_files)
+        self.file_stamps = stamp_files(data_files(dataset))
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
             kwargs = {
@@ -187,8 +282,49 @@ class FaceLoader:
 
         return dataset_table(self.dataset)
 
+    def check_files(self) -> None:
+        """Raise :class:`DataError` naming the data files that changed (size,
+        modification time or inode) since the loader was built."""
+        changed = changed_files(self.file_stamps)
+        if changed:
+            raise DataError(
+                "; ".join(changed) + " (training data must not change while a run reads "
+                "it: restore it, then resume)",
+                path=changed[0].split(" changed during the run")[0],
+            )
+
+    def explain_failure(self, exc: BaseException) -> DataError | None:
+        """A :class:`DataError` for a loader worker that died (``DataLoader worker (pid
+        N) is killed by signal: Bus error``, ``... exited unexpectedly``): naming the data
+        files that changed, or for a bus error with none changed, the memory-mapped files
+        it reads. ``None`` for any other error."""
+        text = str(exc)
+        if not _WORKER_DIED.search(text):
+            return None
+        first = text.strip().splitlines()[0].strip()
+        changed = changed_files(self.file_stamps)
+        if changed:
+            return DataError(
+                "; ".join(changed) + f" (a loader worker died reading it: {first}); training "
+                "data must not change while a run reads it: restore it, then resume",
+                path=changed[0].split(" changed during the run")[0],
+            )
+        if "Bus error" in text:
+            files = ", ".join(str(f) for f in self.file_stamps) or "its data files"
+            return DataError(
+                f"a loader worker was killed by a bus error (SIGBUS) reading the "
+                f"memory-mapped data {files}: a file truncated or rewritten during the run, "
+                "a failing disk, or too little shared memory (/dev/shm) for the workers",
+                path=next(iter(self.file_stamps), None),
+            )
+        return None
+
     def set_epoch(self, epoch: int) -> None:
-        """Call before each epoch (resumes within the epoch loaded by load_state_dict)."""
+        """Call before each epoch (resumes within the epoch loaded by load_state_dict).
+
+        Raises :class:`DataError` if a data file changed since the loader was built
+        (:meth:`check_files`)."""
+        self.check_files()
         self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
@@ -198,7 +334,19 @@ class FaceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._batches_done = 0
         non_blocking = self.device.type == "cuda"
-        for batch in self.loader:
+        batches = iter(self.loader)
+        while True:
+            if self.in_process:  # a truncated mapped file would kill this very process
+                self.check_files()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except RuntimeError as exc:
+                failure = self.explain_failure(exc)
+                if failure is None:
+                    raise
+                raise failure from None
             if isinstance(batch, FailedBatch):
                 # the one-line DataError of the worker, not torch's wrapped traceback
                 raise batch.error

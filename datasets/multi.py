@@ -21,7 +21,10 @@ folders may be mixed) as if they were one:
   mid-epoch like the single-dataset sampler.
 
 Mixing datasets whose images differ in size is refused (naming both): the loader would
-resize one of them silently and the faces would no longer be aligned alike.
+resize one of them silently and the faces would no longer be aligned alike. So is the
+same dataset listed twice, however it is reached (``DATA`` and ``DATA/train.rec``, a
+symlink, a relative path, a hard link): datasets are identified by the device and inode
+of their data file (:func:`dataset_identity`), not by the text of their paths.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ __all__ = [
     "ConcatFaceDataset",
     "WeightedDatasetSampler",
     "apportion",
+    "dataset_identity",
     "dataset_kind",
     "dataset_name",
     "dataset_table",
@@ -258,6 +262,53 @@ def dataset_table(dataset: FaceDataset) -> list[dict[str, Any]]:
     ]
 
 
+def data_file(root: str | os.PathLike) -> Path:
+    """The file that identifies the training data at ``root``: a ``.rec`` file itself,
+    a directory's ``train.rec``, an Arrow directory's ``manifest.json``; an image folder
+    (or anything else) is its directory."""
+    path = Path(root)
+    if path.is_dir():
+        for name in ("train.rec", "manifest.json"):
+            if (path / name).is_file():
+                return path / name
+    return path
+
+
+def dataset_identity(root: str | os.PathLike) -> tuple[int, int] | None:
+    """``(device, inode)`` of :func:`data_file` of ``root`` (symlinks followed), the
+    same however the data is reached; ``None`` if it cannot be read."""
+    try:
+        st = os.stat(data_file(root))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_distinct(roots: Sequence[str | os.PathLike], option: str = "root") -> None:
+    """Refuse the same dataset listed twice (:func:`dataset_identity`): its identities
+    would count twice, as other classes. The :class:`DataError` names both entries."""
+    seen: dict[tuple[int, int], int] = {}
+    for i, root in enumerate(roots):
+        identity = dataset_identity(root)
+        if identity is None:
+            continue
+        if identity in seen:
+            j = seen[identity]
+            first, again = data_file(roots[j]), data_file(root)
+            same = (
+                f"both read {first.resolve()}"
+                if first.resolve() == again.resolve()
+                else f"{again} is {first}: device {identity[0]}, inode {identity[1]}"
+            )
+            raise DataError(
+                f"{option}[{i}] ({str(root)!r}) and {option}[{j}] ({str(roots[j])!r}) are the "
+                f"same dataset ({same}): its identities would count twice, as other classes; "
+                "list it once",
+                path=root,
+            )
+        seen[identity] = i
+
+
 def open_datasets(
     roots: Sequence[str | os.PathLike], option: str = "root", **kwargs: Any
 ) -> FaceDataset:
@@ -267,12 +318,14 @@ def open_datasets(
     several give a :class:`ConcatFaceDataset` (``kwargs`` other than ``num_classes`` go to
     it; a ``num_classes`` is the total and is checked by the caller). Every problem with a
     root raises :class:`DataError` naming ``option[i]`` and the path: one that does not
-    exist, is of no known kind, or holds bad data; and two roots of different image sizes.
+    exist, is of no known kind, or holds bad data; two roots of different image sizes;
+    and one dataset listed twice (:func:`check_distinct`, by device and inode).
     """
     if not roots:
         raise ValueError(f"{option}: no training data given")
     if len(roots) == 1:
         return _open_one(roots[0], option, None, **kwargs)
+    check_distinct(roots, option)
     kwargs.pop("num_classes", None)
     parts = [_open_one(root, option, i, flip=False) for i, root in enumerate(roots)]
     return ConcatFaceDataset(parts, [str(r) for r in roots], option=option, **kwargs)

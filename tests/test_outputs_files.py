@@ -100,12 +100,15 @@ def test_unwritable_tensorboard_directory_fails_at_start_up(
     out = tmp_path / "run"
     out.mkdir()
     (out / "tensorboard").write_text("a file where the event directory should be")
-    code = train_dist.main(["configs/demo", f"train.output={out}", "log.tensorboard=true"])
+    # (train.overwrite: the directory holds a file training did not write)
+    args = [f"train.output={out}", "log.tensorboard=true", "train.overwrite=true"]
+    code = train_dist.main(["configs/demo", *args])
     err = capsys.readouterr().err
     assert code == 1
     assert f"log.tensorboard=true, but '{out / 'tensorboard'}' cannot be created" in err
     assert "set log.tensorboard=false" in err and "Traceback" not in err
-    assert sorted(p.name for p in out.iterdir()) == ["tensorboard"]  # nothing else written
+    # nothing written but the ownership manifest (the lock is gone)
+    assert sorted(p.name for p in out.iterdir()) == [".owner.json", "tensorboard"]
 
 
 def test_tensorboard_failure_mid_run_warns_once_and_training_goes_on(

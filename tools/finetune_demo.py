@@ -330,4 +330,6 @@ def report(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common.cli import run_main
+
+    sys.exit(run_main(main, prog="tools.finetune_demo"))

@@ -299,12 +299,23 @@ def check_embedding_size(backbone: torch.nn.Module, cfg: Config) -> None:
 
 
 def check_output_space(trainer: Trainer, ctx: DistContext) -> None:
-    """Every rank: ``train.output`` is writable; rank 0: it has room for a checkpoint.
-    Raises :class:`~trainer.preflight.OutputDirError` on every rank if any rank fails."""
+    """Every rank: ``train.output`` is writable; rank 0: it has room for a checkpoint,
+    once the leftovers of interrupted saves (``checkpoints/.tmp-step-*``, ours) are
+    removed. Raises :class:`~trainer.preflight.OutputDirError` on every rank if any rank
+    fails."""
     from trainer.preflight import OutputDirError, checkpoint_bytes_estimate, probe_output
 
     required = 0
     if ctx.is_main:
+        storage = trainer.checkpointer.storage
+        removed = storage.remove_leftovers()
+        if removed:
+            log.info(
+                "removed %d leftover(s) of interrupted checkpoint saves in %s: %s",
+                len(removed),
+                storage.directory,
+                ", ".join(p.name for p in removed),
+            )
         modules = [trainer.backbone, trainer.head]
         if trainer.center is not None:
             modules.append(trainer.center)

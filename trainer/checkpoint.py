@@ -53,6 +53,7 @@ Multi-node jobs need ``<output>`` on a shared file system.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -66,6 +67,8 @@ from typing import Any
 
 import torch
 
+from common.atomic import OutputWriteError
+from common.errors import UserError
 from trainer.distributed import DistContext
 
 #: ``meta.json``'s ``format``. 1: the first layout. 2: the same files and parts; the
@@ -81,7 +84,7 @@ _CHUNK = 1 << 22  # bytes per read when hashing a file
 log = logging.getLogger("trainer")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written or read; the message names the file."""
 
 
@@ -119,12 +122,81 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: Free space under which a write error that names no cause is taken for a full disk.
+LOW_SPACE_BYTES = 16 << 20
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The first :class:`OSError` in ``exc``'s chain (itself, its cause or context):
+    torch's zip writer turns the ``OSError`` of a failed ``write`` into a
+    ``RuntimeError`` (``[enforce fail at inline_container.cc:...] unexpected pos``)
+    raised during its handling."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes on the file system of ``path`` (its nearest existing parent)."""
+    for where in (path, *path.parents):
+        try:
+            return shutil.disk_usage(where).free
+        except OSError:
+            continue
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def write_error(path: str | os.PathLike[str], exc: BaseException) -> OutputWriteError:
+    """A failed write of ``path`` as one line, ``cannot write <path>: <cause>``.
+
+    ``exc`` is the :class:`OSError` of the write or the ``RuntimeError`` torch's writer
+    raised for one. The cause is the ``OSError``'s in ``exc``'s chain (``No space left
+    on device``, with the free space); without one, a file system with less than
+    :data:`LOW_SPACE_BYTES` free is taken for a full disk; otherwise it is the writer's
+    first line. An :class:`OutputWriteError` passes unchanged."""
+    from trainer.preflight import _size
+
+    if isinstance(exc, OutputWriteError):
+        return exc
+    path = Path(path)
+    os_error = _os_error_in(exc)
+    code = os_error.errno if os_error is not None else None
+    if code is not None:
+        reason = os.strerror(code)
+    elif os_error is not None:
+        reason = os_error.strerror or _first_line(os_error)
+    else:
+        free = _free_bytes(path)
+        if free is not None and free < LOW_SPACE_BYTES:
+            code, reason = errno.ENOSPC, os.strerror(errno.ENOSPC)
+        else:
+            reason = f"{type(exc).__name__}: {_first_line(exc)}"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        free = _free_bytes(path)
+        if free is not None:
+            reason = f"{reason} ({_size(free)} free there)"
+    return OutputWriteError(code, reason, str(path))
+
+
 def _attempt(fn: Any, *args: Any) -> str | None:
-    """Run ``fn(*args)``; return ``None``, or the ``OSError`` it raised as text."""
+    """Run ``fn(*args)``; return ``None``, or the failure (an ``OSError``, or the
+    ``RuntimeError`` of torch's writer) as one line naming the file."""
     try:
         fn(*args)
-    except OSError as exc:
-        return str(exc)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, OSError) and exc.filename is not None:
+            return str(write_error(exc.filename, exc))
+        return " ".join(str(exc).split()) or type(exc).__name__
     return None
 
 
@@ -283,7 +355,11 @@ class CheckpointManager:
                 digests,
             )
         )
-        errors = [f"rank {r}: {e}" for r, (e, _, _) in enumerate(reports) if e is not None]
+        errors = [
+            f"rank {r}: {e}" if len(reports) > 1 else e
+            for r, (e, _, _) in enumerate(reports)
+            if e is not None
+        ]
         if errors:
             if ctx.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -303,9 +379,26 @@ class CheckpointManager:
         if error is not None:
             previous = self.latest()
             raise CheckpointError(
-                f"checkpoint of step {step} could not be written to {tmp}: {error}; "
+                f"checkpoint of step {step} could not be written to {tmp} (removed): {error}; "
                 f"the previous checkpoint is intact: {previous or 'none yet'}"
             )
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove what interrupted saves and deletions of this directory left
+        (``.tmp-step-*``, ``.trash-*``: names only this class writes), so that a rerun
+        needs no manual clean-up and counts their space as free. Call it only while no
+        save is in flight (rank 0, at start-up, holding the run lock); returns what was
+        removed."""
+        removed = []
+        if not self.directory.is_dir():
+            return removed
+        for pattern in (".tmp-step-*", ".trash-*"):
+            for stale in sorted(self.directory.glob(pattern)):
+                if stale.is_symlink() or not stale.is_dir():
+                    continue  # not a directory this class made
+                shutil.rmtree(stale, ignore_errors=True)
+                removed.append(stale)
+        return removed
 
     def _make_tmp(self, tmp: Path) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -334,10 +427,8 @@ class CheckpointManager:
             try:
                 # (a replacement save_file that returns nothing: hash the file it wrote)
                 digests[name] = save_file(obj, path) or file_digest(path)
-            except OSError as exc:
-                if exc.filename is None:  # name the file if the error does not
-                    raise OSError(exc.errno, f"{exc.strerror or exc}: {str(path)!r}") from None
-                raise
+            except (OSError, RuntimeError) as exc:  # torch's writer raises RuntimeError
+                raise write_error(path, exc) from None
 
     def _finalize(
         self,

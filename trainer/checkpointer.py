@@ -86,6 +86,7 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "train.max_bad_steps",
     "train.collective_timeout_s",
     "train.output",
+    "train.overwrite",
     "data.root",
     "data.batch_size",
     "data.num_workers",

@@ -217,10 +217,12 @@ def load_init_weights(backbone: nn.Module, path: str) -> None:
     its ``trainer.pt``, whose ``backbone`` entry the loader finds.
 
     Raises :class:`ConfigError` naming ``model.init_from`` and the file: a missing file,
-    or weights of another architecture or embedding size (then the loader's message
-    names the first mismatching key and both shapes); the backbone is then unchanged.
+    weights of another architecture or embedding size (then the loader's message names
+    the first mismatching key and both shapes), or weights holding NaN or Inf values
+    (naming the first such key: they would make every step non-finite, which would look
+    like bad data); the backbone is then unchanged.
     """
-    from backbones.weights import load_backbone_weights
+    from backbones.weights import load_backbone_state, read_backbone_weights
 
     source = Path(path)
     if source.is_dir() and (source / "trainer.pt").is_file():
@@ -233,7 +235,24 @@ def load_init_weights(backbone: nn.Module, path: str) -> None:
         )
         raise ConfigError(f"model.init_from: {path!r} {what}")
     try:
-        load_backbone_weights(backbone, source)
+        state = read_backbone_weights(source)
+        bad = [
+            key
+            for key, value in state.items()
+            if isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())
+        ]
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise ConfigError(
+                f"model.init_from: {source} holds NaN/Inf values in {bad[0]!r}{more}: not "
+                "usable weights (saved from a diverged run?); give a checkpoint or weights "
+                "file with finite values"
+            )
+        load_backbone_state(backbone, state, str(source))
+    except ConfigError:
+        raise
     except (ValueError, KeyError, RuntimeError, OSError, EOFError) as exc:
         text = str(exc).strip()
         message = text.splitlines()[0] if text else type(exc).__name__

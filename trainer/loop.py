@@ -49,11 +49,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from backbones.weights import save_backbone_weights
+from common.atomic import OutputWriteError, append_text, write_json
+from common.errors import UserError
 from configs import Config, ConfigError, config_to_dict
-from common.atomic import append_text, write_json
 from datasets.augment import BatchAugment
+from datasets.errors import DataError
 from trainer.amp import AmpPolicy
-from trainer.checkpoint import CheckpointError, CheckpointManager
+from trainer.checkpoint import CheckpointError, CheckpointManager, write_error
 from trainer.checkpointer import (
     Attributes,
     Checkpointer,
@@ -95,7 +97,7 @@ __all__ = [
 Evaluator = Callable[[nn.Module], dict[str, dict[str, float]]]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training stopped at a step (diverged, or a collective failed or timed out);
     the message names the step."""
 
@@ -340,14 +342,17 @@ class Trainer:
         k = cfg.train.grad_accum
         try:
             while self.step < stop and self.epoch < cfg.train.epochs:
-                self.loader.set_epoch(self.epoch)
+                try:  # a data file that changed since the start stops the run here
+                    self.loader.set_epoch(self.epoch)
+                except DataError as exc:
+                    raise DataLoadError(_data_error_line(exc)) from exc
                 batches = iter(self.loader)
                 epoch_done = False
                 while self.step < stop:
                     try:
                         micro, keys = self._take(batches, k)
                     except Exception as exc:  # bad training data: one line naming it
-                        raise DataLoadError(_data_error_line(exc)) from exc
+                        raise DataLoadError(self._loader_failure(exc)) from exc
                     if len(micro) < k:  # end of epoch (a partial accumulation is dropped)
                         epoch_done = True
                         break
@@ -357,6 +362,10 @@ class Trainer:
                     except (TrainingError, CheckpointError, ConfigError):
                         raise
                     except RuntimeError as exc:  # a collective failed or timed out
+                        # (or a loader worker died meanwhile: torch raises that anywhere)
+                        failure = self._explain_loader_failure(exc)
+                        if failure is not None:
+                            raise DataLoadError(failure) from exc
                         raise _step_failure(exc, current, cfg.train.collective_timeout_s) from exc
                 if epoch_done:
                     self.epoch += 1
@@ -374,6 +383,17 @@ class Trainer:
         finally:
             monitor.close()
             self.monitor = None
+
+    def _explain_loader_failure(self, exc: BaseException) -> str | None:
+        """The loader's one line for ``exc`` if it is a loader worker's death
+        (``FaceLoader.explain_failure``: a data file truncated under the workers)."""
+        explain = getattr(self.loader, "explain_failure", None)
+        failure = explain(exc) if callable(explain) else None
+        return None if failure is None else _data_error_line(failure)
+
+    def _loader_failure(self, exc: BaseException) -> str:
+        """The one line of an error raised by the loader's iteration."""
+        return self._explain_loader_failure(exc) or _data_error_line(exc)
 
     def _take(self, batches: Iterator[Batch], k: int) -> tuple[list[Batch], list[Any]]:
         """Up to ``k`` micro-batches and their sample keys (``loader.last_keys``)."""
@@ -558,12 +578,22 @@ class Trainer:
                 f"{', '.join(bad) or 'another rank'}; {path} not exported. Last good "
                 f"checkpoint: {self.last_good or 'none'}"
             )
+        failure: OutputWriteError | None = None
         if self.ctx.is_main:
             # arcface_torch's names: the file loads into its model code too; a path
             # ending in .safetensors is written as safetensors
-            save_backbone_weights(self.backbone.state_dict(), path)
-            log.info("exported backbone weights to %s", path)
-        self.ctx.barrier()
+            try:
+                save_backbone_weights(self.backbone.state_dict(), path)
+            except (OSError, RuntimeError) as exc:  # torch's writer raises RuntimeError
+                failure = write_error(path, exc)
+            else:
+                log.info("exported backbone weights to %s", path)
+        # (in place of a barrier) every rank learns whether rank 0's write failed
+        message = self.ctx.broadcast_object(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise TrainingError(f"step {self.step}: rank 0 could not export: {message}")
         return path
 
 

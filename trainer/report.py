@@ -13,10 +13,25 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.errors import UserError
+
+
+class ReportError(UserError):
+    """``verification.json`` is not what a run writes; the message names it."""
+
 
 def summarize(output: Path, min_accuracy: float | None) -> int:
-    """Print the summary; return the exit code."""
-    history = json.loads((output / "verification.json").read_text())
+    """Print the summary; return the exit code (a missing file raises ``OSError``, a
+    malformed one :class:`ReportError`, both naming it)."""
+    path = output / "verification.json"
+    try:
+        history = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: not a verification history ({exc})") from None
+    if not isinstance(history, list) or not all(
+        isinstance(h, dict) and isinstance(h.get("results"), dict) and "step" in h for h in history
+    ):
+        raise ReportError(f"{path}: not a verification history (a list of step results)")
     if not history:
         print(f"{output}: no verification results", file=sys.stderr)
         return 1
@@ -52,4 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common.cli import run_main
+
+    sys.exit(run_main(main, prog="trainer.report"))
