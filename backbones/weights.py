@@ -34,7 +34,9 @@ previous file in place.
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +44,7 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_open, naming
+from common.errors import UserError
 
 #: Prefixes added by wrappers around a model: DistributedDataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -58,7 +61,7 @@ LEGACY_ROOTS = ("stem.", "units.", "head.")
 SAFETENSORS_SUFFIX = ".safetensors"
 
 
-class BackboneWeightsError(ValueError):
+class BackboneWeightsError(UserError, ValueError):
     """Weights that cannot be read, or do not fit the model; the message names the
     file (or source) and the first offending key."""
 
@@ -305,6 +308,19 @@ def _unnest(obj: Any, source: str) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _weights_only_detail(text: str) -> str:
+    """What torch's weights-only unpickler failed on, from its message, without the
+    advice around it (rerunning with ``weights_only=False``, filing an issue, ...)."""
+    marker = "WeightsUnpickler error:"
+    rest = text.split(marker, 1)[1] if marker in text else text.partition("\n")[2]
+    skip = ("Check the documentation", "Please file an issue", "Weights only", "(1)", "(2)")
+    for line in rest.splitlines():
+        line = line.strip()
+        if line and not line.startswith(skip):
+            return re.split(r"\. (?:Please|To|Check|If|Alternatively)\b", line)[0].rstrip(".")
+    return "an object the weights-only reader does not allow"
+
+
 def read_backbone_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A backbone ``state_dict`` from ``path`` (``.safetensors``, else a
     ``torch.save`` file read with ``weights_only=True``), on the CPU, with the wrapper
@@ -324,10 +340,21 @@ def read_backbone_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tenso
 
             obj: Any = load_file(path, device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's note on the pickle protocol: noise
+                warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any reader error: name the file, keep the reason
         text = str(exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError) and "weights_only" in text:
+            # torch's weights-only unpickler failed: say on what, never its advice to
+            # rerun with weights_only=False (that would run whatever the file holds)
+            first = _weights_only_detail(text)
+            if re.search(r"global|blocked", first, re.IGNORECASE):
+                raise BackboneWeightsError(
+                    f"{path}: refused: the file holds objects other than tensors and plain "
+                    f"containers, which a weights file must not ({first})"
+                ) from None
         raise BackboneWeightsError(
             f"{path}: not a readable weights file (truncated, corrupt, or holding objects "
             f"other than tensors): {first}"

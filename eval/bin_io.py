@@ -19,7 +19,11 @@ before Python allocates it); numpy arrays and ``bytearray`` may declare at most 
 bytes as the file holds and no object dtype; the image count and the decoded output are
 capped (the output at a multiple of the file size); and every image's width and height
 are read from its JPEG/PNG/BMP header and capped before it is decoded. Every refusal is a
-:class:`BinFileError` (a ``ValueError``) naming the file and saying why.
+:class:`BinFileError` (a ``ValueError``) naming the file and saying why; a refused global
+is a :class:`BinPickleError` (also a :class:`pickle.UnpicklingError`).
+
+The labels are validated too: each is a boolean or exactly ``0``/``1`` (``2``, ``-1``
+or ``"yes"`` are refused with their index).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import math
 import os
 import pickle
 import pickletools
+import stat
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,9 +43,16 @@ import cv2
 import numpy as np
 import torch
 
+from common.errors import UserError
 
-class BinFileError(ValueError):
+
+class BinFileError(UserError, ValueError):
     """A ``.bin`` file that is malformed or exceeds :class:`BinLimits`; names the file."""
+
+
+class BinPickleError(BinFileError, pickle.UnpicklingError):
+    """A ``.bin`` pickle that needs a global or an object that is not allowed (refused
+    before anything is called); names the file."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +83,7 @@ DEFAULT_LIMITS = BinLimits()
 def _latin1_encode(obj: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
     """Stand-in for ``_codecs.encode`` that only does what protocol-2 ``bytes`` need."""
     if not isinstance(obj, str) or encoding.lower().replace("_", "-") not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+        raise BinPickleError(f"refusing _codecs.encode with encoding {encoding!r}")
     return obj.encode("latin-1", errors="strict")
 
 
@@ -82,7 +94,7 @@ def _allowed_globals(source: str, max_bytes: int) -> dict[tuple[str, str], Any]:
     frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # numpy(._core).numeric._frombuffer
 
     def refuse(what: str) -> pickle.UnpicklingError:
-        return pickle.UnpicklingError(f"{source}: {what} (refusing to load it)")
+        return BinPickleError(f"{source}: {what} (refusing to load it)")
 
     def checked_dtype(spec: Any) -> np.dtype:
         if isinstance(spec, np.dtype):
@@ -212,21 +224,36 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return self._allowed[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(
+            raise BinPickleError(
                 f"{self._source}: global {module}.{name} is not allowed in a verification "
                 "pair file (refusing to load it)"
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError(f"{self._source}: persistent ids are not allowed")
+        raise BinPickleError(f"{self._source}: persistent ids are not allowed")
 
 
 def restricted_loads(
     data: bytes, *, source: str = "<bytes>", limits: BinLimits = DEFAULT_LIMITS
 ) -> Any:
-    """Unpickle ``data`` with :class:`RestrictedUnpickler`, after :func:`scan_pickle`."""
+    """Unpickle ``data`` with :class:`RestrictedUnpickler`, after :func:`scan_pickle`.
+
+    Raises:
+        BinPickleError: a global or object that is not allowed.
+        BinFileError: anything else that stops the unpickling (a truncated or malformed
+            pickle, wrong arguments to an allowed constructor): the file is untrusted
+            input, so every failure of reading it is its own.
+    """
     scan_pickle(data, source, 4096 + limits.max_opcodes_per_image * limits.max_images)
-    return RestrictedUnpickler(io.BytesIO(data), source=source, max_bytes=len(data)).load()
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), source=source, max_bytes=len(data)).load()
+    except BinFileError:
+        raise
+    except Exception as exc:  # untrusted bytes: any failure to unpickle is the file's
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise BinFileError(
+            f"{source}: not a valid verification pair file ({type(exc).__name__}: {text})"
+        ) from None
 
 
 @dataclass
@@ -237,14 +264,52 @@ class PairSet:
         name: target name (file stem, e.g. ``"lfw"``).
         images: ``(2P, 3, H, W)`` uint8 RGB; pair ``i`` is rows ``2i``, ``2i+1``.
         issame: ``(P,)`` bool.
+        path: the file it was read from ("" when built in memory).
     """
 
     name: str
     images: torch.Tensor
     issame: np.ndarray
+    path: str = ""
+
+    @property
+    def source(self) -> str:
+        """Its name in messages: the file, else the target name."""
+        return self.path or self.name
 
     def __len__(self) -> int:
         return int(self.issame.size)
+
+
+def _is_label(value: Any) -> bool:
+    """A boolean, or an integer that is exactly 0 or 1."""
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    return isinstance(value, (int, np.integer)) and int(value) in (0, 1)
+
+
+def read_labels(raw: Any, path: str) -> np.ndarray:
+    """``issame_list`` as ``(P,)`` bool: booleans or exactly 0/1, nothing else.
+
+    Raises:
+        BinFileError: not a sequence, or an item that is not a label (names its index).
+    """
+    if isinstance(raw, np.ndarray):
+        if raw.dtype == np.bool_:
+            return raw.reshape(-1).copy()
+        items = raw.reshape(-1).tolist()
+    elif isinstance(raw, (list, tuple)):
+        items = list(raw)
+    else:
+        raise BinFileError(
+            f"{path}: issame_list is {type(raw).__name__}, expected a list of booleans"
+        )
+    for i, value in enumerate(items):
+        if not _is_label(value):
+            raise BinFileError(
+                f"{path}: issame_list[{i}] is {value!r:.40}; labels must be booleans or exactly 0/1"
+            )
+    return np.array([bool(v) for v in items], dtype=bool)
 
 
 def _as_encoded_bytes(item: Any, path: str, index: int) -> bytes:
@@ -352,12 +417,17 @@ def load_bin(
         A :class:`PairSet` with ``images (2P, 3, H, W)`` uint8 RGB and
         ``issame (P,)`` bool.
     Raises:
-        pickle.UnpicklingError: the file references a global that is not allowed.
+        BinPickleError (a pickle.UnpicklingError and a BinFileError): the file references
+            a global that is not allowed.
         BinFileError (a ValueError): the structure is not ``(bins, issame_list)`` with
-            ``len(bins) == 2P``, an image does not decode, or a limit is exceeded.
+            ``len(bins) == 2P``, a label is not a boolean or 0/1, an image does not
+            decode, or a limit is exceeded.
     """
     path = os.fspath(path)
-    size = os.path.getsize(path)
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise BinFileError(f"{path}: not a regular file (refusing to read it)")
+    size = st.st_size
     if size > limits.max_file_bytes:
         raise BinFileError(
             f"{path}: {size} bytes, more than the {limits.max_file_bytes} a verification pair "
@@ -377,10 +447,7 @@ def load_bin(
             f"{path}: {len(bins)} images, more than the {limits.max_images} a verification "
             "pair file may hold"
         )
-    try:
-        issame = np.asarray(list(issame_raw)).astype(bool).reshape(-1)
-    except (TypeError, ValueError) as exc:
-        raise BinFileError(f"{path}: issame_list is not a sequence of booleans") from exc
+    issame = read_labels(issame_raw, path)
     if len(bins) != 2 * issame.size:
         raise BinFileError(
             f"{path}: {len(bins)} images for {issame.size} pairs (expected {2 * issame.size})"
@@ -417,4 +484,4 @@ def load_bin(
         for i in range(len(encoded)):
             work(i)
     name = os.path.splitext(os.path.basename(path))[0]
-    return PairSet(name=name, images=images, issame=issame)
+    return PairSet(name=name, images=images, issame=issame, path=path)

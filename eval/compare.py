@@ -18,13 +18,18 @@ distance at which the impostor pairs' false-accept rate reaches ``--far`` on the
 ``0, 0.001, ..., 3.999`` (linear interpolation between the grid points that bracket it:
 :func:`eval.metrics.threshold_at_far`, the rule of the protocol's VAL@FAR), as a cosine
 ``1 - d / 2``.
+
+Failures are one line naming the photo, the model or the file (exit code 1; 2 for a bad
+option): a photo without a face (:class:`NoFaceError`), a model that does not load or
+gives a NaN or infinite embedding (:class:`~eval.errors.ModelError`,
+:class:`~eval.errors.NonFiniteEmbeddingError`): never a similarity. ``--json`` is
+always valid JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,17 +37,20 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic import write_json
+from common.cli import run_main
+from common.errors import UserError
 from datasets.detect.finder import FaceFinder, FaceResult
 from datasets.photos import PhotoError, read_photo
-from datasets.prepare import add_face_arguments, face_options
+from datasets.prepare import add_face_arguments
+from eval.bin_io import BinFileError
 from eval.extract import Embedder
-from eval.faces import embed_aligned, open_model, resize_crop
+from eval.faces import embed_aligned, finder_options, open_model, printable, resize_crop
+from eval.jsonio import write_json
 from eval.metrics import VAL_THRESHOLDS_STEP, pair_distances, threshold_at_far
 from eval.onnx_infer import add_input_arguments, input_options
 
 
-class NoFaceError(ValueError):
+class NoFaceError(UserError, ValueError):
     """A photo gave no face to compare: ``<photo>: <reason>: <detail>``."""
 
 
@@ -54,7 +62,7 @@ class Calibration:
         threshold: cosine similarity above which two faces are the same person.
         far_target: the false-accept rate asked for.
         far: the rate measured on the ``.bin``'s impostor pairs at ``threshold``.
-        tar: the true-accept rate measured on its genuine pairs.
+        tar: the true-accept rate measured on its genuine pairs (None without any).
         genuine, impostor: pair counts.
         name: the ``.bin``'s name.
     """
@@ -62,7 +70,7 @@ class Calibration:
     threshold: float
     far_target: float
     far: float
-    tar: float
+    tar: float | None
     genuine: int
     impostor: int
     name: str
@@ -76,15 +84,18 @@ def calibrate(
     batch_size: int = 64,
 ) -> Calibration:
     """The cosine threshold at which impostor pairs of ``bin_path`` reach ``far`` (see
-    the module docstring). Raises ``ValueError`` if the ``.bin`` has no impostor pairs."""
+    the module docstring). Raises :class:`~eval.bin_io.BinFileError` if the ``.bin`` has
+    no impostor pairs, :class:`~eval.errors.NonFiniteEmbeddingError` naming its images."""
     from eval.bin_io import load_bin
 
+    path = os.fspath(bin_path)
     pairs = load_bin(bin_path, (image_size, image_size))
     same = np.asarray(pairs.issame, dtype=bool)
     if not (~same).any():
-        raise ValueError(f"{os.fspath(bin_path)}: no impostor pairs to calibrate a FAR on")
+        raise BinFileError(f"{path}: no impostor pairs to calibrate a FAR on")
     crops = pairs.images.numpy().transpose(0, 2, 3, 1)[..., ::-1]  # RGB NCHW -> BGR NHWC
-    emb = embed_aligned(embed, np.ascontiguousarray(crops), batch_size)
+    names = [f"{printable(path)}: bins[{i}]" for i in range(len(crops))]
+    emb = embed_aligned(embed, np.ascontiguousarray(crops), batch_size, names=names)
     dist = pair_distances(emb.astype(np.float64))
     thresholds = np.arange(0, 4, VAL_THRESHOLDS_STEP)
     impostor = np.sort(dist[~same])
@@ -94,10 +105,10 @@ def calibrate(
         threshold=1.0 - t / 2.0,
         far_target=far,
         far=float(np.mean(dist[~same] < t)),
-        tar=float(np.mean(dist[same] < t)) if same.any() else float("nan"),
+        tar=float(np.mean(dist[same] < t)) if same.any() else None,
         genuine=int(same.sum()),
         impostor=int((~same).sum()),
-        name=pairs.name,
+        name=printable(pairs.name),
     )
 
 
@@ -118,14 +129,20 @@ def face_of(finder: FaceFinder | None, path: str, image_size: int) -> FaceResult
 def compare(
     embed: Embedder, finder: FaceFinder | None, a: str, b: str, image_size: int = 112
 ) -> tuple[float, FaceResult, FaceResult]:
-    """``(cosine similarity, face of a, face of b)``."""
+    """``(cosine similarity, face of a, face of b)``.
+
+    Raises:
+        NoFaceError: a photo without a face.
+        NonFiniteEmbeddingError: the model gave NaN or infinity (names it and the photo).
+    """
     fa, fb = face_of(finder, a, image_size), face_of(finder, b, image_size)
     assert fa.crop is not None and fb.crop is not None
-    emb = embed_aligned(embed, np.stack([fa.crop, fb.crop]))
+    emb = embed_aligned(embed, np.stack([fa.crop, fb.crop]), names=[printable(a), printable(b)])
     return float(np.dot(emb[0].astype(np.float64), emb[1].astype(np.float64))), fa, fb
 
 
 def _describe(path: str, r: FaceResult, policy: str) -> str:
+    path = printable(path)
     if r.box is None:
         return f"{path}: aligned crop"
     box = ",".join(f"{v:.0f}" for v in r.box)
@@ -157,6 +174,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--threshold must be a cosine in [-1, 1], got {args.threshold}")
     if not 0 < args.far < 1:
         p.error(f"--far must be in (0, 1), got {args.far}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: its directory does not exist")
     return args
 
 
@@ -164,9 +185,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns what it printed, as a dict (``--json``'s content)."""
     args = _parse_args(argv)
     embed, size = open_model(args.model, args.network, args.device, input_options(args))
-    finder = None if args.aligned else FaceFinder(face_options(args, image_size=size))
+    finder = None if args.aligned else FaceFinder(finder_options(args, size, args.model))
     sim, fa, fb = compare(embed, finder, args.photo_a, args.photo_b, size)
-    out: dict[str, Any] = {"a": args.photo_a, "b": args.photo_b, "similarity": sim}
+    out: dict[str, Any] = {
+        "a": printable(args.photo_a),
+        "b": printable(args.photo_b),
+        "similarity": sim,
+    }
     for key, r in (("face_a", fa), ("face_b", fb)):
         if r.box is not None:
             out[key] = {
@@ -183,9 +208,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cal = calibrate(embed, args.calibrate_bin, args.far, size, args.batch_size)
         threshold = cal.threshold
         out["calibration"] = cal.__dict__
+        tar = "n/a" if cal.tar is None else f"{cal.tar:.4f}"
         print(
             f"threshold {threshold:.4f}: calibrated on {cal.name} at FAR {cal.far_target:g} "
-            f"(measured FAR {cal.far:.5f}, TAR {cal.tar:.4f}; {cal.genuine} genuine, "
+            f"(measured FAR {cal.far:.5f}, TAR {tar}; {cal.genuine} genuine, "
             f"{cal.impostor} impostor pairs)"
         )
         if cal.far_target * cal.impostor < 1:
@@ -209,11 +235,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NoFaceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main, prog="eval.compare"))

@@ -33,13 +33,16 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_path
+from common.cli import run_main
+from common.errors import UserError
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 
 
-class ParityError(ValueError):
-    """The exported model and PyTorch cannot be compared: an output is not finite."""
+class ParityError(UserError, ValueError):
+    """The exported model and PyTorch cannot be compared: an output is not finite, or
+    the shapes differ."""
 
 
 def normalization_metadata(image_size: tuple[int, int], embedding_size: int) -> dict[str, str]:
@@ -201,7 +204,7 @@ def check_parity(
             ref = model(x).float().numpy()
         got = session.run(x.numpy())
         if got.shape != ref.shape:
-            raise RuntimeError(f"{onnx_path}: output shape {got.shape} != PyTorch {ref.shape}")
+            raise ParityError(f"{onnx_path}: output shape {got.shape} != PyTorch {ref.shape}")
         for side, out in (("PyTorch", ref), ("onnxruntime", got)):
             bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
             if bad:
@@ -233,7 +236,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="dynamo",
         help="dynamo (torch.export; default) or torchscript (torch's legacy exporter, faster)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from eval.onnx_infer import MAX_INPUT_SIDE
+
+    if not 1 <= args.image_size <= MAX_INPUT_SIDE:
+        p.error(f"--image-size must be 1 to {MAX_INPUT_SIDE} pixels, got {args.image_size}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> float:
@@ -256,8 +264,4 @@ def main(argv: Sequence[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main, prog="eval.export_onnx"))

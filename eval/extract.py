@@ -8,21 +8,75 @@ for ONNX models.
 Under ``torch.distributed`` every rank embeds one contiguous slice of the
 images and the slices are ``all_gather``-ed, so all ranks end up with the full
 result. Without an initialised process group everything runs locally.
+
+The evaluation commands' embedders check what their model returns
+(:func:`check_embeddings`, the one home of that check: :class:`CheckedEmbedder` for
+backbones, :class:`eval.onnx_infer.OnnxEmbedder` for ONNX files): anything but a
+``(B, D)`` output is a :class:`~eval.errors.ModelError`, and a NaN or infinite
+embedding a :class:`~eval.errors.NonFiniteEmbeddingError` naming the model.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from partial_fc.collectives import rank_and_world_size
+from common.dist import rank_and_world_size
+from eval.errors import ModelError, NonFiniteEmbeddingError
 
 Embedder = Callable[[torch.Tensor], torch.Tensor]
+_Out = TypeVar("_Out", torch.Tensor, np.ndarray)
+
+
+def check_embeddings(out: _Out, model: str, batch: int) -> _Out:
+    """``out`` if it is a finite ``(batch, D)`` output of ``model``.
+
+    Raises:
+        ModelError: another shape (names the model and the shape).
+        NonFiniteEmbeddingError: a row holds NaN or infinity (names the model; carries
+            the rows and ``out``, so a caller can keep the finite rows).
+    """
+    shape = tuple(out.shape)
+    if len(shape) != 2 or shape[0] != batch:
+        raise ModelError(
+            f"{model}: output of shape {list(shape)} for a batch of {batch}; expected "
+            "(batch, D) embeddings"
+        )
+    if isinstance(out, torch.Tensor):
+        finite = torch.isfinite(out).all(dim=1).cpu().numpy()
+    else:
+        finite = np.isfinite(out).all(axis=1)
+    if not finite.all():
+        raise NonFiniteEmbeddingError(model, np.flatnonzero(~finite).tolist(), batch, out)
+    return out
+
+
+def embedder_name(embed: object) -> str:
+    """The model's name in messages: ``embed.name`` (its file), "" when it has none."""
+    name = getattr(embed, "name", None)
+    return name if isinstance(name, str) else ""
+
+
+class CheckedEmbedder:
+    """An embedder whose outputs are checked by :func:`check_embeddings`.
+
+    Args:
+        embed: any :data:`Embedder` (e.g. :func:`module_embedder` of a backbone).
+        name: the model's name in messages (its checkpoint file).
+    """
+
+    def __init__(self, embed: Embedder, name: str) -> None:
+        self.embed = embed
+        self.name = name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return check_embeddings(self.embed(x), self.name, x.shape[0])
 
 
 def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -105,7 +159,7 @@ def gather_slices(local: torch.Tensor, n: int, group: dist.ProcessGroup | None) 
     ``local`` is this rank's ``(stop - start, D)`` float rows (``(0, 0)`` or ``(0, D)``
     for an empty slice). A collective: every rank of ``group`` must call it. NCCL
     groups exchange on the current CUDA device (set by
-    ``trainer.distributed.init_distributed``), gloo groups on CPU.
+    ``common.dist.init_distributed``), gloo groups on CPU.
     """
     # Ranks with an empty slice do not know D: agree on it first.
     dim = torch.tensor([local.shape[1] if local.numel() else 0], device=_gather_device(group))
@@ -117,15 +171,28 @@ def gather_slices(local: torch.Tensor, n: int, group: dist.ProcessGroup | None) 
 
 
 def _embed_local(
-    embed: Embedder, images: torch.Tensor, batch_size: int, flip: bool
+    embed: Embedder,
+    images: torch.Tensor,
+    batch_size: int,
+    flip: bool,
+    names: Callable[[int], str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     outs: list[torch.Tensor] = []
     flips: list[torch.Tensor] = []
+
+    def run(x: torch.Tensor, start: int) -> torch.Tensor:
+        try:
+            return embed(x).detach().float().cpu()
+        except NonFiniteEmbeddingError as exc:
+            if names is None:
+                raise
+            raise exc.naming([names(start + r) for r in exc.rows]) from None
+
     for start in range(0, images.shape[0], batch_size):
         x = normalize_pixels(images[start : start + batch_size])
-        outs.append(embed(x).detach().float().cpu())
+        outs.append(run(x, start))
         if flip:
-            flips.append(embed(torch.flip(x, dims=[3])).detach().float().cpu())
+            flips.append(run(torch.flip(x, dims=[3]), start))
     if not outs:
         return torch.zeros((0, 0)), (torch.zeros((0, 0)) if flip else None)
     return torch.cat(outs), (torch.cat(flips) if flip else None)
@@ -138,6 +205,7 @@ def extract_embeddings(
     *,
     flip: bool = True,
     group: dist.ProcessGroup | None = None,
+    names: Callable[[int], str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Raw embeddings of ``images`` and of their horizontal mirrors, rank-shared.
 
@@ -149,6 +217,8 @@ def extract_embeddings(
         group: process group to share the work in; ``None`` means the default
             group if ``torch.distributed`` is initialised, else local work.
             Every rank of the group must call this with the same ``images``.
+        names: ``names(i)`` is image ``i``'s name in a
+            :class:`~eval.errors.NonFiniteEmbeddingError` (when ``embed`` raises one).
     Returns:
         ``(emb, emb_flip)``: float32 ``(N, D)`` arrays, identical on every rank
         (``emb_flip`` is ``None`` when ``flip`` is False).
@@ -161,7 +231,8 @@ def extract_embeddings(
     n = images.shape[0]
     rank, world = rank_and_world_size(group)
     start, stop = rank_slice(n, rank, world)
-    emb, emb_flip = _embed_local(embed, images[start:stop], batch_size, flip)
+    named = None if names is None else (lambda i: names(start + i))
+    emb, emb_flip = _embed_local(embed, images[start:stop], batch_size, flip, named)
     if world > 1:
         emb = gather_slices(emb, n, group)
         if flip:

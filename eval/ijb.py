@@ -22,6 +22,13 @@ embedding across ranks; rank 0 writes)::
 writes ``<target>_scores.npy`` (one float64 score per line of the pair file,
 in order), ``<target>_roc.png`` and ``<target>_result.json`` (TAR@FAR table)
 to the output directory and prints the table.
+
+No answer comes from non-finite numbers: the meta files are validated as they are read
+(:func:`eval.ijb_data.read_ijb_meta`: finite faceness and landmarks, labels 0/1, both
+genuine and impostor pairs), a NaN or infinite embedding is a
+:class:`~eval.errors.NonFiniteEmbeddingError` naming the model and the image, and a
+score that is still not finite is an :class:`~eval.ijb_data.IJBDataError` naming the
+pair file and the row.
 """
 
 from __future__ import annotations
@@ -39,20 +46,24 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from common.atomic import atomic_open, write_json
+from common.atomic import atomic_open
+from common.cli import run_main
+from common.dist import rank_and_world_size
+from eval.errors import NonFiniteEmbeddingError
 from eval.extract import (
     Embedder,
+    embedder_name,
     eval_mode,
     gather_slices,
     module_embedder,
     normalize_pixels,
     rank_slice,
 )
-from eval.ijb_data import IJBMeta, load_aligned, read_ijb_meta
+from eval.ijb_data import IJBDataError, IJBMeta, check_pairs, load_aligned, read_ijb_meta
+from eval.jsonio import write_json
 from eval.metrics import IJB_FAR_TARGETS, roc_curve, tar_at_far
 from eval.onnx_infer import add_input_arguments, input_options
 from eval.plot import save_roc_png
-from partial_fc.collectives import rank_and_world_size
 
 
 def image_features(
@@ -98,9 +109,9 @@ def image_features(
             if k + 1 < len(starts):
                 pending = submit(pool, starts[k + 1])
             x = normalize_pixels(torch.from_numpy(faces).permute(0, 3, 1, 2))
-            feats = embed(x).detach().float().cpu()
+            feats = _embed_named(embed, x, meta, start)
             if flip:
-                feats = feats + embed(torch.flip(x, dims=[3])).detach().float().cpu()
+                feats = feats + _embed_named(embed, torch.flip(x, dims=[3]), meta, start)
             if out is None:
                 out = np.empty((hi - lo, feats.shape[1]), dtype=np.float32)
             out[start - lo : start - lo + len(faces)] = feats.numpy()
@@ -109,6 +120,14 @@ def image_features(
     if world > 1:
         return gather_slices(torch.from_numpy(local), n, group).numpy()
     return local
+
+
+def _embed_named(embed: Embedder, x: torch.Tensor, meta: IJBMeta, start: int) -> torch.Tensor:
+    """``embed(x)`` for faces ``start..``; a non-finite embedding names their images."""
+    try:
+        return embed(x).detach().float().cpu()
+    except NonFiniteEmbeddingError as exc:
+        raise exc.naming([meta.image_path(start + r) for r in exc.rows]) from None
 
 
 def _load_range(meta: IJBMeta, start: int, stop: int, size: tuple[int, int]) -> np.ndarray:
@@ -237,17 +256,44 @@ def evaluate_ijb(
     Under ``torch.distributed`` the face features are shared across the ranks of
     ``group`` (see :func:`image_features`); every rank then scores all pairs and
     returns the same result.
+
+    Raises:
+        IJBDataError: labels that are not 0/1 or not of both kinds, a non-finite
+            faceness score, a pair score that is not finite (names the pair file).
+        NonFiniteEmbeddingError: the model gave NaN or infinity (names the image).
     """
+    source = meta.pairs_file or f"{meta.root} (pair list)"
+    check_pairs(meta.labels, source)
+    if faceness and not np.isfinite(meta.faceness).all():
+        i = int(np.argmax(~np.isfinite(meta.faceness)))
+        raise IJBDataError(
+            f"{meta.image_path(i)}: faceness score {meta.faceness[i]} is not a finite number"
+        )
     kwargs = {"flip": flip, "workers": workers, "progress": progress, "group": group}
     if isinstance(model, nn.Module):
         with eval_mode(model):
             feats = image_features(module_embedder(model), meta, batch_size, **kwargs)
+        name = ""
     else:
         feats = image_features(model, meta, batch_size, **kwargs)
+        name = embedder_name(model)
     if faceness:
         feats = feats * meta.faceness[:, None]
+    finite = np.isfinite(feats).all(axis=1)
+    if not finite.all():  # an unchecked embedder, or a flip/faceness product overflowed
+        rows = np.flatnonzero(~finite).tolist()
+        names = [meta.image_path(r) for r in rows]
+        raise NonFiniteEmbeddingError(name, rows, len(finite), None, names)
     ids, tfeats = template_features(feats, meta.templates, meta.medias)
     scores = pair_scores(ids, tfeats, meta.pair_t1, meta.pair_t2, chunk_size, progress=progress)
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise IJBDataError(
+            f"{source}: {int(bad.sum())} of {bad.size} pair scores are not finite (first: "
+            f"pair row {row + 1}, templates {int(meta.pair_t1[row])} and "
+            f"{int(meta.pair_t2[row])}); no TAR@FAR from them"
+        )
     fpr, tpr, _ = roc_curve(meta.labels, scores)
     return IJBResult(scores, meta.labels, fpr, tpr, tar_at_far(fpr, tpr, IJB_FAR_TARGETS))
 
@@ -315,6 +361,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--input-mean/--input-std/--input-color/--input-size apply to --onnx models only")
     if args.checkpoint and not args.network:
         p.error("--network is required with --checkpoint")
+    if min(args.batch_size, args.workers, args.chunk_size) < 1:
+        p.error("--batch-size, --workers and --chunk-size must be >= 1")
     return args
 
 
@@ -348,8 +396,4 @@ def main(argv: Sequence[str] | None = None) -> IJBResult:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main, prog="eval.ijb"))

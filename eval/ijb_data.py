@@ -8,20 +8,33 @@
     ROOT/meta/ijbc_name_5pts_score.txt      image x1 y1 ... x5 y5 faceness
 
 IJB-B uses the same files with the ``ijbb_`` prefix.
+
+What :func:`read_ijb_meta` refuses, as an :class:`IJBDataError` naming the file (and the
+line or row): a value that is not a number, a landmark or faceness score that is not
+finite, a label that is not exactly 0 or 1, a pair file without pairs, or without
+genuine or without impostor pairs, a pair naming a template that has no faces, a file
+that is not text. A NaN faceness would make NaN template scores, and one kind of pair
+alone a TAR of 1.0 or 0.5 at every FAR: never an answer.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from common.errors import UserError
 from eval.align import align_face
 
 TARGETS = {"IJBC": "ijbc", "IJBB": "ijbb"}
+
+
+class IJBDataError(UserError, ValueError):
+    """An IJB meta file or image that cannot be used; names the file (and line or row)."""
 
 
 @dataclass
@@ -37,6 +50,7 @@ class IJBMeta:
         faceness: ``(N,)`` float32 detector scores.
         pair_t1, pair_t2: ``(M,)`` int64 template ids of each pair.
         labels: ``(M,)`` int8, 1 for genuine pairs.
+        pairs_file: the pair file (for messages; "" when built in memory).
     """
 
     root: str
@@ -48,6 +62,7 @@ class IJBMeta:
     pair_t1: np.ndarray
     pair_t2: np.ndarray
     labels: np.ndarray
+    pairs_file: str = ""
 
     def image_path(self, i: int) -> str:
         return os.path.join(self.root, "loose_crop", self.names[i])
@@ -58,7 +73,7 @@ def meta_paths(root: str, target: str) -> dict[str, str]:
     try:
         prefix = TARGETS[target.upper()]
     except KeyError:
-        raise ValueError(f"unknown IJB target {target!r}; expected {list(TARGETS)}") from None
+        raise IJBDataError(f"unknown IJB target {target!r}; expected {list(TARGETS)}") from None
     meta = os.path.join(root, "meta")
     return {
         "tid_mid": os.path.join(meta, f"{prefix}_face_tid_mid.txt"),
@@ -75,9 +90,12 @@ def _read_int_table(path: str, columns: int, block_bytes: int = 1 << 26) -> np.n
     """
     parts: list[np.ndarray] = []
     tail = ""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         while True:
-            block = f.read(block_bytes)
+            try:
+                block = f.read(block_bytes)
+            except UnicodeDecodeError as exc:
+                raise IJBDataError(f"{path}: not a text file ({exc.reason})") from None
             text = tail + block
             if block:
                 cut = text.rfind("\n") + 1
@@ -88,7 +106,7 @@ def _read_int_table(path: str, columns: int, block_bytes: int = 1 << 26) -> np.n
                 break
     values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     if values.size % columns:
-        raise ValueError(f"{path}: expected {columns} whitespace-separated columns per line")
+        raise IJBDataError(f"{path}: expected {columns} whitespace-separated columns per line")
     return values.reshape(-1, columns)
 
 
@@ -99,22 +117,87 @@ def _parse_ints(text: str, path: str) -> np.ndarray:
             return np.fromstring(text, dtype=np.int64, sep=" ")
         except (ValueError, DeprecationWarning) as exc:
             bad = next((t for t in text.split() if not t.lstrip("+-").isdigit()), "?")
-            raise ValueError(f"{path}: non-integer value {bad!r}") from exc
+            raise IJBDataError(f"{path}: non-integer value {bad!r:.40}") from exc
 
 
-def _read_name_table(path: str, columns: int) -> tuple[list[str], list[list[str]]]:
+def _read_name_table(path: str, columns: int) -> tuple[list[str], list[list[str]], list[int]]:
+    """``(names, other columns, line numbers)`` of a whitespace-separated table."""
     names: list[str] = []
     rows: list[list[str]] = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != columns:
-                raise ValueError(f"{path}:{lineno}: expected {columns} columns, got {len(parts)}")
-            names.append(parts[0])
-            rows.append(parts[1:])
-    return names, rows
+    lines: list[int] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != columns:
+                    raise IJBDataError(
+                        f"{path}:{lineno}: expected {columns} columns, got {len(parts)}"
+                    )
+                names.append(parts[0])
+                rows.append(parts[1:])
+                lines.append(lineno)
+    except UnicodeDecodeError as exc:
+        raise IJBDataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    return names, rows, lines
+
+
+def _int_table(path: str, rows: list[list[str]], lines: list[int]) -> np.ndarray:
+    """``rows`` as int64 (else names the line and the column)."""
+    for line, row in zip(lines, rows, strict=True):
+        for col, value in enumerate(row, 2):
+            if not re.fullmatch(r"[+-]?[0-9]+", value) or abs(int(value)) >= 1 << 63:
+                raise IJBDataError(f"{path}:{line}: column {col} is {value!r:.40}, not an id")
+    return np.array(rows, dtype=np.int64).reshape(len(rows), -1)
+
+
+def _float_table(path: str, rows: list[list[str]], lines: list[int]) -> np.ndarray:
+    """``rows`` as float32, every value finite (else names the line and the column)."""
+    if not rows:
+        return np.zeros((0, 0), np.float32)
+    try:
+        table = np.array(rows, dtype=np.float32).reshape(len(rows), -1)
+    except ValueError:
+        for line, row in zip(lines, rows, strict=True):
+            for col, value in enumerate(row, 2):
+                try:
+                    float(value)
+                except ValueError:
+                    raise IJBDataError(
+                        f"{path}:{line}: column {col} is {value!r:.40}, not a number"
+                    ) from None
+        raise
+    bad = ~np.isfinite(table)
+    if bad.any():
+        r, c = (int(v[0]) for v in np.nonzero(bad))
+        what = "faceness score" if c == table.shape[1] - 1 else f"landmark value (column {c + 2})"
+        raise IJBDataError(
+            f"{path}:{lines[r]}: the {what} is {rows[r][c]!r:.40}, not a finite number"
+        )
+    return table
+
+
+def check_pairs(labels: np.ndarray, path: str) -> None:
+    """Refuse pair labels that are not exactly 0/1, or a pair list without pairs, without
+    genuine or without impostor pairs (:class:`IJBDataError` naming ``path``)."""
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size == 0:
+        raise IJBDataError(f"{path}: no pairs (an empty pair file)")
+    bad = (labels != 0) & (labels != 1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise IJBDataError(
+            f"{path}: pair row {row + 1} has label {int(labels[row])}; labels must be 0 "
+            "(impostor) or 1 (genuine)"
+        )
+    genuine = int(np.count_nonzero(labels))
+    for kind, count in (("genuine", genuine), ("impostor", labels.size - genuine)):
+        if count == 0:
+            raise IJBDataError(
+                f"{path}: no {kind} pairs among its {labels.size}; TAR@FAR needs both "
+                "genuine and impostor pairs"
+            )
 
 
 def read_ijb_meta(root: str | os.PathLike[str], target: str = "IJBC") -> IJBMeta:
@@ -124,26 +207,32 @@ def read_ijb_meta(root: str | os.PathLike[str], target: str = "IJBC") -> IJBMeta
     for p in paths.values():
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p}: missing IJB meta file")
-    names, tm = _read_name_table(paths["tid_mid"], 3)
-    try:
-        tid_mid = np.array(tm, dtype=np.int64).reshape(-1, 2)
-    except ValueError as exc:
-        raise ValueError(f"{paths['tid_mid']}: non-integer template/media id ({exc})") from exc
-    lm_names, lm_rows = _read_name_table(paths["landmarks"], 12)
-    try:
-        lm = np.array(lm_rows, dtype=np.float32).reshape(-1, 11)
-    except ValueError as exc:
-        raise ValueError(f"{paths['landmarks']}: non-numeric landmark/score ({exc})") from exc
+    names, tm, tm_lines = _read_name_table(paths["tid_mid"], 3)
+    if not names:
+        raise IJBDataError(f"{paths['tid_mid']}: no face images listed")
+    tid_mid = _int_table(paths["tid_mid"], tm, tm_lines).reshape(-1, 2)
+    lm_names, lm_rows, lm_lines = _read_name_table(paths["landmarks"], 12)
+    lm = _float_table(paths["landmarks"], lm_rows, lm_lines).reshape(-1, 11)
     if lm_names != names:
         # Same images in another order: match by name.
         index = {n: i for i, n in enumerate(lm_names)}
         if len(index) != len(lm_names):
-            raise ValueError(f"{paths['landmarks']}: duplicate image names; cannot match rows")
+            raise IJBDataError(f"{paths['landmarks']}: duplicate image names; cannot match rows")
         missing = [n for n in names if n not in index]
         if missing:
-            raise ValueError(f"{paths['landmarks']}: no landmarks for {missing[0]!r}")
+            raise IJBDataError(f"{paths['landmarks']}: no landmarks for {missing[0]!r}")
         lm = lm[[index[n] for n in names]]
     pairs = _read_int_table(paths["pairs"], 3)
+    check_pairs(pairs[:, 2], paths["pairs"])
+    known = np.unique(tid_mid[:, 0])
+    for col in (0, 1):
+        unknown = ~np.isin(pairs[:, col], known)
+        if unknown.any():
+            row = int(np.argmax(unknown))
+            raise IJBDataError(
+                f"{paths['pairs']}: pair row {row + 1} names template {int(pairs[row, col])}, "
+                f"which has no faces in {paths['tid_mid']}"
+            )
     return IJBMeta(
         root=root,
         names=names,
@@ -154,6 +243,7 @@ def read_ijb_meta(root: str | os.PathLike[str], target: str = "IJBC") -> IJBMeta
         pair_t1=pairs[:, 0],
         pair_t2=pairs[:, 1],
         labels=pairs[:, 2].astype(np.int8),
+        pairs_file=paths["pairs"],
     )
 
 
@@ -162,6 +252,6 @@ def load_aligned(meta: IJBMeta, i: int, size: tuple[int, int] = (112, 112)) -> n
     path = meta.image_path(i)
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
-        raise ValueError(f"{path}: cannot read image")
+        raise IJBDataError(f"{path}: cannot read image (missing, or not an image OpenCV reads)")
     aligned = align_face(img, meta.landmarks[i], size)
     return cv2.cvtColor(aligned, cv2.COLOR_BGR2RGB)

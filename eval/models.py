@@ -4,6 +4,10 @@ Checkpoints are backbone ``state_dict`` files (``torch.save`` files read with
 ``weights_only=True``, or ``.safetensors``), ours or arcface_torch's, read and checked
 by :mod:`backbones.weights`. Backbones come from ``backbones.get_model(name,
 **kwargs)``, imported lazily.
+
+Every embedder made here checks its outputs (:func:`eval.extract.check_embeddings`):
+a NaN or infinite embedding is a :class:`~eval.errors.NonFiniteEmbeddingError` naming
+the model, never a number.
 """
 
 from __future__ import annotations
@@ -17,7 +21,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from eval.extract import Embedder, module_embedder
+from eval.errors import EvalUsageError
+from eval.extract import CheckedEmbedder, Embedder, module_embedder
+
+
+def check_device(device: str | None, local_rank: int = 0) -> None:
+    """Refuse a malformed ``--device`` (or a CUDA device that does not exist) as an
+    :class:`~eval.errors.EvalUsageError` naming the option, before any work."""
+    from common.dist import resolve_device
+
+    try:
+        resolve_device(device, local_rank)
+    except ValueError as exc:  # documented: a message naming --device
+        raise EvalUsageError(str(exc)) from None
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -42,14 +58,19 @@ def build_backbone(
     :func:`backbones.weights.infer_model_kwargs`) are added unless given. Weights of
     another network raise :class:`backbones.weights.BackboneWeightsError` (a
     ``ValueError``) naming the file, the network and the first mismatching key."""
-    from backbones import get_model  # lazy: the backbone zoo is heavy and optional here
+    from backbones import get_model, list_models  # lazy: the zoo is heavy and optional here
     from backbones.weights import infer_model_kwargs, load_backbone_state
 
     state = None
     if checkpoint is not None:
         state = load_state_dict(checkpoint)
         kwargs = {**infer_model_kwargs(state), **kwargs}
-    model = get_model(network, **kwargs)
+    try:
+        model = get_model(network, **kwargs)
+    except ValueError as exc:  # an unknown name: an option error, not a bug
+        if network in list_models():
+            raise
+        raise EvalUsageError(f"--network {network!r}: {exc}") from None
     if state is not None:
         load_backbone_state(model, state, f"{os.fspath(checkpoint)} (network {network!r})")
     return model.to(device).eval()
@@ -70,8 +91,10 @@ def make_embedder(
 
         return OnnxEmbedder(onnx_path, device=device, **(onnx_input or {}))
     if network is None:
-        raise ValueError("--network is required with --checkpoint")
-    return module_embedder(build_backbone(network, checkpoint, device=device))
+        raise EvalUsageError("--network is required with --checkpoint")
+    name = os.fspath(checkpoint) if checkpoint is not None else f"{network} (random weights)"
+    backbone = build_backbone(network, checkpoint, device=device)
+    return CheckedEmbedder(module_embedder(backbone), name)
 
 
 @contextlib.contextmanager
@@ -89,8 +112,9 @@ def command_embedder(
     and nccl under CUDA). onnxruntime returns CPU arrays, so an ONNX model's ranks
     gather over gloo on the CPU while its session runs on the rank's device.
     """
-    from trainer.distributed import distributed_command, resolve_device
+    from common.dist import distributed_command, resolve_device
 
+    check_device(device)
     with distributed_command("cpu" if onnx_path else device) as ctx:
         run_on = str(resolve_device(device, ctx.local_rank) if onnx_path else ctx.device)
         if ctx.is_main:

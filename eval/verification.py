@@ -13,12 +13,16 @@ the extraction across ranks)::
     python -m eval.verification --network r50 --checkpoint backbone.pt \
         --bin lfw.bin --bin cfp_fp.bin --json results.json
     python -m eval.verification --onnx model.onnx --bin lfw.bin
+
+A target must hold at least ``--nfolds`` pairs, genuine and impostor ones both
+(:func:`check_pairset`); an embedding that is NaN or infinite is a
+:class:`~eval.errors.NonFiniteEmbeddingError` naming the model and the ``.bin``'s image,
+never an accuracy. ``--json`` is always valid JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -26,15 +30,18 @@ import numpy as np
 import torch.distributed as dist
 from torch import nn
 
-from common.atomic import write_json
-from eval.bin_io import PairSet, RestrictedUnpickler, load_bin, restricted_loads
-from eval.extract import Embedder, eval_mode, extract_embeddings, module_embedder
+from common.cli import run_main
+from eval.bin_io import BinFileError, PairSet, RestrictedUnpickler, load_bin, restricted_loads
+from eval.errors import NonFiniteEmbeddingError
+from eval.extract import Embedder, embedder_name, eval_mode, extract_embeddings, module_embedder
+from eval.jsonio import write_json
 from eval.metrics import evaluate, l2_normalize
-from eval.onnx_infer import add_input_arguments, input_options
+from eval.onnx_infer import MAX_INPUT_SIDE, add_input_arguments, input_options
 
 __all__ = [
     "PairSet",
     "RestrictedUnpickler",
+    "check_pairset",
     "evaluate",
     "load_bin",
     "main",
@@ -75,6 +82,25 @@ def summarize(
     }
 
 
+def check_pairset(pairs: PairSet, nrof_folds: int = 10) -> None:
+    """Refuse a target the protocol cannot score: fewer pairs than folds, or no genuine
+    or no impostor pair (:class:`~eval.bin_io.BinFileError` naming the file and the
+    fold count)."""
+    n = len(pairs)
+    if nrof_folds > 1 and n < nrof_folds:
+        raise BinFileError(
+            f"{pairs.source}: {n} pair{'s' if n != 1 else ''}, fewer than the {nrof_folds} "
+            "folds of the protocol (each fold needs a pair; --nfolds sets the folds)"
+        )
+    same = np.asarray(pairs.issame, dtype=bool)
+    for kind, count in (("genuine", int(same.sum())), ("impostor", int((~same).sum()))):
+        if count == 0:
+            raise BinFileError(
+                f"{pairs.source}: no {kind} pairs among its {n}; verification needs both "
+                "genuine and impostor pairs"
+            )
+
+
 def _as_embedder(model: nn.Module | Embedder) -> Embedder:
     return module_embedder(model) if isinstance(model, nn.Module) else model
 
@@ -86,13 +112,31 @@ def verify_pairset(
     group: dist.ProcessGroup | None = None,
     nrof_folds: int = 10,
 ) -> dict[str, float]:
-    """Flip-test extraction (rank-shared) and :func:`summarize` for one target."""
+    """Flip-test extraction (rank-shared) and :func:`summarize` for one target.
+
+    Raises:
+        BinFileError: the target cannot be scored (:func:`check_pairset`).
+        NonFiniteEmbeddingError: a NaN or infinite embedding (names the model and the
+            image of the ``.bin``).
+    """
+    check_pairset(pairs, nrof_folds)
     embed = _as_embedder(model)
+
+    def name(i: int) -> str:
+        return f"{pairs.source}: bins[{i}]"
+
+    kwargs = {"group": group, "names": name}
     if isinstance(model, nn.Module):
         with eval_mode(model):
-            emb, emb_flip = extract_embeddings(embed, pairs.images, batch_size, group=group)
+            emb, emb_flip = extract_embeddings(embed, pairs.images, batch_size, **kwargs)
     else:
-        emb, emb_flip = extract_embeddings(embed, pairs.images, batch_size, group=group)
+        emb, emb_flip = extract_embeddings(embed, pairs.images, batch_size, **kwargs)
+    combined = emb if emb_flip is None else emb + emb_flip
+    finite = np.isfinite(combined).all(axis=1)
+    if not finite.all():  # an unchecked embedder, or a flip-test sum that overflowed
+        rows = np.flatnonzero(~finite).tolist()
+        who = embedder_name(embed) if not isinstance(model, nn.Module) else ""
+        raise NonFiniteEmbeddingError(who, rows, len(finite), None, [name(r) for r in rows])
     return summarize(emb, emb_flip, pairs.issame, nrof_folds)
 
 
@@ -162,6 +206,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--input-mean/--input-std/--input-color/--input-size apply to --onnx models only")
     if args.checkpoint and not args.network:
         p.error("--network is required with --checkpoint")
+    if not 1 <= args.image_size <= MAX_INPUT_SIDE:
+        p.error(f"--image-size must be 1 to {MAX_INPUT_SIDE} pixels, got {args.image_size}")
+    if args.batch_size < 1 or args.nfolds < 1:
+        p.error("--batch-size and --nfolds must be >= 1")
     return args
 
 
@@ -188,8 +236,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main, prog="eval.verification"))

@@ -175,7 +175,7 @@ def test_embed_writes_one_row_per_photo(models, photos, tmp_path, capsys):
 
     net, ckpt, onnx_path = models
     out = tmp_path / "emb.parquet"
-    n = embed_cli.main(
+    summary = embed_cli.main(
         [
             str(photos),
             "--model",
@@ -188,7 +188,8 @@ def test_embed_writes_one_row_per_photo(models, photos, tmp_path, capsys):
             "2",
         ]
     )
-    assert n == 3 and "embedded 3 of 5 photos" in capsys.readouterr().out
+    assert summary["embedded"] == 3 and summary["photos"] == 5 and summary["non_finite"] == 0
+    assert "embedded 3 of 5 photos" in capsys.readouterr().out
     table = pq.read_table(out)
     rows = table.to_pylist()
     assert [r["path"] for r in rows] == ["a1.jpg", "broken.jpg", "c.jpg", "nf.png", "sub/a2.png"]

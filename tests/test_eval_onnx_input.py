@@ -138,10 +138,13 @@ def test_symbolic_sides_take_the_input_size_option(tmp_path):
     # a global pooling model accepts any size; the option picks what it is fed
     path = tmp_path / "any.onnx"
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["data"], ["pooled"], name="gap")],
+        [
+            helper.make_node("GlobalAveragePool", ["data"], ["pooled"], name="gap"),
+            helper.make_node("Flatten", ["pooled"], ["emb"], name="flat", axis=1),
+        ],
         "face",
         [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, "h", "w"])],
-        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", 3, 1, 1])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["N", 3])],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
