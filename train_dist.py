@@ -9,7 +9,7 @@
 
 CONFIG is a preset (``ms1mv2_r50``, ``configs/demo``, ...) or a ``.json``/``.toml``
 file; ``key=value`` overrides any field (``optimizer.lr=0.05``). The process group
-and device come from :func:`trainer.distributed.init_distributed` (``nccl`` on
+and device come from :func:`common.dist.init_distributed` (``nccl`` on
 ``cuda:LOCAL_RANK`` when CUDA is available, ``gloo`` on CPU otherwise); the loop
 lives in :class:`trainer.loop.Trainer` (see docs/training.md).
 """
@@ -76,9 +76,9 @@ def _run(cfg: Config) -> int:
     import torch
     import torch.distributed as dist
 
+    from common.dist import init_distributed
     from configs import save_config
     from trainer.build import build_trainer
-    from trainer.distributed import init_distributed
     from trainer.monitor import setup_logging
 
     # the collective timeout bounds every collective: a hung or dead peer makes the

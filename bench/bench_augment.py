@@ -39,9 +39,9 @@ BATCH = 32
 
 def _demo_trainer(output: str) -> tuple[Config, Trainer]:
     from backbones import get_model
+    from common.dist import DistContext
     from configs import load_config
     from trainer.build import build_head
-    from trainer.distributed import DistContext
     from trainer.loop import Trainer
 
     cfg = load_config(

@@ -28,9 +28,9 @@ import torch.multiprocessing as mp
 
 
 def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, tmp: str) -> None:
+    from common.dist import DistContext
     from configs import load_config
     from trainer.build import build_trainer
-    from trainer.distributed import DistContext
 
     torch.set_num_threads(1)
     dist.init_process_group(

@@ -20,8 +20,24 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
-from partial_fc.collectives import rank_and_world_size
+
+def is_distributed(group: ProcessGroup | None) -> bool:
+    """True when collectives must run: a process group exists and spans more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def rank_and_world_size(group: ProcessGroup | None = None) -> tuple[int, int]:
+    """This process's rank in ``group`` (``None``: the default group) and the group's
+    size; ``(0, 1)`` without a process group.
+
+    The project's one rank lookup: the head, the losses, the samplers, evaluation and
+    the cleaning command all ask here, so "no process group" means one rank everywhere.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
 
 
 @dataclass(frozen=True)

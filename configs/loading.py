@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import configs.presets
+from common.atomic import write_json
 from configs.overrides import apply_overrides, update_from_mapping
 from configs.schema import Config, ConfigError
 
@@ -162,7 +163,6 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, directory: str | os.PathLike[str]) -> Path:
     """Write the resolved configuration to ``<directory>/config.json`` atomically."""
-    from common.atomic import write_json  # the one home for atomic writes
 
     target = Path(directory) / "config.json"
     write_json(target, config_to_dict(cfg), sort_keys=False)

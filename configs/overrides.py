@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from configs.schema import Config, ConfigError
+from datasets.transforms import IMAGE_SIZE
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -175,7 +176,6 @@ def _scalar_from_text(text: str) -> Any:
 
 
 def _fixed_image_size() -> int:
-    from datasets.transforms import IMAGE_SIZE  # what the loader produces
 
     return IMAGE_SIZE
 

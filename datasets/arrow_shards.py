@@ -41,6 +41,8 @@ from common.atomic import atomic_path, write_json
 from common.cli import run_main
 from datasets.dataset import FaceDataset, ImageFolderDataset, RecordIODataset
 from datasets.errors import DataError, LabelRangeError
+from datasets.face_layout import FaceRecWriter, write_property
+from datasets.recordio import IndexedRecordIO, IRHeader, pack
 from datasets.transforms import decode_bgr
 
 SCHEMA_FIELDS = (("label", "int64"), ("image", "binary"), ("key", "int64"))
@@ -438,7 +440,6 @@ def shards_to_rec(
     Rows are written grouped by label (stable: source order within a class), so a
     ``rec2arrow`` → ``arrow2rec`` round trip reproduces the original face-layout file.
     """
-    from datasets.face_layout import FaceRecWriter
 
     ds = ArrowDataset(shard_dir)
     labels = np.concatenate([b[0] for b in ds._batches]) if ds._batches else np.zeros(0)
@@ -465,8 +466,6 @@ def shuffled_rec(
     DALI decodes every record of a file, so header and identity records must not be there.
     Keys are ``0..N-1`` in the shuffled order; each header's ``id`` is the source index.
     """
-    from datasets.face_layout import write_property
-    from datasets.recordio import IndexedRecordIO, IRHeader, pack
 
     out = Path(out_dir)
     order = np.random.default_rng(seed).permutation(len(source))

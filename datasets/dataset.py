@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from common.outdir import check_complete, read_manifest
 from datasets.errors import DataError, LabelRangeError
 from datasets.face_layout import image_label, inspect_layout, scan_num_classes
 from datasets.recordio import MAGIC, IndexedRecordIO, RecordIOError, unpack
@@ -371,7 +372,6 @@ def _check_complete(path: Path) -> None:
     """Refuse data that a command (``datasets.prepare``) is still writing or stopped
     writing half-way: its ownership manifest says so (:func:`common.outdir.check_complete`);
     also for ``OUT/arrow``, which the manifest of ``OUT`` lists."""
-    from common.outdir import check_complete, read_manifest
 
     if not path.exists():
         return

@@ -44,8 +44,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datasets.arrow_shards import MANIFEST
 from datasets.dataset import FaceDataset
 from datasets.errors import DataError
+from datasets.multi import ConcatFaceDataset, dataset_kind, dataset_table
 from datasets.sampler import DistributedFaceSampler
 from datasets.transforms import normalize_batch
 
@@ -109,7 +111,6 @@ def data_files(dataset: Any) -> list[Path]:
     with its ``.idx``, Arrow shards with their ``manifest.json``, those of every part of
     a :class:`datasets.multi.ConcatFaceDataset`. An image folder has none (each image is
     opened when read)."""
-    from datasets.multi import ConcatFaceDataset, dataset_kind
 
     if isinstance(dataset, ConcatFaceDataset):
         out: list[Path] = []
@@ -121,8 +122,6 @@ def data_files(dataset: Any) -> list[Path]:
         reader = dataset.reader
         return [Path(reader.uri), Path(reader.idx_path)]
     if kind == "arrow":
-        from datasets.arrow_shards import MANIFEST
-
         return [*(Path(f) for f in dataset.files), Path(dataset.shard_dir) / MANIFEST]
     return []
 
@@ -278,7 +277,6 @@ class FaceLoader:
     def dataset_table(self) -> list[dict[str, Any]]:
         """The datasets trained on, with their label and image offsets
         (:func:`datasets.multi.dataset_table`; one entry for a single dataset)."""
-        from datasets.multi import dataset_table
 
         return dataset_table(self.dataset)
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from datasets.arrow_shards import ArrowDataset
 from datasets.dataset import FaceDataset, ImageFolderDataset, RecordIODataset, open_dataset
 from datasets.errors import DataError, LabelRangeError
 from datasets.sampler import DistributedFaceSampler
@@ -79,7 +80,6 @@ def dataset_name(path: str | os.PathLike) -> str:
 
 def dataset_kind(dataset: FaceDataset) -> str:
     """``recordio``, ``arrow``, ``folder`` or the class name of anything else."""
-    from datasets.arrow_shards import ArrowDataset
 
     if isinstance(dataset, RecordIODataset):
         return "recordio"

@@ -80,6 +80,9 @@ from common.atomic import write_bytes, write_json, write_text
 from common.cli import run_main
 from common.errors import UsageError, UserError
 from common.outdir import OwnedDir, probe_directory
+from datasets.arrow_shards import MANIFEST, convert_to_shards
+from datasets.dataset import RecordIODataset
+from datasets.detect import open_detector
 from datasets.detect.finder import REASONS, FaceFinder, FaceOptions, FaceResult
 from datasets.face_layout import FaceRecWriter
 from datasets.photos import DEFAULT_MAX_PIXELS, PHOTO_SUFFIXES
@@ -620,8 +623,6 @@ def _write_outputs(
 def _write_arrow(
     owned: OwnedDir, earlier: set[str], options: PrepareOptions, progress: bool
 ) -> None:
-    from datasets.arrow_shards import MANIFEST, convert_to_shards
-    from datasets.dataset import RecordIODataset
 
     out = owned.path
     shards = out / "arrow"
@@ -911,7 +912,6 @@ def _check_detector(options: FaceOptions) -> None:
     (exit 2) before any worker starts."""
     if options.detector == "mtcnn":
         return
-    from datasets.detect import open_detector
 
     try:
         open_detector(options.detector, min_face_size=options.min_size)

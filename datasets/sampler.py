@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-from partial_fc.collectives import rank_and_world_size
+from common.dist import rank_and_world_size
 
 _MASK64 = (1 << 64) - 1
 

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from common.atomic import write_bytes
+from datasets.face_layout import FaceRecWriter
 
 SIZE = 112
 TRAIN, HELDOUT, PAIRS = 0, 1, 2  # rng stream ids
@@ -437,7 +438,6 @@ def generate(
 
     The bytes written depend only on ``cfg``, never on ``workers``.
     """
-    from datasets.face_layout import FaceRecWriter
 
     cfg = cfg or SyntheticConfig()
     if cfg.identities < 1 or cfg.images_per_identity < 1:

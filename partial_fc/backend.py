@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from partial_fc.batch_margins import CurricularFace
+
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
@@ -50,7 +52,6 @@ def triton_unsupported(
 ) -> str | None:
     """Which of these options the triton backend does not implement (they run on the
     torch path), or None. ``margin`` is a margin object, ``loss`` a config name of one."""
-    from partial_fc.batch_margins import CurricularFace
 
     reasons = []
     if num_subcenters > 1:

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from common.dist import rank_and_world_size
 from partial_fc._aux_common import rowwise_distance, sum_of_partials
-from partial_fc.collectives import gather_for_loss, rank_and_world_size
+from partial_fc.collectives import gather_for_loss
 from partial_fc.init import block_seeded_normal_
 from partial_fc.sharding import class_range
 

@@ -11,26 +11,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from common.dist import is_distributed, rank_and_world_size
+
 # torch 2.13 renamed the tensor-to-tensor collectives; keep older releases working.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def is_distributed(group: ProcessGroup | None) -> bool:
-    """True when collectives must run: a process group exists and spans more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def rank_and_world_size(group: ProcessGroup | None = None) -> tuple[int, int]:
-    """This process's rank in ``group`` (``None``: the default group) and the group's
-    size; ``(0, 1)`` without a process group.
-
-    The project's one rank lookup: the head, the losses, the samplers, evaluation and
-    the cleaning command all ask here, so "no process group" means one rank everywhere.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
 
 
 def all_reduce_(

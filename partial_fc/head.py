@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from common.dist import rank_and_world_size
 from partial_fc.backend import (
     BACKENDS,
     Backend,
@@ -19,7 +20,7 @@ from partial_fc.backend import (
     triton_missing,
     triton_unsupported,
 )
-from partial_fc.collectives import PAD_LABEL, gather_for_loss, rank_and_world_size
+from partial_fc.collectives import PAD_LABEL, gather_for_loss
 from partial_fc.init import block_seeded_normal_
 from partial_fc.margins import CombinedMargin, MarginSpec
 from partial_fc.sampling import num_sampled_classes, sample_classes, sampling_generator

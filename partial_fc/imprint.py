@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from partial_fc.collectives import PAD_LABEL, gather_batch, rank_and_world_size
+from common.dist import rank_and_world_size
+from partial_fc.collectives import PAD_LABEL, gather_batch
 from partial_fc.sharding import class_range
 
 #: Size of the nudge that separates sub-centres ``k >= 1`` from the imprinted mean

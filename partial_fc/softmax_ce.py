@@ -60,8 +60,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from common.dist import rank_and_world_size
 from partial_fc.batch_margins import BatchMargin, MarginBatch, TargetTerms
-from partial_fc.collectives import all_reduce_, rank_and_world_size
+from partial_fc.collectives import all_reduce_
 from partial_fc.margins import CombinedMargin
 
 _NORM_EPS = 1e-12

@@ -32,7 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from partial_fc.collectives import all_reduce_, rank_and_world_size
+from common.dist import rank_and_world_size
+from partial_fc.collectives import all_reduce_
 from partial_fc.sharding import class_range
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]

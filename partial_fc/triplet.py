@@ -54,8 +54,9 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from common.dist import rank_and_world_size
 from partial_fc._aux_common import pairwise_distance, sum_of_partials
-from partial_fc.collectives import gather_for_loss, rank_and_world_size
+from partial_fc.collectives import gather_for_loss
 
 Mining = Literal["batch_all", "batch_hard", "semi_hard"]
 TripletDistance = Literal["squared_euclidean", "cosine"]

@@ -97,8 +97,8 @@ def test_concatenated_labels_and_offsets_match_each_part(parts: dict[str, Path])
 
 
 def test_config_takes_a_list_and_checks_the_sums(parts: dict[str, Path], tmp_path: Path) -> None:
+    from common.dist import DistContext
     from trainer.build import build_loader
-    from trainer.distributed import DistContext
 
     roots = _roots(parts)
     listed = f"data.root=[{','.join(roots)}]"
@@ -329,8 +329,8 @@ def _trainer_cfg(roots: list[str], out: Path, *extra: str):
 def test_checkpoint_records_the_offsets_and_refuses_another_list(
     parts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from common.dist import DistContext
     from trainer.build import build_trainer
-    from trainer.distributed import DistContext
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     roots = _roots(parts)
@@ -363,8 +363,8 @@ def test_checkpoint_records_the_offsets_and_refuses_another_list(
 
 # --------------------------------------------------------------- 2 ranks end to end
 def _two_rank_run(rank: int, world: int, roots: list[str], tmp: str) -> dict:
+    from common.dist import DistContext
     from trainer.build import build_trainer
-    from trainer.distributed import DistContext
 
     def run(out: str, *extra: str) -> dict[str, torch.Tensor]:
         t = build_trainer(_trainer_cfg(roots, Path(out), "data.weights=[1,2,1]", *extra),

@@ -1,4 +1,4 @@
-"""Every torchrun command joins the job through ``trainer.distributed.init_distributed``:
+"""Every torchrun command joins the job through ``common.dist.init_distributed``:
 nccl on ``cuda:LOCAL_RANK`` (made current) when CUDA is available, gloo on CPU
 otherwise, ``--device`` honoured; the commands' collectives run on tensors of that
 device. The library packages never import the trainer or the evaluation code.
@@ -18,14 +18,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from common import dist as td
+from common.dist import DistContext, distributed_command, init_distributed
 from tests.distributed import run_ranks
-from trainer import distributed as td
-from trainer.distributed import DistContext, distributed_command, init_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-LIBRARY_PACKAGES = ("partial_fc", "backbones", "datasets")
-FORBIDDEN = {"trainer", "eval", "tools"}
+PACKAGES = ("common", "partial_fc", "backbones", "datasets", "eval", "configs", "trainer")
 
 
 class FakeGroup:
@@ -164,40 +163,10 @@ def test_train_dist_passes_its_collective_timeout(
     assert seen["timeout_s"] == 42.5
 
 
-# ------------------------------------------------------------------ package layering
+# ------------------------------------------------------------------ the one rank lookup
 
 
-def _imported_roots(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    roots: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            roots |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
-    return roots
-
-
-def test_library_packages_import_neither_trainer_nor_eval() -> None:
-    """Also imports inside functions: a lazy import is still a dependency."""
-    offenders = []
-    for package in LIBRARY_PACKAGES:
-        files = sorted((ROOT / package).rglob("*.py"))
-        assert files, package
-        for path in files:
-            bad = _imported_roots(path) & FORBIDDEN
-            if bad:
-                offenders.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
-    assert not offenders, "\n".join(offenders)
-
-
-def test_layering_check_sees_lazy_imports(tmp_path: Path) -> None:
-    probe = tmp_path / "probe.py"
-    probe.write_text("def f():\n    from trainer.checkpoint import CheckpointManager\n")
-    assert _imported_roots(probe) & FORBIDDEN == {"trainer"}
-
-
-RANK_HOME = ROOT / "partial_fc" / "collectives.py"  # rank_and_world_size, the one lookup
+RANK_HOME = ROOT / "common" / "dist.py"  # rank_and_world_size, the one lookup
 
 
 def _rank_lookups(path: Path) -> list[str]:
@@ -214,10 +183,10 @@ def _rank_lookups(path: Path) -> list[str]:
 
 
 def test_one_rank_lookup_outside_the_trainer() -> None:
-    """Library, evaluation and tools ask partial_fc.collectives.rank_and_world_size;
-    no second helper that could disagree about "no process group"."""
+    """Every package asks common.dist.rank_and_world_size (DistContext is built from
+    it); no second helper that could disagree about "no process group"."""
     offenders = []
-    for package in (*LIBRARY_PACKAGES, "eval", "tools"):
+    for package in (*PACKAGES, "tools"):
         for path in sorted((ROOT / package).rglob("*.py")):
             if path != RANK_HOME:
                 offenders += _rank_lookups(path)

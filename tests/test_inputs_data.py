@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from common.dist import DistContext
 from configs import Config, ConfigError
 from datasets import DataError, recordio
 from datasets.arrow_shards import ArrowDataset, convert_to_shards
@@ -21,7 +22,6 @@ from datasets.dataset import LabelRangeError, RecordIODataset, open_dataset
 from datasets.face_layout import FaceRecWriter
 from datasets.loader import FaceLoader
 from trainer.build import build_loader
-from trainer.distributed import DistContext
 
 N_CLASSES, PER_CLASS = 4, 3  # 12 images
 

@@ -25,6 +25,7 @@ import torch
 
 import train_dist
 import trainer.preflight as preflight
+from common.dist import DistContext
 from common.errors import UsageError, UserError
 from common.outdir import LOCK_NAME, MANIFEST_NAME
 from configs import ConfigError, load_config
@@ -32,7 +33,6 @@ from datasets.errors import DataError
 from tests.test_trainer import TensorLoader, dataset, make_cfg, make_trainer
 from trainer.build import build_backbone, build_loader, check_output_space
 from trainer.checkpoint import CheckpointError
-from trainer.distributed import DistContext
 from trainer.finetune import load_init_weights
 from trainer.loop import TrainingError
 

@@ -20,6 +20,7 @@ from torch import nn
 
 import train_dist
 import trainer.checkpoint as checkpoint_module
+from common.dist import init_distributed
 from configs import ConfigError, load_config
 from tests.distributed import run_ranks
 from tests.test_trainer import (
@@ -32,7 +33,6 @@ from tests.test_trainer import (
 )
 from trainer.build import check_embedding_size
 from trainer.checkpoint import CheckpointError, CheckpointManager
-from trainer.distributed import init_distributed
 from trainer.loop import TrainingError
 from trainer.preflight import OutputDirError, probe_output
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import train_dist
+from common.dist import DistContext
 from configs import ConfigError, load_config
 from trainer.build import build_backbone, build_evaluator, build_loader
-from trainer.distributed import DistContext
 
 IDS, PER_ID = 4, 6
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.dist import DistContext
 from configs import ConfigError, load_config
 from trainer.build import build_loader
-from trainer.distributed import DistContext
 
 IDS, PER_ID = 6, 5
 

@@ -164,8 +164,8 @@ def run(
 def final_state(out: Path) -> dict[str, torch.Tensor]:
     """Backbone weights (``backbone.pt``) and the full head matrix of the newest
     checkpoint, assembled by global class whatever the world size."""
+    from common.dist import DistContext
     from trainer.checkpoint import CheckpointManager
-    from trainer.distributed import DistContext
 
     state = {
         f"backbone.{k}": v for k, v in torch.load(out / "backbone.pt", weights_only=True).items()

@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from trainer.distributed import distributed_command
+    from common.dist import distributed_command
 
     started = time.perf_counter()
     out = Path(args.out)

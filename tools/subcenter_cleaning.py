@@ -4,7 +4,7 @@ with K sub-centres per class (Sub-center ArcFace, ECCV 2020).
 The rule and the sharded search are :mod:`partial_fc.subcenter_cleaning`; this
 command loads the head rows (a trainer checkpoint, any saving world size, or a
 ``.pt`` of centres) and the backbone, joins the torchrun job through
-:func:`trainer.distributed.init_distributed` (``nccl`` on ``cuda:LOCAL_RANK`` when
+:func:`common.dist.init_distributed` (``nccl`` on ``cuda:LOCAL_RANK`` when
 CUDA is available, ``gloo`` on CPU; ``--device`` overrides), and rank 0 writes the
 dataset without the outliers (labels unchanged, so the class count and a head
 checkpoint stay valid; a class may end up empty) and a report::
@@ -37,12 +37,11 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from common.atomic import atomic_open, write_json, write_text
+from common.dist import distributed_command, rank_and_world_size
 from datasets.face_layout import FaceRecWriter
-from partial_fc.collectives import rank_and_world_size
 from partial_fc.sharding import class_range
 from partial_fc.subcenter_cleaning import EmbedFn, Outlier, find_outliers
 from trainer.checkpoint import CheckpointManager
-from trainer.distributed import distributed_command
 
 # ----------------------------------------------------------------------------- head rows
 

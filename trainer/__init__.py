@@ -5,7 +5,7 @@
 loader. See ``docs/training.md``.
 """
 
-from trainer.distributed import DistContext
+from common.dist import DistContext
 from trainer.loop import AuxLosses, Trainer, TrainLoader
 from trainer.step import StepResult
 

@@ -9,11 +9,29 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from backbones import get_model
+from common.dist import DistContext
+from common.rng import seed_everything
 from configs import Config, ConfigError, HeadConfig
-from trainer.distributed import DistContext
+from datasets.errors import DataError
+from datasets.loader import FaceLoader
+from datasets.multi import WeightedDatasetSampler, dataset_table, open_datasets
+from datasets.pk_sampler import PKSampler, dataset_labels
+from datasets.transforms import IMAGE_SIZE
+from datasets.transforms import IMAGE_SIZE as size
+from eval.verification import load_bin, verify_targets
+from partial_fc import (
+    ArcFace,
+    CombinedMargin,
+    CosFace,
+    PartialFC,
+    ShardedCenterLoss,
+    SphereFace,
+    TripletLoss,
+)
 from trainer.finetune import freeze_backbone, init_new_run
 from trainer.loop import AuxLosses, Evaluator, Trainer
-from trainer.rng import seed_everything
+from trainer.preflight import OutputDirError, checkpoint_bytes_estimate, probe_output
 
 if TYPE_CHECKING:
     from datasets.loader import FaceLoader
@@ -23,7 +41,6 @@ log = logging.getLogger("trainer")
 
 def build_margin(cfg: HeadConfig) -> torch.nn.Module:
     """The margin object of ``head.loss`` (with per-class margins from ``head.margins_file``)."""
-    from partial_fc import ArcFace, CombinedMargin, CosFace, SphereFace
 
     if cfg.loss in ("adaface", "magface", "curricular", "elastic"):
         return cfg.batch_margin()
@@ -61,7 +78,6 @@ def build_head(cfg: Config, device: torch.device) -> torch.nn.Module:
     incomplete batch), so the head pads to it and skips the per-step exchange of
     batch sizes (``max_local_batch``).
     """
-    from partial_fc import PartialFC
 
     return PartialFC(
         cfg.data.num_classes,
@@ -85,7 +101,6 @@ def build_aux_losses(cfg: Config, device: torch.device) -> AuxLosses:
 
     Like the head, they pad every rank's batch to ``data.batch_size``; the centres are
     seeded by ``train.seed`` (identical for every world size)."""
-    from partial_fc import ShardedCenterLoss, TripletLoss
 
     aux = cfg.aux
     center = triplet = None
@@ -112,7 +127,6 @@ def build_aux_losses(cfg: Config, device: torch.device) -> AuxLosses:
 
 def build_backbone(cfg: Config) -> torch.nn.Module:
     """``backbones.get_model`` for ``model.*``, with the option named on a bad keyword."""
-    from backbones import get_model
 
     try:
         return get_model(
@@ -138,9 +152,6 @@ def build_loader(cfg: Config, ctx: DistContext) -> FaceLoader:
     ``data.num_classes``/``data.num_images`` are checked against their sums, and
     ``data.weights`` selects :class:`datasets.multi.WeightedDatasetSampler`.
     """
-    from datasets.errors import DataError
-    from datasets.loader import FaceLoader
-    from datasets.multi import WeightedDatasetSampler, dataset_table, open_datasets
 
     roots = cfg.data.roots()
     several = len(roots) > 1
@@ -188,8 +199,6 @@ def build_loader(cfg: Config, ctx: DistContext) -> FaceLoader:
             seed=cfg.train.seed,
         )
     if cfg.data.sampler == "pk":
-        from datasets.pk_sampler import PKSampler, dataset_labels
-
         k = cfg.data.pk_images_per_identity
         labels = dataset_labels(dataset)  # a bad label raises DataError naming its record
         try:
@@ -242,9 +251,6 @@ def build_evaluator(cfg: Config) -> Evaluator | None:
         return None
     import pickle
 
-    from datasets.transforms import IMAGE_SIZE
-    from eval.verification import load_bin, verify_targets
-
     targets = {}
     for name in cfg.eval.targets:
         path = resolve_target(cfg, name)
@@ -276,7 +282,6 @@ def check_batch_norm(backbone: torch.nn.Module, cfg: Config) -> None:
 def check_embedding_size(backbone: torch.nn.Module, cfg: Config) -> None:
     """Run the backbone once on two blank images (eval mode, no gradient) and check
     that it produces ``model.embedding_size`` features, as the head expects."""
-    from datasets.transforms import IMAGE_SIZE as size
 
     was_training = backbone.training
     backbone.eval()
@@ -303,7 +308,6 @@ def check_output_space(trainer: Trainer, ctx: DistContext) -> None:
     once the leftovers of interrupted saves (``checkpoints/.tmp-step-*``, ours) are
     removed. Raises :class:`~trainer.preflight.OutputDirError` on every rank if any rank
     fails."""
-    from trainer.preflight import OutputDirError, checkpoint_bytes_estimate, probe_output
 
     required = 0
     if ctx.is_main:

@@ -68,8 +68,9 @@ from typing import Any
 import torch
 
 from common.atomic import OutputWriteError
+from common.dist import DistContext
 from common.errors import UserError
-from trainer.distributed import DistContext
+from trainer.preflight import _size
 
 #: ``meta.json``'s ``format``. 1: the first layout. 2: the same files and parts; the
 #: backbone's ``state_dict`` uses arcface_torch's names (``conv1``, ``layer1.0.*``,
@@ -164,7 +165,6 @@ def write_error(path: str | os.PathLike[str], exc: BaseException) -> OutputWrite
     on device``, with the free space); without one, a file system with less than
     :data:`LOW_SPACE_BYTES` free is taken for a full disk; otherwise it is the writer's
     first line. An :class:`OutputWriteError` passes unchanged."""
-    from trainer.preflight import _size
 
     if isinstance(exc, OutputWriteError):
         return exc

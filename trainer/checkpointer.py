@@ -49,6 +49,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from common.rng import rng_state, set_rng_state
 from configs import ConfigError
 from trainer.checkpoint import (
     FORMAT_VERSION,
@@ -60,7 +61,6 @@ from trainer.checkpoint import (
     split_shard,
 )
 from trainer.optim import load_optimizer_state
-from trainer.rng import rng_state, set_rng_state
 
 log = logging.getLogger("trainer")
 

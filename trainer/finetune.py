@@ -32,8 +32,12 @@ import torch.distributed as dist
 from torch import nn
 
 from backbones.norm import freeze_batchnorm
+from backbones.weights import load_backbone_state, read_backbone_weights
+from common.dist import DistContext
 from configs import ConfigError, ModelConfig, OptimizerConfig
-from trainer.distributed import DistContext
+from datasets.loader import FaceLoader
+from partial_fc.collectives import all_reduce_
+from partial_fc.imprint import ImprintAccumulator, imprint_
 
 log = logging.getLogger("trainer")
 
@@ -222,7 +226,6 @@ def load_init_weights(backbone: nn.Module, path: str) -> None:
     (naming the first such key: they would make every step non-finite, which would look
     like bad data); the backbone is then unchanged.
     """
-    from backbones.weights import load_backbone_state, read_backbone_weights
 
     source = Path(path)
     if source.is_dir() and (source / "trainer.pt").is_file():
@@ -282,8 +285,6 @@ def imprint_head(
     batches. The backbone runs in eval mode without gradients (its mode is restored).
     Returns the number of classes imprinted over all ranks.
     """
-    from partial_fc.collectives import all_reduce_
-    from partial_fc.imprint import ImprintAccumulator, imprint_
 
     device = head.weight.device
     acc = ImprintAccumulator(
@@ -313,7 +314,6 @@ def imprint_batches(
     batch is filled by wrapping around to the start, and ``valid`` marks those filler
     rows False (global position ``step * world * batch + rank * batch + j >= N``).
     """
-    from datasets.loader import FaceLoader
 
     dataset = copy.copy(loader.dataset)
     dataset.flip = False

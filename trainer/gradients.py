@@ -21,8 +21,8 @@ from collections.abc import Iterable
 
 import torch
 
+from common.dist import DistContext
 from partial_fc.sparse_grad import grad_square_norm
-from trainer.distributed import DistContext
 
 
 def scale_backbone_grad(embeddings: torch.Tensor, world_size: int) -> torch.Tensor:

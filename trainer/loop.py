@@ -50,10 +50,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from backbones.weights import save_backbone_weights
 from common.atomic import OutputWriteError, append_text, write_json
+from common.dist import DistContext
 from common.errors import UserError
 from configs import Config, ConfigError, config_to_dict
 from datasets.augment import BatchAugment
 from datasets.errors import DataError
+from datasets.multi import resume_problem
 from trainer.amp import AmpPolicy
 from trainer.checkpoint import CheckpointError, CheckpointManager, write_error
 from trainer.checkpointer import (
@@ -71,7 +73,6 @@ from trainer.checkpointer import (
     ShardedModule,
     nonfinite_parts,
 )
-from trainer.distributed import DistContext
 from trainer.finetune import backbone_param_groups
 from trainer.monitor import Monitor
 from trainer.optim import build_backbone_optimizer, build_head_optimizer
@@ -263,8 +264,6 @@ class Trainer:
         }
         table = getattr(self.loader, "dataset_table", None)
         if callable(table):  # the data.root list and its label offsets (datasets/multi.py)
-            from datasets.multi import resume_problem
-
             facts["datasets"] = Fact(table(), "data.root", "{}", check=resume_problem)
         return Checkpointer(
             CheckpointManager(self.output / "checkpoints", self.ctx, self.cfg.checkpoint.keep_last),

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from configs import OptimizerConfig
+from partial_fc.optim import PartialFCAdamW, PartialFCSGD
 
 
 def build_backbone_optimizer(
@@ -81,7 +82,6 @@ def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
 
 def build_head_optimizer(cfg: OptimizerConfig, head: torch.nn.Module) -> torch.optim.Optimizer:
     """The row-sparse Partial-FC optimizer matching ``cfg.name`` for ``head.weight``."""
-    from partial_fc.optim import PartialFCAdamW, PartialFCSGD
 
     state_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.head_state_dtype]
     if cfg.name == "sgd":

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from common.dist import DistContext
 from partial_fc.sparse_grad import grad_values
 from trainer.amp import AmpPolicy
-from trainer.distributed import DistContext
 from trainer.gradients import clip_, global_grad_norm, scale_backbone_grad
 from trainer.optim import step_unless
 

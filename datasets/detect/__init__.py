@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 from datasets.detect.common import POLICIES, Detections, FaceDetector, choose_face, nms
+from datasets.detect.mtcnn import MTCNN
+from datasets.detect.scrfd import SCRFD
 
 __all__ = ["POLICIES", "Detections", "FaceDetector", "choose_face", "nms", "open_detector"]
 
@@ -22,11 +24,7 @@ def open_detector(spec: str, *, min_face_size: float = 20.0, threads: int = 1) -
     insightface SCRFD / RetinaFace ``.onnx`` file (which finds faces of any size its
     640x640 input resolves)."""
     if spec == "mtcnn":
-        from datasets.detect.mtcnn import MTCNN
-
         return MTCNN(min_face_size=max(20.0, float(min_face_size)), threads=threads)
     if spec.lower().endswith(".onnx"):
-        from datasets.detect.scrfd import SCRFD
-
         return SCRFD(spec, threads=threads)
     raise ValueError(f"detector must be 'mtcnn' or an insightface .onnx file, got {spec!r}")

@@ -19,12 +19,12 @@ def train_row(
     plan: Plan, clock: Clock, network: str, channels_last: bool, output: str
 ) -> dict[str, Any]:
     """One network and memory format: warm-up steps, then the timed ones; its row."""
+    from common.dist import DistContext
+    from common.rng import seed_everything
     from configs import load_config
     from datasets.transforms import IMAGE_SIZE, normalize_batch
     from trainer.build import build_backbone, build_head
-    from trainer.distributed import DistContext
     from trainer.loop import Trainer
-    from trainer.rng import seed_everything
 
     device = clock.device
     batch = plan.train_batch
