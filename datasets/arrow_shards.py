@@ -528,11 +528,6 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    # expected failures (bad data, OSError) are one line: common.cli's one error path
-    return run_main(lambda _: _run(a), prog="datasets.arrow_shards")
-
-
-def _run(a: argparse.Namespace) -> int:
     if a.cmd in ("rec2arrow", "folder2arrow"):
         source = RecordIODataset(a.source) if a.cmd == "rec2arrow" else ImageFolderDataset(a.source)
         m = convert_to_shards(
@@ -549,4 +544,4 @@ def _run(a: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())  # main runs through common.cli.run_main itself
+    sys.exit(run_main(main, prog="datasets.arrow_shards"))

@@ -38,6 +38,7 @@ from torch.distributed import ProcessGroup
 
 from common.atomic import atomic_open, write_json, write_text
 from common.dist import distributed_command, rank_and_world_size
+from common.errors import UsageError
 from datasets.face_layout import FaceRecWriter
 from partial_fc.sharding import class_range
 from partial_fc.subcenter_cleaning import EmbedFn, Outlier, find_outliers
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             backbone_path = backbone_path or str(checkpoint / "trainer.pt")
         else:
             if not backbone_path:
-                raise ValueError("--head-weights needs --backbone-checkpoint")
+                raise UsageError("--head-weights needs --backbone-checkpoint")
             every = load_head_weights(args.head_weights, args.num_subcenters)
             num_classes = every.shape[0]
             start, count = class_range(num_classes, rank, world_size)
