@@ -9,8 +9,9 @@ Parameter names and shapes are arcface_torch's: its ``backbone.pth`` files load 
 """
 
 from backbones.flops import count_macs, count_parameters
+from backbones.groups import BackboneParts, GroupMatcher
 from backbones.norm import freeze_batchnorm
-from backbones.registry import get_model, list_models
+from backbones.registry import get_model, group_matcher, input_spec, list_models
 from backbones.weights import (
     BackboneWeightsError,
     load_backbone_weights,
@@ -19,11 +20,15 @@ from backbones.weights import (
 )
 
 __all__ = [
+    "BackboneParts",
     "BackboneWeightsError",
+    "GroupMatcher",
     "count_macs",
     "count_parameters",
     "freeze_batchnorm",
     "get_model",
+    "group_matcher",
+    "input_spec",
     "list_models",
     "load_backbone_weights",
     "read_backbone_weights",

@@ -14,13 +14,15 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from common.face_input import ARCFACE_INPUT
+
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (all, or only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def count_macs(model: nn.Module, input_size: int = 112) -> int:
+def count_macs(model: nn.Module, input_size: int = ARCFACE_INPUT.size) -> int:
     """Multiply-accumulates of one forward pass on a ``(1, 3, s, s)`` input.
 
     The model is run in eval mode (restored afterwards) without gradients, on

@@ -9,9 +9,7 @@ embedding head is ``BN2d -> dropout -> flatten -> FC(512*7*7 -> E) -> BN1d``
 with the final BN1d scale fixed to 1 (only its shift is learned).
 
 Module and parameter names are arcface_torch's (``conv1``, ``layer3.5.bn2``,
-``fc``, ``features``, ...); weights saved by this project before that rename
-(``stem.*``, ``units.N.*``, ``head.*``) are translated on load
-(:mod:`backbones.weights`).
+``fc``, ``features``, ...), so its weights load with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from torch import nn
 
 from backbones.checkpointing import run_blocks
 from backbones.precision import run_fp32
-from backbones.weights import upgrade_hook
+from common.face_input import ARCFACE_INPUT
 
 #: Units per stage for each depth.
 IRESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {
@@ -94,7 +92,7 @@ class IResNet(nn.Module):
         embedding_size: int = 512,
         dropout: float = 0.0,
         checkpoint: bool = False,
-        input_size: int = 112,
+        input_size: int = ARCFACE_INPUT.size,
     ) -> None:
         super().__init__()
         if len(layers) != 4:
@@ -103,7 +101,6 @@ class IResNet(nn.Module):
             raise ValueError(f"input_size must be divisible by 16, got {input_size}")
         self.checkpoint = checkpoint
         self.embedding_size = embedding_size
-        self.stage_depths = tuple(layers)
         self.conv1 = _conv3x3(3, _WIDTHS[0])
         self.bn1 = nn.BatchNorm2d(_WIDTHS[0], eps=_BN_EPS)
         self.prelu = nn.PReLU(_WIDTHS[0])
@@ -120,7 +117,6 @@ class IResNet(nn.Module):
         self.fc = nn.Linear(cin * side * side, embedding_size)
         self.features = nn.BatchNorm1d(embedding_size, eps=_BN_EPS)
         self._init_weights()
-        self.register_load_state_dict_pre_hook(upgrade_hook)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -135,18 +131,6 @@ class IResNet(nn.Module):
         """The residual units in forward order (``layer1.0`` ... ``layer4.N``)."""
         for stage in range(1, 5):
             yield from getattr(self, f"layer{stage}")
-
-    def legacy_renames(self) -> dict[str, str]:
-        """Format-1 module prefixes -> current ones (:mod:`backbones.weights`): the
-        stem ``stem.0/1/2``, the flat ``units.N`` and the head ``head.0/3/4``."""
-        renames = {"stem.0.": "conv1.", "stem.1.": "bn1.", "stem.2.": "prelu."}
-        n = 0
-        for stage, depth in enumerate(self.stage_depths, start=1):
-            for i in range(depth):
-                renames[f"units.{n}."] = f"layer{stage}.{i}."
-                n += 1
-        renames.update({"head.0.": "bn2.", "head.3.": "fc.", "head.4.": "features."})
-        return renames
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 512, H/16, W/16)`` -> ``(B, embedding_size)``."""

@@ -29,10 +29,10 @@ Stage 0 is ``blocks[0]`` residual units when ``blocks[0] > 1``; otherwise a
 single 3x3 conv + BN + PReLU, grouped as in insightface (``groups=64`` at
 ``mbf``'s 128 channels: two input channels per group, weight ``(128, 2, 3, 3)``)
 or, with ``depthwise_stage0=True``, fully depthwise (``groups=128``, weight
-``(128, 1, 3, 3)``, as in the MobileFaceNet paper and this project's ``mbf``
-before format 2). ``width_mult`` scales every channel count (including the
-expansion widths, the stage-0 group count and the 512 of the GDC), which gives
-the tiny CPU demo model (``mbf_tiny``: ``width_mult=0.25``, depthwise stage 0).
+``(128, 1, 3, 3)``, as in the MobileFaceNet paper). ``width_mult`` scales every
+channel count (including the expansion widths, the stage-0 group count and the 512
+of the GDC), which gives the tiny CPU demo model (``mbf_tiny``: ``width_mult=0.25``,
+depthwise stage 0).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from torch import nn
 
 from backbones.checkpointing import run_blocks
 from backbones.precision import run_fp32
-from backbones.weights import upgrade_hook
+from common.face_input import ARCFACE_INPUT
 
 
 def _round8(c: float) -> int:
@@ -158,7 +158,7 @@ class MobileFaceNet(nn.Module):
         width_mult: float = 1.0,
         depthwise_stage0: bool = False,
         checkpoint: bool = False,
-        input_size: int = 112,
+        input_size: int = ARCFACE_INPUT.size,
     ) -> None:
         super().__init__()
         if len(blocks) != 4 or min(blocks) < 1:
@@ -167,7 +167,6 @@ class MobileFaceNet(nn.Module):
             raise ValueError(f"input_size must be divisible by 16, got {input_size}")
         self.checkpoint = checkpoint
         self.embedding_size = embedding_size
-        self.blocks = tuple(blocks)
 
         def ch(c: float) -> int:
             return _round8(c * width_mult)
@@ -196,7 +195,6 @@ class MobileFaceNet(nn.Module):
         self.conv_sep = ConvBlock(c2, c_sep, 1)
         self.features = GDC(c_sep, input_size // 16, embedding_size)
         self._init_weights()
-        self.register_load_state_dict_pre_hook(upgrade_hook)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -214,29 +212,6 @@ class MobileFaceNet(nn.Module):
         for layer in list(self.layers)[1:]:
             yield from layer.layers if isinstance(layer, Residual) else (layer,)
         yield self.conv_sep
-
-    def legacy_renames(self) -> dict[str, str]:
-        """Format-1 module prefixes -> current ones (:mod:`backbones.weights`): ``stem``,
-        the flat ``units.N`` (``DepthwiseUnit.body`` = ``DepthWise.layers``, a
-        ``ConvBN`` sequence = ``ConvBlock.layers``), ``gdc`` and ``head.1/2``."""
-        renames = {"stem.": "layers.0.layers.", "gdc.": "features.layers.0.layers."}
-        old: list[str] = []  # the new prefix of each format-1 unit, in order
-        if self.blocks[0] == 1:
-            old.append("layers.1.layers.")
-        else:
-            old += [f"layers.1.layers.{i}." for i in range(self.blocks[0])]
-        for stage, n in zip((2, 4, 6), self.blocks[1:], strict=True):
-            old.append(f"layers.{stage}.")
-            old += [f"layers.{stage + 1}.layers.{i}." for i in range(n)]
-        for n, new in enumerate(old):
-            if new == "layers.1.layers.":  # a ConvBN stage 0: its modules are the ConvBlock's
-                renames[f"units.{n}."] = new
-            else:  # a DepthwiseUnit: body.K (a ConvBN) -> layers.K.layers
-                for k in range(3):
-                    renames[f"units.{n}.body.{k}."] = f"{new}layers.{k}.layers."
-        renames[f"units.{len(old)}."] = "conv_sep.layers."
-        renames.update({"head.1.": "features.layers.2.", "head.2.": "features.layers.3."})
-        return renames
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, embedding_size)`` float32."""

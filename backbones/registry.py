@@ -1,8 +1,11 @@
-"""Name -> constructor registry behind :func:`get_model`.
+"""Name -> constructor registry behind :func:`get_model`, with each model's facts.
 
 The table below is static (nothing is registered at import time). Every
 constructor accepts ``embedding_size`` and ``checkpoint`` keyword arguments;
-further keywords are those of the model class (see ``docs/backbones.md``).
+further keywords are those of the model class (see ``docs/backbones.md``). Each
+model's family gives its input (:func:`input_spec`, read by training, evaluation and
+ONNX export) and how its parameters group into stem, units and head
+(:func:`group_matcher`, read by freezing).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from typing import Any
 
 from torch import nn
 
+from backbones.groups import IRESNET_GROUPS, MOBILEFACENET_GROUPS, VIT_GROUPS, GroupMatcher
 from backbones.iresnet import iresnet
 from backbones.mobilefacenet import MobileFaceNet
 from backbones.norm import freeze_batchnorm
 from backbones.vit import VisionTransformer
+from common.face_input import ARCFACE_INPUT, InputSpec
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     "r18": partial(iresnet, 18),
@@ -45,22 +50,17 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
 #: The model family of each constructor (``iresnet``, ``mbf``, ``vit``).
 _FAMILIES = {iresnet: "iresnet", MobileFaceNet: "mbf", VisionTransformer: "vit"}
 
+#: Each family's input and parameter groups. Every family reads arcface_torch's input.
+_FAMILY_FACTS: dict[str, tuple[InputSpec, GroupMatcher]] = {
+    "iresnet": (ARCFACE_INPUT, IRESNET_GROUPS),
+    "mbf": (ARCFACE_INPUT, MOBILEFACENET_GROUPS),
+    "vit": (ARCFACE_INPUT, VIT_GROUPS),
+}
+
 
 def list_models() -> list[str]:
     """Names accepted by :func:`get_model`, in registry order."""
     return list(_MODELS)
-
-
-def registry_defaults(name: str) -> dict[str, Any]:
-    """The constructor keywords the registry passes for ``name`` (``get_model``'s own
-    keywords override them).
-
-    Raises:
-        ValueError: for an unknown ``name``.
-    """
-    builder = _builder(name)
-    assert isinstance(builder, partial)
-    return dict(builder.keywords)
 
 
 def model_family(name: str) -> str:
@@ -74,6 +74,24 @@ def model_family(name: str) -> str:
     return _FAMILIES[builder.func]
 
 
+def input_spec(name: str) -> InputSpec:
+    """The input model ``name`` reads (side, pixel normalisation, colour order).
+
+    Raises:
+        ValueError: for an unknown ``name``.
+    """
+    return _FAMILY_FACTS[model_family(name)][0]
+
+
+def group_matcher(name: str) -> GroupMatcher:
+    """Which part (stem, unit, head) each parameter of model ``name`` belongs to.
+
+    Raises:
+        ValueError: for an unknown ``name``.
+    """
+    return _FAMILY_FACTS[model_family(name)][1]
+
+
 def _builder(name: str) -> Callable[..., nn.Module]:
     try:
         return _MODELS[name]
@@ -84,8 +102,9 @@ def _builder(name: str) -> Callable[..., nn.Module]:
 def get_model(name: str, *, freeze_bn: bool = False, **kwargs: Any) -> nn.Module:
     """Build a backbone by name.
 
-    Every model maps ``(B, 3, 112, 112)`` float images in [-1, 1] to
-    ``(B, embedding_size)`` float32 embeddings (default 512, not normalised).
+    Every model maps ``(B, 3, 112, 112)`` float images in [-1, 1] (its
+    :func:`input_spec`) to ``(B, embedding_size)`` float32 embeddings (default 512, not
+    normalised).
 
     Args:
         name: one of :func:`list_models`.
@@ -94,7 +113,7 @@ def get_model(name: str, *, freeze_bn: bool = False, **kwargs: Any) -> nn.Module
         **kwargs: constructor arguments, e.g. ``embedding_size=512``,
             ``checkpoint=True`` (activation checkpointing), ``dropout`` (IResNet),
             ``width_mult``/``depthwise_stage0`` (MobileFaceNet),
-            ``mask_ratio``/``drop_path_rate``/``layout`` (ViT).
+            ``mask_ratio``/``drop_path_rate`` (ViT).
             These override the registry's defaults for ``name``.
 
     Raises:

@@ -15,12 +15,6 @@ Token masking (training only): with ``mask_ratio > 0`` each sample keeps
 ``int(144 * (1 - mask_ratio))`` random tokens through the blocks and the final
 LayerNorm; the dropped positions are then filled with the learned ``mask_token``
 so the head still sees 144 tokens. In eval mode nothing is masked.
-
-``layout="v1"`` builds this project's ViT of format 1 (before the backbones took
-arcface_torch's layout) for the weights it saved: qkv biases, a GELU MLP, a ReLU
-between the head's two FCs, LayerNorm eps 1e-6 and BN eps 1e-5. Its parameter
-names are the current ones (format-1 names are translated on load by
-:mod:`backbones.weights`).
 """
 
 from __future__ import annotations
@@ -30,7 +24,11 @@ from torch import nn
 
 from backbones.checkpointing import run_blocks
 from backbones.precision import run_fp32
-from backbones.weights import upgrade_hook
+from common.face_input import ARCFACE_INPUT
+
+#: arcface_torch's epsilons: every LayerNorm, and the BatchNorms of the embedding head.
+_LN_EPS = 1e-5
+_HEAD_BN_EPS = 2e-5
 
 
 class DropPath(nn.Module):
@@ -52,15 +50,15 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, ``(B, N, dim) -> (B, N, dim)``."""
+    """Multi-head self-attention without qkv bias, ``(B, N, dim) -> (B, N, dim)``."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False) -> None:
+    def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,12 +71,12 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``fc1 -> act -> fc2``, ``(B, N, dim) -> (B, N, dim)``."""
+    """``fc1 -> ReLU6 -> fc2``, ``(B, N, dim) -> (B, N, dim)``."""
 
-    def __init__(self, dim: int, hidden: int, act: type[nn.Module]) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = act()
+        self.act = nn.ReLU6()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,21 +86,12 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block, ``(B, N, dim) -> (B, N, dim)``."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float,
-        drop_path: float,
-        qkv_bias: bool = False,
-        act: type[nn.Module] = nn.ReLU6,
-        norm_eps: float = 1e-5,
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
+        self.norm1 = nn.LayerNorm(dim, eps=_LN_EPS)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=_LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,32 +110,15 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class FeatureHead(nn.Sequential):
-    """``FC(in -> dim) -> BN1d -> [ReLU ->] FC(dim -> E) -> BN1d`` as ``0``..``3``
-    (the optional ReLU, of the v1 layout, is no module: the indices stay
-    arcface_torch's); ``(B, in) -> (B, E)``."""
-
-    def __init__(self, cin: int, dim: int, embedding_size: int, bn_eps: float, relu: bool):
-        super().__init__(
-            nn.Linear(cin, dim, bias=False),
-            nn.BatchNorm1d(dim, eps=bn_eps),
-            nn.Linear(dim, embedding_size, bias=False),
-            nn.BatchNorm1d(embedding_size, eps=bn_eps),
-        )
-        self.relu = relu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self[1](self[0](x))
-        if self.relu:
-            x = torch.relu(x)
-        return self[3](self[2](x))
-
-
-#: Per layout: qkv bias, MLP activation, ReLU in the head, LayerNorm eps, head BN eps.
-LAYOUTS: dict[str, tuple[bool, type[nn.Module], bool, float, float]] = {
-    "arcface": (False, nn.ReLU6, False, 1e-5, 2e-5),
-    "v1": (True, nn.GELU, True, 1e-6, 1e-5),
-}
+def feature_head(cin: int, dim: int, embedding_size: int) -> nn.Sequential:
+    """``FC(cin -> dim) -> BN1d -> FC(dim -> E) -> BN1d`` as ``0``..``3``, no bias and
+    no activation: ``(B, cin) -> (B, E)``."""
+    return nn.Sequential(
+        nn.Linear(cin, dim, bias=False),
+        nn.BatchNorm1d(dim, eps=_HEAD_BN_EPS),
+        nn.Linear(dim, embedding_size, bias=False),
+        nn.BatchNorm1d(embedding_size, eps=_HEAD_BN_EPS),
+    )
 
 
 class VisionTransformer(nn.Module):
@@ -166,8 +138,6 @@ class VisionTransformer(nn.Module):
         mask_ratio: fraction of tokens dropped in training (0 disables).
         checkpoint: checkpoint the activations of every block in training.
         input_size: side of the square input.
-        layout: ``"arcface"`` (arcface_torch's) or ``"v1"`` (this project's format-1
-            ViT, for its saved weights; see the module docstring).
     """
 
     def __init__(
@@ -181,32 +151,24 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.1,
         mask_ratio: float = 0.1,
         checkpoint: bool = False,
-        input_size: int = 112,
-        layout: str = "arcface",
+        input_size: int = ARCFACE_INPUT.size,
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-        qkv_bias, act, relu, norm_eps, bn_eps = LAYOUTS[layout]
         self.checkpoint = checkpoint
         self.embedding_size = embedding_size
         self.mask_ratio = mask_ratio
-        self.layout = layout
         grid = input_size // patch_size
         self.num_tokens = grid * grid
         self.patch_embed = PatchEmbed(dim, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, r, qkv_bias, act, norm_eps) for r in rates
-        )
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.feature = FeatureHead(dim * self.num_tokens, dim, embedding_size, bn_eps, relu)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(dim, eps=_LN_EPS)
+        self.feature = feature_head(dim * self.num_tokens, dim, embedding_size)
         self._init_weights()
-        self.register_load_state_dict_pre_hook(upgrade_hook)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -219,17 +181,6 @@ class VisionTransformer(nn.Module):
             elif isinstance(m, nn.LayerNorm | nn.modules.batchnorm._BatchNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    def legacy_renames(self) -> dict[str, str]:
-        """Format-1 module prefixes -> current ones (:mod:`backbones.weights`): the patch
-        conv, each block's ``mlp.0``/``mlp.2`` and the head ``head.1/2/4/5``."""
-        renames = {"patch_embed.": "patch_embed.proj."}
-        for i in range(len(self.blocks)):
-            renames[f"blocks.{i}.mlp.0."] = f"blocks.{i}.mlp.fc1."
-            renames[f"blocks.{i}.mlp.2."] = f"blocks.{i}.mlp.fc2."
-        for old, new in ((1, 0), (2, 1), (4, 2), (5, 3)):
-            renames[f"head.{old}."] = f"feature.{new}."
-        return renames
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W) -> (B, N, dim)`` patch tokens plus positions."""

@@ -17,10 +17,6 @@ Reading (:func:`read_backbone_weights`, :func:`load_backbone_weights`):
   trainer's ``trainer.pt``) or ``state_dict``;
 * wrapper prefixes are stripped: ``module.`` (DistributedDataParallel) and
   ``_orig_mod.`` (``torch.compile``), in any nesting;
-* this project's format-1 names (``stem.*``, ``units.N.*``, ``head.*``, written
-  before the backbones took arcface_torch's names) are translated
-  (:func:`upgrade_state_dict`; the models run it as a ``load_state_dict``
-  pre-hook too, so ``model.load_state_dict(old_state)`` works anywhere);
 * before anything is copied the names and shapes are compared with the model's
   (:func:`check_state_dict`): a mismatch raises :class:`BackboneWeightsError`
   naming the file, the first mismatching key and both shapes (or the missing
@@ -54,10 +50,6 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: common ``{"state_dict": ...}`` convention (tried in this order).
 NESTED_KEYS = ("state_dict_backbone", "backbone", "state_dict")
 
-#: Top-level module names of this project's format-1 backbone layout; a state with a
-#: key under one of them is translated (none of them exists in the current layout).
-LEGACY_ROOTS = ("stem.", "units.", "head.")
-
 SAFETENSORS_SUFFIX = ".safetensors"
 
 
@@ -82,149 +74,25 @@ def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def is_legacy_state(keys: Any) -> bool:
-    """True if ``keys`` (state_dict names, without wrapper prefixes) use this project's
-    format-1 layout (``stem.*``, ``units.N.*``, ``head.*``)."""
-    return any(k.startswith(LEGACY_ROOTS) for k in keys)
-
-
-def rename_legacy_keys(keys: Any, renames: Mapping[str, str]) -> dict[str, str]:
-    """Map each format-1 key to its current name by the longest matching module
-    prefix of ``renames`` (``{"units.3.": "layer2.1.", ...}``, every prefix ending
-    in ``.``); keys no prefix matches keep their name. Returns ``{old: new}``."""
-    ordered = sorted(renames, key=len, reverse=True)
-    out = {}
-    for key in keys:
-        old = next((p for p in ordered if key.startswith(p)), None)
-        out[key] = key if old is None else renames[old] + key[len(old) :]
-    return out
-
-
-def _embed_depthwise(weight: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
-    """A depthwise conv weight ``(C, 1, k, k)`` as the equivalent weight of a grouped
-    conv with ``m = C / groups`` input channels per group, ``(C, m, k, k)``, or
-    ``None`` if ``shape`` is not such a weight.
-
-    Output channel ``o`` of a grouped conv (in = out = C channels) sees inputs
-    ``m * (o // m) + j`` for ``j < m``; a depthwise conv's output ``o`` sees input
-    ``o`` only, i.e. ``j = o % m``. Every other entry is zero, so both convs compute
-    the same function (format-1 ``mbf`` weights in insightface's grouped stage 0)."""
-    c, one, *k = weight.shape
-    if one != 1 or len(shape) != 4 or shape[0] != c or list(shape[2:]) != k or shape[1] <= 1:
-        return None
-    m = shape[1]
-    if c % m:
-        return None
-    out = weight.new_zeros(shape)
-    o = torch.arange(c)
-    out[o, o % m] = weight[:, 0]
-    return out
-
-
-def upgrade_state_dict(model: nn.Module, state: dict[str, Any], prefix: str = "") -> None:
-    """Bring the keys of ``state`` under ``prefix`` to ``model``'s layout, in place.
-
-    The models run this as a ``load_state_dict`` pre-hook (``prefix`` is where the
-    model sits inside the module being loaded: ``""`` at the top, ``module.`` inside
-    DDP). It
-
-    1. at the top (``prefix == ""``) strips the wrapper prefixes of
-       :func:`strip_wrapper_prefixes`;
-    2. translates this project's format-1 names (:func:`is_legacy_state`) with the
-       model's ``legacy_renames()`` (``{old module prefix: new module prefix}``);
-    3. for format-1 weights only, widens a fully depthwise conv weight where the
-       model has a grouped conv of the same channels (:func:`_embed_depthwise`):
-       format-1 ``mbf`` had a depthwise stage 0, insightface's has groups=64.
-
-    Weights in the current layout pass unchanged (no copy of the tensors)."""
-    if prefix == "" and any(k.startswith(WRAPPER_PREFIXES) for k in state):
-        stripped = strip_wrapper_prefixes(state)
-        if stripped.keys() != state.keys():
-            state.clear()
-            state.update(stripped)
-    mine = [k for k in state if k.startswith(prefix)]
-    rel = [k[len(prefix) :] for k in mine]
-    renames_of = getattr(model, "legacy_renames", None)
-    if renames_of is None or not is_legacy_state(rel):
-        return
-    mapping = rename_legacy_keys(rel, renames_of())
-    values = {mapping[r]: state.pop(k) for k, r in zip(mine, rel, strict=True)}
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    for key, value in values.items():
-        want = shapes.get(key)
-        if isinstance(value, torch.Tensor) and want is not None and value.shape != want:
-            widened = _embed_depthwise(value, want)
-            if widened is not None:
-                value = widened
-        state[prefix + key] = value
-
-
-def upgrade_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """``load_state_dict`` pre-hook running :func:`upgrade_state_dict` (registered by
-    every backbone class with ``register_load_state_dict_pre_hook``)."""
-    del args
-    upgrade_state_dict(module, state_dict, prefix)
-
-
 # --------------------------------------------------------------------- layouts
-#: Per layout, the key whose first dimension is the embedding size, tried in order
-#: (format-1 ViT before format-1 IResNet: a ViT's ``head.4`` is its last FC, whose
-#: rows are the embedding too; format-1 mbf last: a ViT's ``head.2`` is a hidden BN).
+#: Per family, the key of the final embedding layer, whose first dimension is the
+#: embedding size.
 _EMBEDDING_KEYS = (
     "features.weight",  # IResNet
     "features.layers.3.weight",  # MobileFaceNet
     "feature.3.weight",  # ViT
-    "head.5.weight",  # format-1 ViT
-    "head.4.weight",  # format-1 IResNet
-    "head.2.weight",  # format-1 MobileFaceNet
 )
 
 
 def infer_model_kwargs(state: Mapping[str, Any]) -> dict[str, Any]:
     """Constructor keywords read off ``state`` that a model needs to take it, whatever
-    the registry's defaults:
-
-    * ``embedding_size``: the rows of the final embedding layer;
-    * ``layout="v1"`` for a ViT saved in this project's format-1 layout (its
-      attention has qkv biases: see :mod:`backbones.vit`).
-
+    the registry's defaults: ``embedding_size``, the rows of the final embedding layer.
     Evaluation and export build their model with these (explicit keywords win)."""
     keys = strip_wrapper_prefixes(state)
-    out: dict[str, Any] = {}
     for key in _EMBEDDING_KEYS:
         value = keys.get(key)
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            out["embedding_size"] = int(value.shape[0])
-            break
-    if is_legacy_state(keys) and any(k.endswith("attn.qkv.bias") for k in keys):
-        out["layout"] = "v1"
-    return out
-
-
-def v1_model_kwargs(network: str, kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The keywords that rebuild, under this version, the network that format 1 built
-    for ``get_model(network, **kwargs)`` (a resumed format-1 trainer checkpoint's
-    ``model.kwargs`` are compared as if they included them):
-
-    * ``mbf`` and any MobileFaceNet with a single stage-0 conv: its conv was fully
-      depthwise, now insightface's grouping is the default -> ``depthwise_stage0=True``
-      (``mbf_tiny`` is still depthwise: nothing to add);
-    * ``vit_*``: format 1 had qkv biases, a GELU MLP and a ReLU in the head ->
-      ``layout="v1"``;
-    * IResNet: only the names changed -> nothing.
-    """
-    from backbones.registry import model_family, registry_defaults
-
-    try:
-        family = model_family(network)
-    except ValueError:  # not one of ours: nothing known about its format 1
-        return {}
-    merged = {**registry_defaults(network), **dict(kwargs or {})}
-    single_conv = list(merged.get("blocks", (1,)))[:1] == [1]
-    if family == "mbf" and single_conv and not merged.get("depthwise_stage0", False):
-        return {"depthwise_stage0": True}
-    if family == "vit" and merged.get("layout", "arcface") != "v1":
-        return {"layout": "v1"}
+            return {"embedding_size": int(value.shape[0])}
     return {}
 
 
@@ -241,11 +109,6 @@ def _hint(key: str, file_shape: Any, model_shape: Any) -> str:
                 " (the file's MobileFaceNet has insightface's grouped stage-0 conv: build it "
                 "with depthwise_stage0=False, the default of mbf)"
             )
-    if key.endswith("attn.qkv.bias"):
-        return (
-            " (the file holds a ViT of this project's format-1 layout, with qkv biases: "
-            "build the model with layout='v1')"
-        )
     return ""
 
 
@@ -324,8 +187,7 @@ def _weights_only_detail(text: str) -> str:
 def read_backbone_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A backbone ``state_dict`` from ``path`` (``.safetensors``, else a
     ``torch.save`` file read with ``weights_only=True``), on the CPU, with the wrapper
-    prefixes stripped. Format-1 names are kept here; :func:`load_backbone_weights`
-    (or the model's ``load_state_dict``) translates them.
+    prefixes stripped.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -366,13 +228,11 @@ def load_backbone_state(
     model: nn.Module, state: Mapping[str, Any], source: str = "state_dict"
 ) -> None:
     """Load ``state`` into ``model`` with ``strict=True`` after stripping wrapper
-    prefixes, translating format-1 names (:func:`upgrade_state_dict`) and checking
-    every key and shape (:func:`check_state_dict`, which names ``source``). On a
-    mismatch nothing is copied."""
-    upgraded = strip_wrapper_prefixes(state)
-    upgrade_state_dict(model, upgraded)
-    check_state_dict(model, upgraded, source)
-    model.load_state_dict(upgraded, strict=True)
+    prefixes and checking every key and shape (:func:`check_state_dict`, which names
+    ``source``). On a mismatch nothing is copied."""
+    stripped = strip_wrapper_prefixes(state)
+    check_state_dict(model, stripped, source)
+    model.load_state_dict(stripped, strict=True)
 
 
 def load_backbone_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:

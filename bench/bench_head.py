@@ -38,16 +38,7 @@ from bench.common import (
     markdown_table,
     peak_growth_mib,
 )
-from partial_fc import AdaFace, ArcFace, CurricularFace, ElasticFace, MagFace, PartialFC
-
-#: ``--margin`` choices, each at its paper's default settings.
-MARGINS = {
-    "arcface": ArcFace,
-    "adaface": AdaFace,
-    "magface": MagFace,
-    "curricular": CurricularFace,
-    "elastic": ElasticFace,
-}
+from partial_fc import PartialFC, margin_entry, margin_names
 
 
 def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file: str) -> None:
@@ -84,7 +75,7 @@ def _bench_rank(rank: int, world_size: int, args: argparse.Namespace, init_file:
         }
         for rate in args.sample_rates:
             head = PartialFC(
-                classes * world_size, args.dim, MARGINS[args.margin](), sample_rate=rate,
+                classes * world_size, args.dim, margin_entry(args.margin).cls(), sample_rate=rate,
                 device=device, chunk_classes=args.chunk or None, backend=args.backend,
             )  # fmt: skip
             steps[f"head {rate}"] = partial(head_step, head, x, labels)
@@ -166,8 +157,9 @@ def main() -> None:
     )
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
     parser.add_argument(
-        "--margin", choices=sorted(MARGINS), default="arcface",
-        help="the head's margin (adaface, curricular, ...: batch-aware margins)",
+        "--margin", choices=margin_names(), default="arcface",
+        help="the head's margin, a registered one at its class's defaults (adaface, "
+        "curricular, ...: batch-aware margins)",
     )  # fmt: skip
     parser.add_argument(
         "--backend", choices=["auto", "torch", "triton"], default="auto",

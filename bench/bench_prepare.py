@@ -57,8 +57,8 @@ def make_photos(root: Path, n: int, seed: int = 0) -> list[Path]:
 
 def per_core(paths: list[Path], min_size: float, repeats: int) -> dict[str, float]:
     """Photos per CPU-second of the per-photo work, and of its parts (best of ``repeats``)."""
-    from datasets.detect.finder import FaceFinder, FaceOptions
-    from datasets.photos import decode_photo
+    from datasets.faces.finder import FaceFinder, FaceOptions
+    from datasets.faces.photos import decode_photo
     from datasets.prepare import PhotoRecord, PrepareOptions
 
     cv2.setNumThreads(1)
@@ -99,7 +99,7 @@ def per_core(paths: list[Path], min_size: float, repeats: int) -> dict[str, floa
 
 
 def whole_command(root: Path, out: Path, workers: int, min_size: float) -> dict[str, float]:
-    from datasets.detect.finder import FaceOptions
+    from datasets.faces.finder import FaceOptions
     from datasets.prepare import PrepareOptions, prepare
 
     t = time.perf_counter()

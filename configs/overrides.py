@@ -13,11 +13,10 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from configs.schema import Config, ConfigError
-from datasets.transforms import IMAGE_SIZE
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -175,44 +174,8 @@ def _scalar_from_text(text: str) -> Any:
         return text
 
 
-def _fixed_image_size() -> int:
-
-    return IMAGE_SIZE
-
-
-#: Options that no longer exist: the one value each may still carry (a function
-#: returning what the code now always does) and why it went. An old ``config.json``
-#: holding such a key with that value loads unchanged; any other value fails, naming
-#: the key.
-REMOVED_KEYS: dict[str, tuple[Callable[[], Any], str]] = {
-    "data.image_size": (
-        _fixed_image_size,
-        "training images are always 112x112 (neither the loader nor the backbones "
-        "read the option; it only resized the verification images); remove the key",
-    ),
-}
-
-
-def _removed_key(key: str, value: Any) -> None:
-    """Accept ``key`` of :data:`REMOVED_KEYS` if ``value`` is its fixed value; raise
-    :class:`ConfigError` naming it otherwise."""
-    fixed_value, why = REMOVED_KEYS[key]
-    fixed = fixed_value()
-    try:
-        same = coerce(key, value, type(fixed)) == fixed
-    except ConfigError:
-        same = False
-    if not same:
-        raise ConfigError(f"{key}: this option was removed (only {fixed!r} is accepted): {why}")
-
-
 def set_key(cfg: Config, key: str, value: Any) -> None:
-    """Set the field named by the dotted ``key`` to ``value`` converted to its type.
-
-    A key of :data:`REMOVED_KEYS` is accepted, and ignored, only with its fixed value."""
-    if key in REMOVED_KEYS:
-        _removed_key(key, value)
-        return
+    """Set the field named by the dotted ``key`` to ``value`` converted to its type."""
     parts = key.split(".")
     node: Any = cfg
     for i, part in enumerate(parts):

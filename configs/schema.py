@@ -8,13 +8,20 @@ trainer and never written back into the configuration.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
-import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, get_type_hints
 
 from common.errors import UsageError
+from configs.checks import OneOf, Range, field_problem
+from configs.resume_policy import MAY_CHANGE, refuse
+from partial_fc import backend as head_backend
+from partial_fc.head import check_head_options
+from partial_fc.registry import check_margin_options, margin_names
 
 
 class ConfigError(UsageError, ValueError):
@@ -32,89 +39,110 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls, include_extras=True)
+
+
+class Section:
+    """A configuration section. :meth:`validate` checks every field against what its type
+    declares (``Literal`` choices, :class:`~configs.checks.Range`,
+    :class:`~configs.checks.OneOf`), then the rules that involve several fields, files
+    or components (:meth:`check_rules`)."""
+
+    prefix: ClassVar[str]
+    """The section's key, as options name it (``head``)."""
+
+    def validate(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            problem = field_problem(getattr(self, f.name), hints[f.name])
+            if problem is not None:
+                raise ConfigError(f"{self.prefix}.{f.name}: {problem}")
+        self.check_rules()
+
+    def check_rules(self) -> None:
+        """The section's checks beyond each field's declared values (none by default)."""
+
+
 #: Upper bounds that keep derived quantities in range (see each check's message).
 MAX_EPOCHS = 100_000
 MAX_SEED = 2**32
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
+Probability = Annotated[float, Range(ge=0.0, le=1.0)]
+NonNegative = Annotated[float, Range(ge=0.0, finite=True)]
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The backbone network."""
 
+    prefix: ClassVar[str] = "model"
     network: str = "r50"
     """Backbone name passed to ``backbones.get_model`` (e.g. ``r50``, ``r100``, ``mbf``)."""
-    embedding_size: int = 512
+    embedding_size: Annotated[int, Range(gt=0)] = 512
     """Dimension of the face embedding produced by the backbone."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``backbones.get_model`` (e.g. ``model.kwargs.dropout=0.1``)."""
-    init_from: str = ""
+    init_from: str = field(default="", metadata=MAY_CHANGE)
     """Backbone weights a new run starts from (fine-tuning): a ``backbone.pt``/``.pth``
     (this project's or arcface_torch's, DDP ``module.`` prefixes stripped) or a
     ``.safetensors`` file; loaded strictly before step 0, the head starts afresh. Ignored
     when the run resumes from a checkpoint (the checkpoint's weights win). Empty: random
     initialisation."""
-    freeze_stem: bool = False
+    freeze_stem: bool = field(
+        default=False, metadata=refuse("the backbone optimizer's parameters are the checkpoint's")
+    )
     """Freeze the stem (the layers before the first residual unit: conv/BN/PReLU of the
-    ResNets and MobileFaceNets, the patch and position embeddings of the ViTs): no
+    ResNets and MobileFaceNets, the patch and position embeddings and mask token of the
+    ViTs; the network's group matcher, ``backbones.registry.group_matcher``): no
     gradient, not in the optimizer, its BatchNorm statistics fixed."""
-    freeze_units: int = 0
+    freeze_units: Annotated[
+        int, Range(ge=0, why="(the number of leading residual units to freeze)")
+    ] = field(
+        default=0, metadata=refuse("the backbone optimizer's parameters are the checkpoint's")
+    )
     """Freeze the first N residual units (blocks) in forward order, and the stem with
     them (a unit after a trained stem would see moving inputs); 0: none. Checked against
     the network's unit count at start-up."""
-    freeze_bn_stats: bool = False
+    freeze_bn_stats: bool = field(default=False, metadata=MAY_CHANGE)
     """Keep every BatchNorm layer of the backbone in eval mode while training: it
     normalises with, and never updates, its running statistics (the pretrained ones);
     its affine weight and bias still train unless frozen."""
 
-    def validate(self) -> None:
+    def check_rules(self) -> None:
         _check(bool(self.network), "model.network", "must be a non-empty name", self.network)
-        _check(self.embedding_size > 0, "model.embedding_size", "must be > 0", self.embedding_size)
         _check(
             isinstance(self.init_from, str),
             "model.init_from",
             "must be a path to backbone weights, or empty",
             self.init_from,
         )
-        _check(
-            isinstance(self.freeze_units, int) and self.freeze_units >= 0,
-            "model.freeze_units",
-            "must be >= 0 (the number of leading residual units to freeze)",
-            self.freeze_units,
-        )
 
 
-#: Arguments of the batch-aware margins -> the head options that set them.
-_BATCH_MARGIN_OPTIONS = {
-    "h": "head.adaface_h",
-    "t_alpha": "head.ema_alpha",
-    "l_a": "head.magface_l_a",
-    "u_a": "head.magface_u_a",
-    "l_m": "head.magface_l_m",
-    "u_m": "head.magface_u_m",
-    "lambda_g": "head.magface_lambda_g",
-    "std": "head.elastic_std",
-    "kind": "head.elastic_kind",
+#: PartialFC's arguments -> the head options that set them.
+_HEAD_ARGUMENTS = {
+    "num_subcenters": "head.num_subcenters",
+    "sample_rate": "head.sample_rate",
+    "chunk_classes": "head.chunk_size",
+    "interclass_filtering_threshold": "head.interclass_filtering_threshold",
+    "interclass_filtering_mode": "head.interclass_filtering_mode",
 }
 
 
 @dataclass
-class HeadConfig:
-    """The Partial-FC classification head and its margin."""
+class HeadConfig(Section):
+    """The Partial-FC classification head and its margin. The head
+    (:func:`partial_fc.check_head_options`) and the margin classes check their own
+    options; :meth:`validate` runs those checks at start-up, naming the options."""
 
-    loss: Literal[
-        "arcface",
-        "cosface",
-        "sphereface",
-        "combined",
-        "adaface",
-        "magface",
-        "curricular",
-        "elastic",
-    ] = "arcface"
-    """Margin type: additive angular (arcface), additive cosine (cosface),
-    multiplicative angular (sphereface), the combined ``cos(m1*t + m2) - m3``, or a
-    batch-aware margin: adaface, magface, curricular, elastic (docs/partial_fc.md)."""
+    prefix: ClassVar[str] = "head"
+    loss: Annotated[str, OneOf(margin_names)] = "arcface"
+    """Margin type, a name of the margin registry (:mod:`partial_fc.registry`): additive
+    angular (arcface), additive cosine (cosface), multiplicative angular (sphereface), the
+    combined ``cos(m1*t + m2) - m3``, or a batch-aware margin: adaface, magface,
+    curricular, elastic (docs/partial_fc.md)."""
     scale: float = 64.0
     """Logit scale ``s`` applied to the cosines; positive and finite."""
     margin: float = 0.5
@@ -128,12 +156,12 @@ class HeadConfig:
     ``loss=combined``)."""
     m3: float = 0.0
     """Combined margin: additive cosine margin, in [0, 2) (used only by ``loss=combined``)."""
-    sample_rate: float = 1.0
+    sample_rate: float = field(default=1.0, metadata=MAY_CHANGE)
     """Fraction of negative class centres sampled per step (Partial FC), in (0, 1];
     1.0 = full softmax."""
-    num_subcenters: int = 1
+    num_subcenters: int = field(default=1, metadata=refuse("the head's rows are the checkpoint's"))
     """Sub-centres per class (sub-center ArcFace), >= 1; 1 disables them."""
-    chunk_size: int | None = None
+    chunk_size: int | None = field(default=None, metadata=MAY_CHANGE)
     """Classes per logits block of the head (> 0); ``None``: the head's automatic choice
     (a block of at most half the size of the weight shard's gradient)."""
     easy_margin: bool = False
@@ -146,15 +174,17 @@ class HeadConfig:
     empty: the same margin for every class."""
     sphereface_annealing: bool = False
     """SphereFace only: A-Softmax's lambda annealing (1000 decaying to 5)."""
-    interclass_filtering_threshold: float | None = None
+    interclass_filtering_threshold: float | None = field(default=None, metadata=MAY_CHANGE)
     """Negatives whose cosine to a sample exceeds this are label conflicts; null: off."""
-    interclass_filtering_mode: Literal["remove", "zero"] = "remove"
+    interclass_filtering_mode: Literal["remove", "zero"] = field(
+        default="remove", metadata=MAY_CHANGE
+    )
     """``remove``: drop conflicts from the softmax denominator; ``zero``: the reference
     implementation's behaviour (cosine set to 0, still counted)."""
-    matmul_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    matmul_dtype: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata=MAY_CHANGE)
     """Precision of the head's matrix products (bf16/fp16: tensor cores on GPU,
     fp32 accumulation and fp32 softmax statistics)."""
-    backend: Literal["auto", "torch", "triton"] = "auto"
+    backend: Literal["auto", "torch", "triton"] = field(default="auto", metadata=MAY_CHANGE)
     """Code of the head's non-target logits: ``torch`` (chunked blocks; every option, any
     device), ``triton`` (fused kernels that never write a logits block: CUDA,
     ``num_subcenters`` 1, no inter-class filtering, no ``curricular``; needs the triton
@@ -181,7 +211,7 @@ class HeadConfig:
     """ElasticFace: apply the drawn margin as ArcFace (arc) or CosFace (cos) does."""
     elastic_plus: bool = False
     """ElasticFace+: the largest target cosine gets the smallest drawn margin."""
-    init: Literal["random", "imprint"] = "random"
+    init: Literal["random", "imprint"] = field(default="random", metadata=MAY_CHANGE)
     """Initial class centres of a new run: ``random`` (N(0, 0.01^2), seeded by
     ``train.seed``) or ``imprint``: each centre points along the mean of its training
     images' L2-normalised embeddings under the initial backbone (``model.init_from``;
@@ -190,146 +220,33 @@ class HeadConfig:
     the others are nudged off it (docs/training.md, "Fine-tuning"). Classes without
     images keep the random centre. Not applied on resume."""
 
-    def batch_margin(self) -> Any:
-        """The batch-aware margin (``loss`` adaface, magface, curricular or elastic) these
-        options describe; its constructor checks them (``ValueError`` says which)."""
-        from partial_fc import AdaFace, CurricularFace, ElasticFace, MagFace
-
-        if self.loss == "adaface":
-            return AdaFace(self.scale, self.margin, h=self.adaface_h, t_alpha=self.ema_alpha)
-        if self.loss == "magface":
-            return MagFace(
-                self.scale, self.magface_l_a, self.magface_u_a, self.magface_l_m,
-                self.magface_u_m, self.magface_lambda_g,
-            )  # fmt: skip
-        if self.loss == "curricular":
-            return CurricularFace(self.scale, self.margin, t_alpha=self.ema_alpha)
-        return ElasticFace(
-            self.scale, self.margin, std=self.elastic_std, kind=self.elastic_kind,
-            plus=self.elastic_plus,
-        )  # fmt: skip
-
-    def validate(self) -> None:
-        # The margin classes own the ranges of the scale and of m1/m2/m3; the same
-        # checks run here so that a bad value stops the run before anything starts.
-        from partial_fc.margins import (
-            ArcFace,
-            CombinedMargin,
-            CosFace,
-            SphereFace,
-            check_margin,
-            check_scale,
-        )
-
-        kinds = {
-            "arcface": ArcFace,
-            "cosface": CosFace,
-            "sphereface": SphereFace,
-            "combined": CombinedMargin,
-        }
-        batch_kinds = ("adaface", "magface", "curricular", "elastic")
-        _check(
-            self.loss in (*kinds, *batch_kinds),
-            "head.loss",
-            f"must be one of {', '.join((*kinds, *batch_kinds))}",
-            self.loss,
-        )
-        if self.loss in batch_kinds:
-            _check(
-                not self.margins_file,
-                "head.margins_file",
-                f"per-class margins do not apply to head.loss={self.loss} (its margins come "
-                "from the batch)",
-                self.margins_file,
-            )
-            try:
-                self.batch_margin()
-            except ValueError as exc:  # name the config options, not the class arguments
-                message = str(exc)
-                for arg, option in _BATCH_MARGIN_OPTIONS.items():
-                    message = re.sub(rf"\b{arg}\b", option, message)
-                raise ConfigError(f"head.loss={self.loss}: {message}") from None
-            checks = []
-        elif self.loss == "combined":
-            checks = [("m1", self.m1, "head.m1"), ("m2", self.m2, "head.m2")]
-            checks.append(("m3", self.m3, "head.m3"))
-        else:
-            checks = [(kinds[self.loss].primary, self.margin, "head.margin")]
-        # head.margins_file replaces the kind's primary margin (its ``margin``; m2 for
-        # combined), as trainer.build.build_margin passes it
-        per_class = kinds[self.loss].primary if self.loss in kinds else None
-        if self.margins_file and per_class is not None:
-            checks = [c for c in checks if c[0] != per_class]
-            checks.append((per_class, self.margins_file, "head.margins_file"))
+    def check_rules(self) -> None:
         try:
-            check_scale(self.scale, "head.scale")
-            for which, value, option in checks:
-                check_margin(which, value, option)
+            check_margin_options(
+                self.loss, vars(self), per_class=self.margins_file or None, prefix="head."
+            )
+            check_head_options(
+                num_subcenters=self.num_subcenters,
+                sample_rate=self.sample_rate,
+                chunk_classes=self.chunk_size,
+                interclass_filtering_threshold=self.interclass_filtering_threshold,
+                interclass_filtering_mode=self.interclass_filtering_mode,
+                names=_HEAD_ARGUMENTS,
+            )
         except OSError as exc:
             raise ConfigError(
                 f"head.margins_file: cannot read {self.margins_file!r} ({exc.strerror or exc})"
             ) from None
         except ValueError as exc:  # the message names the option and says why
             raise ConfigError(str(exc)) from None
-        threshold = self.interclass_filtering_threshold
-        _check(
-            threshold is None or -1.0 <= threshold <= 1.0,
-            "head.interclass_filtering_threshold",
-            "must be a cosine in [-1, 1] or null",
-            threshold,
-        )
-        _check(
-            self.interclass_filtering_mode in ("remove", "zero"),
-            "head.interclass_filtering_mode",
-            "must be 'remove' or 'zero'",
-            self.interclass_filtering_mode,
-        )
-        _check(
-            self.matmul_dtype in ("fp32", "bf16", "fp16"),
-            "head.matmul_dtype",
-            "must be fp32, bf16 or fp16",
-            self.matmul_dtype,
-        )
-        _check(
-            self.backend in ("auto", "torch", "triton"),
-            "head.backend",
-            "must be auto, torch or triton",
-            self.backend,
-        )
         if self.backend == "triton":
-            from partial_fc.backend import triton_missing, triton_unsupported
-
-            why = triton_missing() or triton_unsupported(
+            why = head_backend.triton_missing() or head_backend.triton_unsupported(
                 num_subcenters=self.num_subcenters,
-                filtering=threshold is not None,
+                filtering=self.interclass_filtering_threshold is not None,
                 loss=self.loss,
             )
             if why:
                 raise ConfigError(f"head.backend=triton: {why}; 'auto' runs such a head on torch")
-        _check(
-            0.0 < self.sample_rate <= 1.0,
-            "head.sample_rate",
-            "must be in (0, 1]: the fraction of negative class centres sampled per step",
-            self.sample_rate,
-        )
-        _check(
-            self.num_subcenters >= 1,
-            "head.num_subcenters",
-            "must be >= 1 (sub-centres per class)",
-            self.num_subcenters,
-        )
-        _check(
-            self.chunk_size is None or self.chunk_size > 0,
-            "head.chunk_size",
-            "must be > 0 classes per block, or null",
-            self.chunk_size,
-        )
-        _check(
-            self.init in ("random", "imprint"),
-            "head.init",
-            "must be random or imprint",
-            self.init,
-        )
 
 
 def _dataset_place(root: str) -> str:
@@ -345,46 +262,71 @@ def _dataset_place(root: str) -> str:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Training data and its loader."""
 
-    root: str | list[str] = ""
+    prefix: ClassVar[str] = "data"
+    root: str | list[str] = field(default="", metadata=MAY_CHANGE)
     """Training data: a directory holding ``train.rec``, ``train.idx``, ``property`` (and the
     ``.bin`` targets), a ``.rec`` file, a directory of Arrow shards or an image folder; or a
     list of them (``data.root=[/data/a,/data/b]``), kinds mixed, trained as one dataset whose
     label spaces are concatenated in list order (docs/data.md, "Several datasets")."""
-    num_classes: int = 0
+    num_classes: Annotated[int, Range(gt=0)] = field(
+        default=0, metadata=refuse("the head's rows are the checkpoint's")
+    )
     """Number of identities (with several ``data.root``, their sum); checked against the
     data."""
-    num_images: int = 0
+    num_images: Annotated[int, Range(gt=0)] = field(
+        default=0, metadata=refuse("the sampler's position is an index into the checkpoint's data")
+    )
     """Number of training images (with several ``data.root``, their sum); checked against
     the data."""
-    weights: list[float] = field(default_factory=list)
+    weights: list[float] = field(
+        default_factory=list,
+        metadata=refuse(
+            "the epoch's sample order is drawn from them (the sampler's position indexes it)"
+        ),
+    )
     """Per-dataset sampling weights, one per ``data.root`` entry, each > 0: an epoch stays
     ``data.num_images`` samples, of which dataset i gives the share w_i / sum(w) (rounded
     by largest remainder; its images repeated or subsampled, seeded). Empty: every image
     once per epoch."""
-    batch_size: int = 128
+    batch_size: Annotated[int, Range(gt=0)] = field(default=128, metadata=MAY_CHANGE)
     """Per-rank micro-batch size (the global batch is ``batch_size * world_size``)."""
-    num_workers: int = 2
+    num_workers: Annotated[int, Range(ge=0)] = field(default=2, metadata=MAY_CHANGE)
     """DataLoader worker processes per rank (0 loads in the training process)."""
-    random_flip: bool = True
+    random_flip: bool = field(default=True, metadata=MAY_CHANGE)
     """Horizontal-flip augmentation during training."""
-    sampler: Literal["random", "pk"] = "random"
+    sampler: Literal["random", "pk"] = field(
+        default="random", metadata=refuse("the sampler's position is the checkpoint's sampler's")
+    )
     """``random``: a seeded shuffle of all images; ``pk``: every rank's batch holds
     ``batch_size / data.pk_images_per_identity`` identities with that many images each
     (distinct identities across ranks), so triplet mining always finds positives."""
-    pk_images_per_identity: int = 4
+    pk_images_per_identity: Annotated[int, Range(ge=1)] = field(
+        default=4, metadata=refuse("the sampler's position is the checkpoint's sampler's")
+    )
     """K of the P x K sampler (``data.sampler=pk``); must divide ``data.batch_size``."""
-    pk_small_identity: Literal["replace", "drop"] = "replace"
+    pk_small_identity: Literal["replace", "drop"] = field(
+        default="replace", metadata=refuse("the sampler's position is the checkpoint's sampler's")
+    )
     """P x K sampler: identities with fewer than K images are topped up with their own
     images (``replace``) or skipped (``drop``)."""
-    skip_corrupt: bool = False
+    skip_corrupt: bool = field(default=False, metadata=MAY_CHANGE)
     """Skip corrupt samples (undecodable image, malformed record, bad ``.idx`` offset):
     each is logged with its file, key and offset, counted, and replaced by the next
     sample. Labels outside ``[0, num_classes)`` or not integers are never skipped.
     false: the first corrupt sample stops the run (``DataError``)."""
-    max_skipped_fraction: float = 0.001
+    max_skipped_fraction: Annotated[
+        float,
+        Range(
+            ge=0.0,
+            lt=1.0,
+            what="a fraction",
+            why="the share of the training images that may be skipped as corrupt (1 or more "
+            "would let a run train on no data at all)",
+        ),
+    ] = field(default=0.001, metadata=MAY_CHANGE)
     """With ``data.skip_corrupt``: the run stops (``DataError``) once a rank's loader (its
     workers share the count) has skipped more distinct samples than this fraction of
     ``data.num_images``; in [0, 1)."""
@@ -393,7 +335,7 @@ class DataConfig:
         """``data.root`` as a list (one entry for a single dataset)."""
         return list(self.root) if isinstance(self.root, list | tuple) else [self.root]
 
-    def validate(self) -> None:
+    def check_rules(self) -> None:
         roots = self.roots()
         _check(
             bool(roots) and all(isinstance(r, str) and r.strip() for r in roots),
@@ -430,158 +372,105 @@ class DataConfig:
                 "work with data.sampler=random only (the P x K sampler draws by identity)",
                 self.weights,
             )
-        _check(self.num_classes > 0, "data.num_classes", "must be > 0", self.num_classes)
-        _check(self.num_images > 0, "data.num_images", "must be > 0", self.num_images)
-        _check(self.batch_size > 0, "data.batch_size", "must be > 0", self.batch_size)
-        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
-        _check(
-            _finite(self.max_skipped_fraction) and 0.0 <= self.max_skipped_fraction < 1.0,
-            "data.max_skipped_fraction",
-            "must be a fraction in [0, 1) of the training images that may be skipped as "
-            "corrupt (1 or more would let a run train on no data at all)",
-            self.max_skipped_fraction,
-        )
-        _check(
-            self.sampler in ("random", "pk"), "data.sampler", "must be random or pk", self.sampler
-        )
         if self.sampler == "pk":
-            k = self.pk_images_per_identity
-            _check(k >= 1, "data.pk_images_per_identity", "must be >= 1", k)
             _check(
-                self.batch_size % k == 0,
+                self.batch_size % self.pk_images_per_identity == 0,
                 "data.pk_images_per_identity",
                 f"must divide data.batch_size={self.batch_size}",
-                k,
-            )
-            _check(
-                self.pk_small_identity in ("replace", "drop"),
-                "data.pk_small_identity",
-                "must be replace or drop",
-                self.pk_small_identity,
+                self.pk_images_per_identity,
             )
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(Section):
     """Training augmentations applied to each batch on the device (``datasets/augment.py``),
     after the loader's flip; each stage is drawn per sample with its own probability. AdaFace
     trains with ``crop_prob = lowres_prob = photometric_prob = 0.2`` and no erasing."""
 
-    crop_prob: float = 0.0
+    prefix: ClassVar[str] = "augment"
+    crop_prob: Probability = 0.0
     """Probability of AdaFace's crop: a RandomResizedCrop rectangle kept in place, black
     around it (AdaFace: 0.2)."""
-    crop_min_scale: float = 0.2
+    crop_min_scale: Annotated[float, Range(gt=0.0, le=1.0)] = 0.2
     """Smallest kept area as a fraction of the image (the largest is 1), in (0, 1]."""
-    lowres_prob: float = 0.0
+    lowres_prob: Probability = 0.0
     """Probability of down-sampling to a random side and back up, each with a random OpenCV
     interpolation (AdaFace: 0.2)."""
-    lowres_min_side: float = 0.2
+    lowres_min_side: Annotated[float, Range(ge=0.2, le=1.0)] = 0.2
     """Smallest low-resolution side as a fraction of the image side (the largest is 1), in
     [0.2, 1]."""
-    photometric_prob: float = 0.0
+    photometric_prob: Probability = 0.0
     """Probability of ColorJitter: brightness, contrast and saturation in a random order
     (AdaFace: 0.2)."""
-    brightness: float = 0.5
+    brightness: Probability = 0.5
     """ColorJitter brightness strength s: factor ~ U(1 - s, 1 + s), s in [0, 1]."""
-    contrast: float = 0.5
+    contrast: Probability = 0.5
     """ColorJitter contrast strength s: factor ~ U(1 - s, 1 + s), s in [0, 1]."""
-    saturation: float = 0.5
+    saturation: Probability = 0.5
     """ColorJitter saturation strength s: factor ~ U(1 - s, 1 + s), s in [0, 1]."""
-    erase_prob: float = 0.0
+    erase_prob: Probability = 0.0
     """Probability of random erasing (torchvision's RandomErasing rectangle); AdaFace: 0."""
     erase_fill: Literal["noise", "constant"] = "noise"
     """Erased rectangle: uniform noise in [-1, 1] (``noise``) or ``augment.erase_value``."""
-    erase_value: float = 0.0
+    erase_value: Annotated[float, Range(ge=-1.0, le=1.0)] = 0.0
     """Constant fill of ``erase_fill=constant``, in normalised units [-1, 1] (0 = mid grey)."""
-
-    def validate(self) -> None:
-        for key in (
-            "crop_prob", "lowres_prob", "photometric_prob", "erase_prob", "brightness",
-            "contrast", "saturation",
-        ):  # fmt: skip
-            value = getattr(self, key)
-            _check(0.0 <= value <= 1.0, f"augment.{key}", "must lie in [0, 1]", value)
-        _check(
-            0.0 < self.crop_min_scale <= 1.0,
-            "augment.crop_min_scale",
-            "must lie in (0, 1]",
-            self.crop_min_scale,
-        )
-        _check(
-            0.2 <= self.lowres_min_side <= 1.0,
-            "augment.lowres_min_side",
-            "must lie in [0.2, 1]",
-            self.lowres_min_side,
-        )
-        _check(
-            self.erase_fill in ("noise", "constant"),
-            "augment.erase_fill",
-            "must be noise or constant",
-            self.erase_fill,
-        )
-        _check(
-            -1.0 <= self.erase_value <= 1.0,
-            "augment.erase_value",
-            "must lie in [-1, 1]",
-            self.erase_value,
-        )
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(Section):
     """Optimizer shared by the backbone (torch) and the head (row-sparse Partial-FC)."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
+    prefix: ClassVar[str] = "optimizer"
+    name: Literal["sgd", "adamw"] = field(
+        default="sgd", metadata=refuse("the optimizer state is the checkpoint's optimizer's")
+    )
     """``sgd`` (momentum, L2 weight decay) or ``adamw`` (decoupled weight decay)."""
-    lr: float = 0.1
+    lr: Annotated[float, Range(gt=0.0, finite=True)] = field(default=0.1, metadata=MAY_CHANGE)
     """Peak learning rate, reached at the end of warm-up."""
-    momentum: float = 0.9
+    momentum: Annotated[
+        float,
+        Range(
+            ge=0.0,
+            lt=1.0,
+            why="the velocity is multiplied by it every step, and 1 or more never forgets a "
+            "gradient (it grows without bound)",
+        ),
+    ] = field(default=0.9, metadata=MAY_CHANGE)
     """SGD momentum (``sgd`` only)."""
-    weight_decay: float = 5e-4
+    weight_decay: Annotated[float, Range(ge=0.0, finite=True)] = field(
+        default=5e-4, metadata=MAY_CHANGE
+    )
     """Weight decay for backbone and head."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=MAY_CHANGE)
     """AdamW moment decay rates (``adamw`` only)."""
-    eps: float = 1e-8
+    eps: Annotated[
+        float,
+        Range(gt=0.0, lt=1.0, why="it only guards Adam's division by the second moment"),
+    ] = field(default=1e-8, metadata=MAY_CHANGE)
     """AdamW denominator epsilon (``adamw`` only)."""
-    head_state_dtype: Literal["fp32", "bf16"] = "fp32"
+    head_state_dtype: Literal["fp32", "bf16"] = field(default="fp32", metadata=MAY_CHANGE)
     """Storage of the head optimizer's momentum / Adam moments: ``bf16`` halves their
     memory (updates are still computed in fp32; see docs/partial_fc.md for the measured
     trade-off)."""
-    backbone_lr_mult: float = 1.0
+    backbone_lr_mult: Annotated[
+        float,
+        Range(
+            gt=0.0,
+            finite=True,
+            why="(to keep backbone layers fixed, use model.freeze_stem / model.freeze_units)",
+        ),
+    ] = field(default=1.0, metadata=MAY_CHANGE)
     """The backbone's learning rate is ``optimizer.lr`` times this (> 0; the head's is
     ``optimizer.lr``); both follow the same schedule. Fine-tuning uses < 1."""
-    weight_decay_exclude_norm_bias: bool = False
+    weight_decay_exclude_norm_bias: bool = field(
+        default=False,
+        metadata=refuse("the backbone optimizer's parameter groups are the checkpoint's"),
+    )
     """Exclude the backbone's normalisation, PReLU and bias parameters (every parameter
     with at most one dimension, or named ``*.bias``; timm's convention) from weight decay.
     false: decay on every parameter, as arcface_torch does."""
 
-    def validate(self) -> None:
-        _check(
-            _finite(self.lr) and self.lr > 0,
-            "optimizer.lr",
-            "must be finite and > 0",
-            self.lr,
-        )
-        _check(self.name in ("sgd", "adamw"), "optimizer.name", "must be sgd or adamw", self.name)
-        _check(
-            self.head_state_dtype in ("fp32", "bf16"),
-            "optimizer.head_state_dtype",
-            "must be fp32 or bf16",
-            self.head_state_dtype,
-        )
-        _check(
-            _finite(self.momentum) and 0.0 <= self.momentum < 1.0,
-            "optimizer.momentum",
-            "must be in [0, 1): the velocity is multiplied by it every step, and 1 or more "
-            "never forgets a gradient (it grows without bound)",
-            self.momentum,
-        )
-        _check(
-            _finite(self.weight_decay) and self.weight_decay >= 0,
-            "optimizer.weight_decay",
-            "must be finite and >= 0",
-            self.weight_decay,
-        )
+    def check_rules(self) -> None:
         _check(
             len(self.betas) == 2 and all(_finite(b) and 0.0 <= b < 1.0 for b in self.betas),
             "optimizer.betas",
@@ -590,24 +479,11 @@ class OptimizerConfig:
             self.betas,
         )
         _check(
-            _finite(self.eps) and 0 < self.eps < 1,
-            "optimizer.eps",
-            "must be in (0, 1): it only guards Adam's division by the second moment",
-            self.eps,
-        )
-        _check(
             self.lr * self.weight_decay < 1.0,
             "optimizer.weight_decay",
             f"times optimizer.lr={self.lr:g} must be < 1: every step scales the weights by "
             "(1 - lr * weight_decay), which is then zero or negative",
             self.weight_decay,
-        )
-        _check(
-            _finite(self.backbone_lr_mult) and self.backbone_lr_mult > 0,
-            "optimizer.backbone_lr_mult",
-            "must be finite and > 0 (to keep backbone layers fixed, use model.freeze_stem / "
-            "model.freeze_units)",
-            self.backbone_lr_mult,
         )
         _check(
             self.lr * self.backbone_lr_mult * self.weight_decay < 1.0,
@@ -620,110 +496,86 @@ class OptimizerConfig:
 
 
 @dataclass
-class SchedulerConfig:
+class SchedulerConfig(Section):
     """Learning-rate schedule: linear warm-up, then polynomial decay to zero."""
 
-    warmup_epochs: float = 0.0
+    prefix: ClassVar[str] = "scheduler"
+    warmup_epochs: Annotated[float, Range(ge=0.0, finite=True)] = 0.0
     """Length of the linear warm-up in epochs (converted to optimizer steps at start-up)."""
-    warmup_start_factor: float = 0.01
+    warmup_start_factor: Annotated[float, Range(gt=0.0, le=1.0)] = 0.01
     """LR at step 0 as a fraction of ``optimizer.lr`` (small but non-zero)."""
-    power: float = 2.0
+    power: Annotated[
+        float, Range(gt=0.0, finite=True, why="(the decay (1 - progress) ** power)")
+    ] = 2.0
     """Exponent of the polynomial decay ``(1 - progress) ** power``."""
-
-    def validate(self) -> None:
-        _check(
-            _finite(self.warmup_epochs) and self.warmup_epochs >= 0,
-            "scheduler.warmup_epochs",
-            "must be finite and >= 0",
-            self.warmup_epochs,
-        )
-        _check(
-            _finite(self.warmup_start_factor) and 0.0 < self.warmup_start_factor <= 1.0,
-            "scheduler.warmup_start_factor",
-            "must be in (0, 1]",
-            self.warmup_start_factor,
-        )
-        _check(
-            _finite(self.power) and self.power > 0,
-            "scheduler.power",
-            "must be finite and > 0 (the decay (1 - progress) ** power)",
-            self.power,
-        )
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """The optimisation loop."""
 
-    epochs: int = 20
+    prefix: ClassVar[str] = "train"
+    epochs: Annotated[
+        int,
+        Range(
+            ge=1,
+            le=MAX_EPOCHS,
+            why="(the schedule, step counters and ETA are derived from it)",
+        ),
+    ] = field(default=20, metadata=MAY_CHANGE)
     """Number of passes over the training set; fixes the schedule's length."""
-    grad_accum: int = 1
+    grad_accum: Annotated[int, Range(ge=1, le=65536, why="(micro-batches per optimizer step)")] = (
+        field(default=1, metadata=MAY_CHANGE)
+    )
     """Micro-batches accumulated per optimizer step (loss averaged over them)."""
-    clip_grad_norm: float | None = 5.0
+    clip_grad_norm: Annotated[
+        float | None, Range(gt=0.0, finite=True, why="(null disables clipping)")
+    ] = field(default=5.0, metadata=MAY_CHANGE)
     """Max global L2 norm of backbone and head gradients together; ``null`` disables."""
-    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    amp: Literal["bf16", "fp16", "none"] = field(default="bf16", metadata=MAY_CHANGE)
     """Backbone autocast dtype on CUDA (``fp16`` adds a grad scaler); ignored on CPU.
     The head always runs in fp32."""
-    seed: int = 0
+    seed: Annotated[
+        int,
+        Range(
+            ge=0,
+            lt=MAX_SEED,
+            text="in [0, 2**32)",
+            why="the per-rank and loader seeds derived from it (seed + 1000003 * (rank + 1), "
+            "seed * 7919 + rank) must stay within the 64-bit seeds torch accepts",
+        ),
+    ] = field(default=0, metadata=refuse("the data order and sampling streams are seeded by it"))
     """Seed for initialisation, sampling and data order."""
-    max_steps: int | None = None
+    max_steps: Annotated[int | None, Range(ge=1, le=2**40, text="in [1, 2**40]")] = field(
+        default=None, metadata=MAY_CHANGE
+    )
     """Stop after this optimizer step (the schedule still spans ``epochs``); ``null`` = end."""
-    output: str = "work_dirs/run"
+    output: str = field(default="work_dirs/run", metadata=MAY_CHANGE)
     """Output directory: resolved config, logs, TensorBoard, checkpoints, exported weights.
     Owned by training (``.owner.json``): a non-empty directory that training did not make
     is refused, naming what it holds (see ``train.overwrite``); never the root directory."""
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata=MAY_CHANGE)
     """Write into a ``train.output`` that is not empty and was not made by training (a
     dataset, another command's output, ...); files the run does not write are kept. A
     directory of an earlier training run is always resumed into, without this."""
-    max_bad_steps: int = 5
+    max_bad_steps: Annotated[int, Range(ge=1)] = field(default=5, metadata=MAY_CHANGE)
     """Stop with an error after this many consecutive steps with a non-finite loss or
     gradient (each such step is skipped: no parameter update, its batch keys logged)."""
-    collective_timeout_s: float = 1800.0
+    collective_timeout_s: Annotated[
+        float,
+        Range(
+            gt=0.0,
+            le=MAX_TIMEOUT_S,
+            finite=True,
+            unit="seconds",
+            why="(7 days): it is the process group's timeout, and an infinite one would let "
+            "a hung peer block forever",
+        ),
+    ] = field(default=1800.0, metadata=MAY_CHANGE)
     """Seconds a collective may wait for its peers before the job fails naming the step
     (passed to ``init_process_group``); a hung or dead rank cannot block forever."""
 
-    def validate(self) -> None:
-        _check(
-            0 < self.epochs <= MAX_EPOCHS,
-            "train.epochs",
-            f"must be in [1, {MAX_EPOCHS}] (the schedule, step counters and ETA are "
-            "derived from it)",
-            self.epochs,
-        )
-        _check(
-            1 <= self.grad_accum <= 65536,
-            "train.grad_accum",
-            "must be in [1, 65536] micro-batches per optimizer step",
-            self.grad_accum,
-        )
-        _check(
-            self.clip_grad_norm is None
-            or (_finite(self.clip_grad_norm) and self.clip_grad_norm > 0),
-            "train.clip_grad_norm",
-            "must be finite and > 0, or null to disable clipping",
-            self.clip_grad_norm,
-        )
-        _check(
-            self.amp in ("bf16", "fp16", "none"),
-            "train.amp",
-            "must be bf16, fp16 or none",
-            self.amp,
-        )
-        _check(
-            0 <= self.seed < MAX_SEED,
-            "train.seed",
-            "must be in [0, 2**32): the per-rank and loader seeds derived from it "
-            "(seed + 1000003 * (rank + 1), seed * 7919 + rank) must stay within the "
-            "64-bit seeds torch accepts",
-            self.seed,
-        )
-        _check(
-            self.max_steps is None or 0 < self.max_steps <= 2**40,
-            "train.max_steps",
-            "must be in [1, 2**40] or null",
-            self.max_steps,
-        )
+    def check_rules(self) -> None:
         _check(
             isinstance(self.output, str) and bool(self.output.strip()),
             "train.output",
@@ -737,52 +589,40 @@ class TrainConfig:
             "own, e.g. work_dirs/run)",
             self.output,
         )
-        _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", self.max_bad_steps)
-        _check(
-            _finite(self.collective_timeout_s) and 0 < self.collective_timeout_s <= MAX_TIMEOUT_S,
-            "train.collective_timeout_s",
-            f"must be finite, > 0 and <= {MAX_TIMEOUT_S:g} seconds (7 days): it is the "
-            "process group's timeout, and an infinite one would let a hung peer block forever",
-            self.collective_timeout_s,
-        )
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     """Periodic, atomic, resharding-capable checkpoints."""
 
-    every_steps: int = 2000
+    prefix: ClassVar[str] = "checkpoint"
+    every_steps: Annotated[int, Range(ge=0)] = 2000
     """Save every this many optimizer steps (and always at the end); 0 = only at the end."""
-    keep_last: int = 2
+    keep_last: Annotated[int, Range(ge=1)] = 2
     """Number of most recent complete checkpoints kept; older ones are deleted."""
     resume: str = "auto"
     """``auto`` (latest complete checkpoint in the output dir, if any), ``none``,
     or the path of a checkpoint directory."""
 
-    def validate(self) -> None:
-        _check(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0", self.every_steps)
-        _check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1", self.keep_last)
+    def check_rules(self) -> None:
         _check(bool(self.resume), "checkpoint.resume", "must be auto, none or a path", self.resume)
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """Periodic verification on ``.bin`` pair files."""
 
+    prefix: ClassVar[str] = "eval"
     targets: list[str] = field(default_factory=lambda: ["lfw", "cfp_fp", "agedb_30"])
     """Names of ``<data.root>/<name>.bin`` files (or paths) to verify on."""
-    every_steps: int = 2000
+    every_steps: Annotated[int, Range(ge=0)] = 2000
     """Verify every this many optimizer steps (and at the end); 0 = only at the end."""
     at_start: bool = False
     """Also verify before the first step (shows the untrained baseline)."""
-    batch_size: int = 256
+    batch_size: Annotated[int, Range(gt=0)] = 256
     """Per-rank batch size for embedding extraction."""
 
-    def validate(self) -> None:
-        from pathlib import Path
-
-        _check(self.every_steps >= 0, "eval.every_steps", "must be >= 0", self.every_steps)
-        _check(self.batch_size > 0, "eval.batch_size", "must be > 0", self.batch_size)
+    def check_rules(self) -> None:
         names = [Path(t).stem for t in self.targets]
         _check(
             all(isinstance(t, str) and t.strip() for t in self.targets),
@@ -800,27 +640,26 @@ class EvalConfig:
 
 
 @dataclass
-class LogConfig:
+class LogConfig(Section):
     """Rank-0 logging."""
 
-    every_steps: int = 50
+    prefix: ClassVar[str] = "log"
+    every_steps: Annotated[int, Range(gt=0)] = 50
     """Log a line (and TensorBoard scalars) every this many optimizer steps."""
     tensorboard: bool = True
     """Write TensorBoard scalars under ``<train.output>/tensorboard``."""
     progress_bar: bool = True
     """Show a tqdm progress bar, only when stderr is a terminal."""
 
-    def validate(self) -> None:
-        _check(self.every_steps > 0, "log.every_steps", "must be > 0", self.every_steps)
-
 
 @dataclass
-class AuxLossConfig:
+class AuxLossConfig(Section):
     """Auxiliary losses added to the head loss (see ``docs/aux_losses.md``)."""
 
-    center_weight: float = 0.0
+    prefix: ClassVar[str] = "aux"
+    center_weight: NonNegative = 0.0
     """Weight of the sharded center loss in the total loss; 0 turns it off."""
-    center_radius: float = 0.0
+    center_radius: NonNegative = 0.0
     """Center loss hinge radius ``r``: distances below it cost nothing."""
     center_distance: Literal["squared_euclidean", "euclidean", "cosine"] = "squared_euclidean"
     """Distance between an embedding and its class centre: ``squared_euclidean``,
@@ -828,19 +667,16 @@ class AuxLossConfig:
     center_learnable: bool = True
     """Learn the centres (their own optimizer, the backbone's type, LR schedule and
     momentum, no weight decay); false: fixed at their initial values."""
-    triplet_weight: float = 0.0
+    triplet_weight: NonNegative = 0.0
     """Weight of the triplet loss over the global batch; 0 turns it off."""
-    triplet_margin: float = 0.3
+    triplet_margin: NonNegative = 0.3
     """Triplet margin ``m`` in ``max(d(a, p) - d(a, n) + m, 0)``."""
     triplet_mining: Literal["batch_all", "batch_hard", "semi_hard"] = "batch_hard"
     """Triplet selection: ``batch_all``, ``batch_hard`` or ``semi_hard``."""
     triplet_distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean"
     """Triplet distance: ``squared_euclidean`` (raw embeddings) or ``cosine``."""
 
-    def validate(self) -> None:
-        for key in ("center_weight", "center_radius", "triplet_weight", "triplet_margin"):
-            value = getattr(self, key)
-            _check(_finite(value) and value >= 0, f"aux.{key}", "must be finite and >= 0", value)
+    def check_rules(self) -> None:
         _check(
             self.center_distance != "cosine" or self.center_radius < 2.0,
             "aux.center_radius",
@@ -855,53 +691,41 @@ class AuxLossConfig:
             "[0, 2], so no triplet could ever be separated by a margin of 2 or more",
             self.triplet_margin,
         )
-        _check(
-            self.center_distance in ("squared_euclidean", "euclidean", "cosine"),
-            "aux.center_distance",
-            "must be squared_euclidean, euclidean or cosine",
-            self.center_distance,
-        )
-        _check(
-            self.triplet_mining in ("batch_all", "batch_hard", "semi_hard"),
-            "aux.triplet_mining",
-            "must be batch_all, batch_hard or semi_hard",
-            self.triplet_mining,
-        )
-        _check(
-            self.triplet_distance in ("squared_euclidean", "cosine"),
-            "aux.triplet_distance",
-            "must be squared_euclidean or cosine",
-            self.triplet_distance,
-        )
 
 
 @dataclass
 class Config:
     """A complete training run."""
 
-    name: str = "run"
+    name: str = field(default="run", metadata=MAY_CHANGE)
     """Short name of the recipe (used in logs)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(
+        default_factory=ModelConfig,
+        metadata=refuse("the network's parameters are the checkpoint's"),
+    )
     """Backbone."""
-    head: HeadConfig = field(default_factory=HeadConfig)
+    head: HeadConfig = field(
+        default_factory=HeadConfig,
+        metadata=refuse("the head kind and its margins are part of what was learned"),
+    )
     """Partial-FC head and margin."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training data."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """Optimizers."""
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig, metadata=MAY_CHANGE)
     """Learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation loop."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=MAY_CHANGE)
     """Checkpoints and resume."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=MAY_CHANGE)
     """Verification."""
-    log: LogConfig = field(default_factory=LogConfig)
+    log: LogConfig = field(default_factory=LogConfig, metadata=MAY_CHANGE)
     """Logging."""
-    aux: AuxLossConfig = field(default_factory=AuxLossConfig)
+    aux: AuxLossConfig = field(default_factory=AuxLossConfig, metadata=MAY_CHANGE)
     """Auxiliary losses (center, triplet); off by default."""
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata=MAY_CHANGE)
     """Batched training augmentations on the device; off by default."""
 
     def validate(self) -> Config:

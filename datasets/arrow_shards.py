@@ -402,6 +402,15 @@ class ArrowDataset(FaceDataset):
     def __len__(self) -> int:
         return self._len
 
+    def labels(self) -> np.ndarray:
+        """Every row's label (see :meth:`FaceDataset.labels`): the shards' ``label``
+        column, in row order."""
+        if self._pid != os.getpid():
+            self._open()
+        if not self._batches:
+            return np.zeros(0, np.int64)
+        return np.concatenate([np.asarray(b[0], np.int64) for b in self._batches])
+
     def _load(self, index: int) -> tuple[bytes, int, str]:
         if self._pid != os.getpid():
             self._open()
@@ -442,7 +451,7 @@ def shards_to_rec(
     """
 
     ds = ArrowDataset(shard_dir)
-    labels = np.concatenate([b[0] for b in ds._batches]) if ds._batches else np.zeros(0)
+    labels = ds.labels()
     order = np.argsort(labels, kind="stable")
     writer = FaceRecWriter(out_dir, num_classes=ds.num_classes)
     try:

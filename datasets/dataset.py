@@ -36,9 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.outdir import check_complete, read_manifest
 from datasets.errors import DataError, LabelRangeError
-from datasets.face_layout import image_label, inspect_layout, scan_num_classes
+from datasets.face_layout import EXACT_FLOAT, image_label, inspect_layout, scan_num_classes
 from datasets.recordio import MAGIC, IndexedRecordIO, RecordIOError, unpack
 from datasets.transforms import (
     IMAGE_SIZE,
@@ -55,13 +54,14 @@ __all__ = [
     "ImageFolderDataset",
     "LabelRangeError",
     "RecordIODataset",
-    "open_dataset",
 ]
 
 log = logging.getLogger(__name__)
 
 _FAST_HEAD = struct.Struct("<IIIf")  # record magic, lrec, IRHeader flag, IRHeader label
 _LEN_MASK = (1 << 29) - 1
+#: Records whose headers :meth:`RecordIODataset.labels` reads in one vectorised step.
+_HEADER_CHUNK = 1 << 20
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -135,6 +135,12 @@ class FaceDataset(Dataset):
     def label_of(self, index: int) -> int:
         """The label of sample ``index`` (reads its record)."""
         return self._load(index)[1]
+
+    def labels(self) -> np.ndarray:
+        """Every sample's label, int64 ``(N,)`` in sample order, without decoding any image
+        (what the ``P x K`` sampler and sub-center cleaning group by). This default reads
+        each sample's record; the datasets here override it with a faster source."""
+        return np.fromiter((self.label_of(i) for i in range(len(self))), np.int64, len(self))
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         if isinstance(item, tuple):
@@ -314,6 +320,54 @@ class RecordIODataset(FaceDataset):
             raise RecordIOError(f"{self._where(index)}: {exc}", **self._location(index)) from None
         return payload, image_label(header, self._where(index)), None
 
+    def labels(self) -> np.ndarray:
+        """Every image's label (see :meth:`FaceDataset.labels`): from the identity records
+        (one per class) of a face-layout file when their key ranges are exact (below
+        2**24), else from the image records' headers, read vectorised straight from the
+        memory map (a record whose header needs the slow path is unpacked on its own)."""
+        labels = self._identity_record_labels() if self.face_layout else None
+        return labels if labels is not None else self._header_labels()
+
+    def _identity_record_labels(self) -> np.ndarray | None:
+        """Labels from the identity records ``[first_key, end_key)``; None if they are
+        inexact (float32 above 2**24) or do not tile the image keys exactly."""
+        reader = self.reader
+        keys = np.asarray(self.image_keys, np.int64)
+        identity_keys = inspect_layout(reader).identity_keys
+        labels = np.full(len(keys), -1, np.int64)
+        for c, ident_key in enumerate(identity_keys):
+            header, _ = unpack(reader.read_idx(int(ident_key)))
+            first, end = float(header.label[0]), float(header.label[1])
+            if end >= EXACT_FLOAT:
+                return None
+            lo, hi = np.searchsorted(keys, [int(first), int(end)])
+            if hi - lo != int(end) - int(first) or (labels[lo:hi] != -1).any():
+                return None
+            labels[lo:hi] = c
+        return None if (labels < 0).any() else labels
+
+    def _header_labels(self) -> np.ndarray:
+        """Labels from the image records' headers, vectorised over the memory map."""
+        reader = self.reader
+        keys = np.asarray(self.image_keys, np.int64)
+        offsets = np.fromiter((reader.idx[int(k)] for k in keys), np.int64, len(keys))
+        buf = np.frombuffer(reader._buffer(), dtype=np.uint8)
+        labels = np.empty(len(keys), np.int64)
+        for s in range(0, len(keys), _HEADER_CHUNK):
+            off = offsets[s : s + _HEADER_CHUNK]
+            ok = off + 16 <= len(buf)
+            raw = buf[np.where(ok, off, 0)[:, None] + np.arange(16)]
+            words = raw.view("<u4")  # magic, lrec, IRHeader flag, IRHeader label
+            fast = ok & (words[:, 0] == MAGIC) & (words[:, 1] >> 29 == 0) & (words[:, 2] == 0)
+            values = raw[:, 12:16].copy().view("<f4")[:, 0]
+            fast &= np.floor(values) == values  # NaN, inf and 2.5 take the checked path
+            labels[s : s + len(off)] = np.where(fast, values, 0)
+            for i in np.flatnonzero(~fast):
+                key = int(keys[s + i])
+                where = f"{reader.uri} key {key} at byte offset {reader.idx[key]}"
+                labels[s + i] = image_label(unpack(reader.read_idx(key))[0], where)
+        return labels
+
 
 class ImageFolderDataset(FaceDataset):
     """``root/<identity>/<image>`` folders; identities are labelled in sorted name order."""
@@ -324,7 +378,8 @@ class ImageFolderDataset(FaceDataset):
         super().__init__(**kwargs)
         self.root = Path(root)
         self.files, labels, self.classes = list_image_folder(self.root)
-        self.labels = np.asarray(labels, dtype=np.int64)
+        #: the label of each of ``self.files``
+        self.file_labels = np.asarray(labels, dtype=np.int64)
         self.num_classes = len(self.classes)
         if num_classes is not None and num_classes != self.num_classes:
             raise ValueError(
@@ -348,7 +403,11 @@ class ImageFolderDataset(FaceDataset):
             raise DataError(
                 f"{path}: cannot be read ({exc.strerror or exc})", **self._location(index)
             ) from None
-        return data, int(self.labels[index]), str(path)
+        return data, int(self.file_labels[index]), str(path)
+
+    def labels(self) -> np.ndarray:
+        """Every image's label (see :meth:`FaceDataset.labels`), from the folder names."""
+        return self.file_labels.copy()
 
 
 def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -366,49 +425,3 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/*/")
     return files, labels, classes
-
-
-def _check_complete(path: Path) -> None:
-    """Refuse data that a command (``datasets.prepare``) is still writing or stopped
-    writing half-way: its ownership manifest says so (:func:`common.outdir.check_complete`);
-    also for ``OUT/arrow``, which the manifest of ``OUT`` lists."""
-
-    if not path.exists():
-        return
-    folder = path if path.is_dir() else path.parent
-    check_complete(folder)
-    try:
-        parent = read_manifest(folder.parent) if folder.parent != folder else None
-    except PermissionError:
-        return
-    if parent is not None and f"{folder.name}/" in parent.get("files", []):
-        check_complete(folder.parent)
-
-
-def open_dataset(path: str | os.PathLike, **kwargs: Any) -> FaceDataset:
-    """Open training data by path, choosing the Dataset class from what is there.
-
-    ``path`` may be a ``.rec`` file, a directory holding ``train.rec``/``train.idx``, a
-    directory of ``*.arrow`` shards, or an image folder (``root/<identity>/<image>``).
-    ``kwargs`` go to the Dataset (``flip``, ``output``, ``skip_corrupt``, ``num_classes``).
-    """
-    path = Path(path)
-    _check_complete(path)
-    if path.is_file() and path.suffix == ".rec":
-        return RecordIODataset(path, **kwargs)
-    if path.exists() and not path.is_dir():
-        raise DataError(
-            f"{path}: training data of no known kind: a .rec file, a directory holding "
-            "train.rec, a directory of *.arrow shards or an image folder "
-            "(<identity>/<image>) was expected",
-            path=path,
-        )
-    if not path.is_dir():
-        raise FileNotFoundError(f"training data {path} does not exist")
-    if (path / "train.rec").is_file():
-        return RecordIODataset(path / "train.rec", **kwargs)
-    if any(path.glob("*.arrow")):
-        from datasets.arrow_shards import ArrowDataset
-
-        return ArrowDataset(path, **kwargs)
-    return ImageFolderDataset(path, **kwargs)

@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import write_text
+from common.face_input import ARCFACE_INPUT
 from datasets.errors import LabelRangeError
 from datasets.recordio import IndexedRecordIO, IRHeader, RecordIOError, pack, unpack
 
-_EXACT_FLOAT = 1 << 24
+#: float32 labels (the key ranges of identity records) are exact below this.
+EXACT_FLOAT = 1 << 24
 
 
 @dataclass
@@ -75,7 +77,9 @@ def read_property(directory: str | os.PathLike) -> tuple[int, int, int] | None:
 
 
 def write_property(
-    directory: str | os.PathLike, num_classes: int, image_size: tuple[int, int] = (112, 112)
+    directory: str | os.PathLike,
+    num_classes: int,
+    image_size: tuple[int, int] = (ARCFACE_INPUT.size, ARCFACE_INPUT.size),
 ) -> Path:
     """Write ``directory/property`` (``num_classes,height,width``) atomically; the one
     writer of the file :func:`read_property` reads. Returns its path."""
@@ -98,7 +102,7 @@ def inspect_layout(reader: IndexedRecordIO) -> RecordLayout:
         header, payload = unpack(reader.read_idx(0))
         if header.flag > 0 and len(payload) == 0 and len(header.label) >= 2:
             lo, hi = float(header.label[0]), float(header.label[1])
-            if lo < _EXACT_FLOAT:
+            if lo < EXACT_FLOAT:
                 boundary = int(lo)
             else:  # inexact float32: probe the records around the announced boundary
                 near = keys[(keys >= lo - 16) & (keys <= lo + 16)]
@@ -112,7 +116,7 @@ def inspect_layout(reader: IndexedRecordIO) -> RecordLayout:
             image_keys = keys[(keys > 0) & (keys < boundary)]
             identity_keys = keys[keys >= boundary]
             num_classes = len(identity_keys)
-            if hi < _EXACT_FLOAT and int(hi) - boundary != num_classes:
+            if hi < EXACT_FLOAT and int(hi) - boundary != num_classes:
                 raise RecordIOError(
                     f"{reader.uri} key 0: header announces {int(hi) - boundary} identities, "
                     f"{reader.idx_path} holds {num_classes} keys from {boundary} on"
@@ -176,7 +180,7 @@ class FaceRecWriter:
         out_dir: str | os.PathLike,
         prefix: str = "train",
         num_classes: int | None = None,
-        image_size: tuple[int, int] = (112, 112),
+        image_size: tuple[int, int] = (ARCFACE_INPUT.size, ARCFACE_INPUT.size),
     ) -> None:
         self.out_dir = Path(out_dir)
         self.num_classes = num_classes

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from datasets.arrow_shards import ArrowDataset
-from datasets.dataset import FaceDataset, ImageFolderDataset, RecordIODataset, open_dataset
+from datasets.dataset import FaceDataset, ImageFolderDataset, RecordIODataset
+from datasets.discovery import open_dataset
 from datasets.errors import DataError, LabelRangeError
 from datasets.sampler import DistributedFaceSampler
 from datasets.transforms import decode_bgr
@@ -214,6 +215,15 @@ class ConcatFaceDataset(FaceDataset):
             )
         return payload, label + self.class_offsets[part], where or d._where(local)
 
+    def labels(self) -> np.ndarray:
+        """Every sample's label (see :meth:`FaceDataset.labels`): each part's own labels,
+        shifted by its class offset."""
+        parts = [
+            d.labels() + offset
+            for d, offset in zip(self.datasets, self.class_offsets, strict=False)
+        ]
+        return np.concatenate(parts).astype(np.int64, copy=False)
+
     def _where(self, index: int) -> str:
         part, local = self.locate(index)
         return self.datasets[part]._where(local)
@@ -312,7 +322,7 @@ def check_distinct(roots: Sequence[str | os.PathLike], option: str = "root") -> 
 def open_datasets(
     roots: Sequence[str | os.PathLike], option: str = "root", **kwargs: Any
 ) -> FaceDataset:
-    """Open every root (:func:`datasets.dataset.open_dataset` chooses each one's kind).
+    """Open every root (:func:`datasets.discovery.open_dataset` chooses each one's kind).
 
     One root gives that dataset itself (``kwargs`` go to it, as to ``open_dataset``);
     several give a :class:`ConcatFaceDataset` (``kwargs`` other than ``num_classes`` go to

@@ -51,108 +51,14 @@ from datasets.sampler import _dist_default
 SmallIdentityPolicy = Literal["replace", "drop"]
 _POLICIES = ("replace", "drop")
 _MASK64 = (1 << 64) - 1
-_EXACT_FLOAT = 1 << 24
-_HEADER_CHUNK = 1 << 20
-
-
-# ----------------------------------------------------------------------------- labels
-
-
-def dataset_labels(dataset: Any) -> np.ndarray:
-    """Every sample's label, ``int64 (N,)``, without decoding any image.
-
-    * :class:`~datasets.dataset.RecordIODataset`, face layout: from the identity
-      records (one record per class) when their key ranges are exact (below 2**24);
-    * any ``.rec``: otherwise from the record headers, read vectorised straight from
-      the memory map (records whose header needs the slow path are unpacked one by one);
-    * :class:`~datasets.arrow_shards.ArrowDataset`: the ``label`` column;
-    * a dataset with a ``labels`` array (``ImageFolderDataset``): that array;
-    * anything else with ``label_of(i)``: one call per sample;
-    * :class:`~datasets.multi.ConcatFaceDataset` (several ``data.root``): each part's
-      labels as above, shifted by its class offset.
-    """
-    from datasets.dataset import RecordIODataset
-    from datasets.multi import ConcatFaceDataset
-
-    if isinstance(dataset, ConcatFaceDataset):
-        parts = [
-            dataset_labels(d) + offset
-            for d, offset in zip(dataset.datasets, dataset.class_offsets, strict=False)
-        ]
-        return np.concatenate(parts).astype(np.int64, copy=False)
-    if isinstance(dataset, RecordIODataset):
-        labels = _identity_record_labels(dataset) if dataset.face_layout else None
-        return labels if labels is not None else _header_labels(dataset)
-    batches = getattr(dataset, "_batches", None)
-    if batches is not None and hasattr(dataset, "_open"):  # ArrowDataset
-        if not batches and len(dataset):
-            dataset._open()
-            batches = dataset._batches
-        if not batches:
-            return np.zeros(0, np.int64)
-        return np.concatenate([np.asarray(b[0], np.int64) for b in batches])
-    labels = getattr(dataset, "labels", None)
-    if labels is not None:
-        return np.asarray(labels, dtype=np.int64)
-    return np.fromiter((dataset.label_of(i) for i in range(len(dataset))), np.int64, len(dataset))
-
-
-def _identity_record_labels(dataset: Any) -> np.ndarray | None:
-    """Labels from the identity records ``[first_key, end_key)``; None if they are
-    inexact (float32 above 2**24) or do not tile the image keys exactly."""
-    from datasets.face_layout import inspect_layout
-    from datasets.recordio import unpack
-
-    reader = dataset.reader
-    keys = np.asarray(dataset.image_keys, np.int64)
-    identity_keys = inspect_layout(reader).identity_keys
-    labels = np.full(len(keys), -1, np.int64)
-    for c, ident_key in enumerate(identity_keys):
-        header, _ = unpack(reader.read_idx(int(ident_key)))
-        first, end = float(header.label[0]), float(header.label[1])
-        if end >= _EXACT_FLOAT:
-            return None
-        lo, hi = np.searchsorted(keys, [int(first), int(end)])
-        if hi - lo != int(end) - int(first) or (labels[lo:hi] != -1).any():
-            return None
-        labels[lo:hi] = c
-    return None if (labels < 0).any() else labels
-
-
-def _header_labels(dataset: Any) -> np.ndarray:
-    """Labels from the image records' headers, vectorised over the memory map."""
-    from datasets.face_layout import image_label
-    from datasets.recordio import MAGIC, unpack
-
-    reader = dataset.reader
-    keys = np.asarray(dataset.image_keys, np.int64)
-    offsets = np.fromiter((reader.idx[int(k)] for k in keys), np.int64, len(keys))
-    buf = np.frombuffer(reader._buffer(), dtype=np.uint8)
-    labels = np.empty(len(keys), np.int64)
-    for s in range(0, len(keys), _HEADER_CHUNK):
-        off = offsets[s : s + _HEADER_CHUNK]
-        ok = off + 16 <= len(buf)
-        raw = buf[np.where(ok, off, 0)[:, None] + np.arange(16)]
-        words = raw.view("<u4")  # magic, lrec, IRHeader flag, IRHeader label
-        fast = ok & (words[:, 0] == MAGIC) & (words[:, 1] >> 29 == 0) & (words[:, 2] == 0)
-        values = raw[:, 12:16].copy().view("<f4")[:, 0]
-        fast &= np.floor(values) == values  # NaN, inf and 2.5 take the checked path
-        labels[s : s + len(off)] = np.where(fast, values, 0)
-        for i in np.flatnonzero(~fast):
-            key = int(keys[s + i])
-            where = f"{reader.uri} key {key} at byte offset {reader.idx[key]}"
-            labels[s + i] = image_label(unpack(reader.read_idx(key))[0], where)
-    return labels
-
-
-# ----------------------------------------------------------------------------- sampler
 
 
 class PKSampler(Sampler[tuple[int, int]]):
     """Per-rank ``P x K`` batches of a seeded, resumable epoch plan (module docstring).
 
     Args:
-        labels: every sample's label, ``(N,)`` non-negative ints (see :func:`dataset_labels`).
+        labels: every sample's label, ``(N,)`` non-negative ints
+            (:meth:`datasets.dataset.FaceDataset.labels`).
         p: identities per rank and batch (P).
         k: images per identity (K).
         rank, world_size: default to the initialised process group, else ``0`` and ``1``.
@@ -162,7 +68,7 @@ class PKSampler(Sampler[tuple[int, int]]):
 
     Usage::
 
-        sampler = PKSampler(dataset_labels(ds), p=16, k=4, seed=cfg.seed)
+        sampler = PKSampler(ds.labels(), p=16, k=4, seed=cfg.seed)
         loader = DataLoader(ds, batch_size=sampler.batch_size, sampler=sampler)
         sampler.set_epoch(epoch)
         ckpt["sampler"] = sampler.state_dict(batches_done=step + 1)

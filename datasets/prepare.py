@@ -11,7 +11,7 @@
 in nested folders below it) of JPEG, PNG or WebP photos of up to ``--max-pixels``
 pixels; EXIF orientation is honoured. Symlinked folders are not followed (listed as
 ignored, with a trailing ``/``); a photo that is a symlink to a regular file is read.
-Every photo goes through :class:`datasets.detect.finder.FaceFinder`: detection
+Every photo goes through :class:`datasets.faces.finder.FaceFinder`: detection
 (MTCNN built in, or an insightface SCRFD/RetinaFace ``.onnx``), one face kept by the
 policy, 5-point similarity alignment to 112x112. ``OUT_DIR`` receives:
 
@@ -62,7 +62,6 @@ import contextlib
 import errno
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import stat
@@ -82,10 +81,11 @@ from common.errors import UsageError, UserError
 from common.outdir import OwnedDir, probe_directory
 from datasets.arrow_shards import MANIFEST, convert_to_shards
 from datasets.dataset import RecordIODataset
-from datasets.detect import open_detector
-from datasets.detect.finder import REASONS, FaceFinder, FaceOptions, FaceResult
 from datasets.face_layout import FaceRecWriter
-from datasets.photos import DEFAULT_MAX_PIXELS, PHOTO_SUFFIXES
+from datasets.faces.arguments import add_face_arguments, face_options
+from datasets.faces.finder import REASONS, FaceOptions, FaceResult, open_detector
+from datasets.faces.photos import PHOTO_SUFFIXES
+from datasets.faces.pool import pool_context, start_worker, stop_worker, worker_finder
 
 COMMAND = "datasets.prepare"
 CACHE_DIR = ".prepare_cache"
@@ -376,21 +376,16 @@ _worker: dict[str, Any] = {}
 
 
 def _init_worker(raw: str, options: PrepareOptions) -> None:
-    cv2.setNumThreads(1)  # one core per worker: the pool is the parallelism
+    start_worker(options.face)  # this process's face finder, on one core
     _worker["raw"] = Path(raw)
     _worker["options"] = options
-    try:
-        _worker["finder"] = FaceFinder(options.face, threads=1)
-    except Exception as exc:  # a pool initialiser that raises is restarted forever:
-        _worker["error"] = exc  # raised by the first task instead, in the main process
 
 
 def _process_chunk(item: tuple[int, Chunk]) -> tuple[int, bytes]:
     """Worker: the packed result of one chunk."""
-    if "error" in _worker:
-        raise _worker["error"]
+    finder = worker_finder()  # raises the error the finder met when it started
     index, chunk = item
-    raw, options, finder = _worker["raw"], _worker["options"], _worker["finder"]
+    raw, options = _worker["raw"], _worker["options"]
     records = [
         PhotoRecord.from_result(rel, finder.find_file(raw / rel), options) for rel in chunk.files
     ]
@@ -399,19 +394,6 @@ def _process_chunk(item: tuple[int, Chunk]) -> tuple[int, bytes]:
 
 class PrepareInterrupted(RuntimeError):
     """Raised by the ``interrupt_after`` test hook of :func:`prepare`."""
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """``forkserver`` (``spawn`` where there is none), never ``fork``.
-
-    Forking copies a process whose other threads (NumPy's and OpenCV's pools start at
-    import; onnxruntime's and torch's with a model loaded) may hold a lock at that moment,
-    and the lock stays held forever in the child: an intermittent hang, seen with an
-    embedding model loaded. The fork server is a fresh process; workers fork from it and
-    build their own detector.
-    """
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 def _compute(
@@ -430,8 +412,9 @@ def _compute(
                 done(*_process_chunk(job))
         finally:
             _worker.clear()
+            stop_worker()
         return
-    ctx = _pool_context()
+    ctx = pool_context()
     with ctx.Pool(min(workers, len(jobs)), _init_worker, (str(raw), options)) as pool:
         for index, data in pool.imap_unordered(_process_chunk, jobs, chunksize=1):
             done(index, data)
@@ -798,28 +781,6 @@ def _prepare_locked(
 # -------------------------------------------------------------------------- command
 
 
-def iter_faces(
-    paths: Sequence[str | os.PathLike[str]], options: FaceOptions, workers: int = 1
-) -> Iterator[FaceResult]:
-    """:class:`FaceResult` of each photo file, in order, detected by ``workers`` processes
-    (<= 1: in this process). For ``eval.embed`` and other callers with many photos."""
-    if workers <= 1 or len(paths) < 2:
-        finder = FaceFinder(options)
-        for p in paths:
-            yield finder.find_file(p)
-        return
-    ctx = _pool_context()
-    opts = PrepareOptions(face=options)
-    with ctx.Pool(min(workers, len(paths)), _init_worker, ("/", opts)) as pool:
-        yield from pool.imap(_find_one, [os.fspath(p) for p in paths], chunksize=4)
-
-
-def _find_one(path: str) -> FaceResult:
-    if "error" in _worker:
-        raise _worker["error"]
-    return _worker["finder"].find_file(path)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m datasets.prepare",
@@ -851,60 +812,6 @@ def build_parser() -> argparse.ArgumentParser:
         "of the output names are replaced; nothing else is touched)",
     )
     return p
-
-
-def add_face_arguments(p: argparse.ArgumentParser, min_size: float = 40.0) -> None:
-    """The :class:`FaceOptions` flags (shared with ``eval.compare`` / ``eval.embed``)."""
-    p.add_argument(
-        "--detector",
-        default="mtcnn",
-        help="'mtcnn' (built in) or an insightface SCRFD/RetinaFace .onnx (det_10g.onnx)",
-    )
-    p.add_argument(
-        "--policy",
-        default="largest",
-        choices=("largest", "central", "single"),
-        help="face to keep in a photo with several: largest box, most central, or "
-        "none (single: reject the photo)",
-    )
-    p.add_argument(
-        "--min-size",
-        type=float,
-        default=min_size,
-        help="smallest face kept: shorter side of its box in pixels",
-    )
-    p.add_argument(
-        "--min-score",
-        type=float,
-        default=None,
-        help="smallest detection score kept (default: MTCNN 0.9, SCRFD 0.5)",
-    )
-    p.add_argument(
-        "--max-side",
-        type=int,
-        default=1280,
-        help="detect on a copy no larger than this (alignment reads the full photo)",
-    )
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="refuse photos whose header announces more pixels (width x height) as "
-        "too_large, before decoding; bounds a worker's memory (default: 40 megapixels)",
-    )
-
-
-def face_options(args: argparse.Namespace, image_size: int = 112) -> FaceOptions:
-    """:class:`FaceOptions` from parsed :func:`add_face_arguments` flags."""
-    return FaceOptions(
-        detector=args.detector,
-        policy=args.policy,
-        min_size=args.min_size,
-        min_score=args.min_score,
-        max_side=args.max_side,
-        image_size=image_size,
-        max_pixels=getattr(args, "max_pixels", DEFAULT_MAX_PIXELS),
-    )
 
 
 def _check_detector(options: FaceOptions) -> None:

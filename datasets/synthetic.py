@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 
 from common.atomic import write_bytes
+from common.face_input import ARCFACE_INPUT
 from datasets.face_layout import FaceRecWriter
 
-SIZE = 112
+SIZE = ARCFACE_INPUT.size
 TRAIN, HELDOUT, PAIRS = 0, 1, 2  # rng stream ids
 
 

@@ -2,7 +2,7 @@
 
 The pipeline per image is: decode JPEG/PNG with OpenCV (BGR, its fastest path) → resize to
 112×112 if needed → optional horizontal flip → RGB float32 in ``[-1, 1]`` as
-``(pixel - 127.5) / 127.5``.
+``(pixel - 127.5) / 127.5``: the backbones' input, :data:`common.face_input.ARCFACE_INPUT`.
 
 Two output forms:
 
@@ -19,9 +19,10 @@ import cv2
 import numpy as np
 import torch
 
+from common.face_input import ARCFACE_INPUT
 from datasets.errors import DataError
 
-IMAGE_SIZE = 112
+IMAGE_SIZE = ARCFACE_INPUT.size
 
 
 class ImageDecodeError(DataError):
@@ -65,7 +66,9 @@ def to_float_chw(img: np.ndarray, flip: bool, size: int = IMAGE_SIZE) -> torch.T
     img = cv2.cvtColor(_fit(img, size), cv2.COLOR_BGR2RGB)
     if flip:
         cv2.flip(img, 1, dst=img)
-    out = cv2.addWeighted(img, 1.0 / 127.5, img, 0.0, -1.0, dtype=cv2.CV_32F)
+    out = cv2.addWeighted(
+        img, ARCFACE_INPUT.scale, img, 0.0, -ARCFACE_INPUT.offset, dtype=cv2.CV_32F
+    )
     return torch.from_numpy(out.transpose(2, 0, 1))
 
 
@@ -87,7 +90,7 @@ def normalize_batch(batch: torch.Tensor) -> torch.Tensor:
     """
     x = batch.flip(3).permute(0, 3, 1, 2)
     x = x.to(torch.float32, memory_format=torch.contiguous_format)
-    return x.mul_(1.0 / 127.5).sub_(1.0)
+    return x.mul_(ARCFACE_INPUT.scale).sub_(ARCFACE_INPUT.offset)
 
 
 def flip_from_seed(aug_seed: int) -> bool:

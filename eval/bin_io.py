@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from common.errors import UserError
+from common.face_input import ARCFACE_INPUT
 
 
 class BinFileError(UserError, ValueError):
@@ -401,7 +402,7 @@ def decode_image(
 
 def load_bin(
     path: str | os.PathLike[str],
-    image_size: tuple[int, int] = (112, 112),
+    image_size: tuple[int, int] = (ARCFACE_INPUT.size, ARCFACE_INPUT.size),
     *,
     num_threads: int = 4,
     limits: BinLimits = DEFAULT_LIMITS,

@@ -6,7 +6,7 @@
     python -m eval.compare A.jpg B.jpg --model backbone.pt --network r50 \\
         --calibrate-bin data/lfw.bin --far 1e-3
 
-Each photo goes through :class:`datasets.detect.finder.FaceFinder` (MTCNN by default,
+Each photo goes through :class:`datasets.faces.finder.FaceFinder` (MTCNN by default,
 one face by ``--policy``, 5-point alignment; ``--aligned`` skips this for crops that are
 already aligned), then :func:`eval.faces.embed_aligned` (flip-test embedding,
 L2-normalised). Prints the cosine similarity and, given a threshold, ``same person``
@@ -39,10 +39,11 @@ import numpy as np
 
 from common.cli import run_main
 from common.errors import UserError
-from datasets.detect.finder import FaceFinder, FaceResult
-from datasets.photos import PhotoError, read_photo
-from datasets.prepare import add_face_arguments
-from eval.bin_io import BinFileError
+from common.face_input import ARCFACE_INPUT
+from datasets.faces.arguments import add_face_arguments
+from datasets.faces.finder import FaceFinder, FaceResult
+from datasets.faces.photos import PhotoError, read_photo
+from eval.bin_io import BinFileError, load_bin
 from eval.extract import Embedder
 from eval.faces import embed_aligned, finder_options, open_model, printable, resize_crop
 from eval.jsonio import write_json
@@ -80,14 +81,12 @@ def calibrate(
     embed: Embedder,
     bin_path: str | os.PathLike[str],
     far: float,
-    image_size: int = 112,
+    image_size: int = ARCFACE_INPUT.size,
     batch_size: int = 64,
 ) -> Calibration:
     """The cosine threshold at which impostor pairs of ``bin_path`` reach ``far`` (see
     the module docstring). Raises :class:`~eval.bin_io.BinFileError` if the ``.bin`` has
     no impostor pairs, :class:`~eval.errors.NonFiniteEmbeddingError` naming its images."""
-    from eval.bin_io import load_bin
-
     path = os.fspath(bin_path)
     pairs = load_bin(bin_path, (image_size, image_size))
     same = np.asarray(pairs.issame, dtype=bool)
@@ -127,7 +126,7 @@ def face_of(finder: FaceFinder | None, path: str, image_size: int) -> FaceResult
 
 
 def compare(
-    embed: Embedder, finder: FaceFinder | None, a: str, b: str, image_size: int = 112
+    embed: Embedder, finder: FaceFinder | None, a: str, b: str, image_size: int = ARCFACE_INPUT.size
 ) -> tuple[float, FaceResult, FaceResult]:
     """``(cosine similarity, face of a, face of b)``.
 

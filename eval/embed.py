@@ -48,9 +48,10 @@ import numpy as np
 
 from common.atomic import atomic_path
 from common.cli import run_main
-from datasets.detect.finder import FaceOptions, FaceResult
-from datasets.photos import PHOTO_SUFFIXES
-from datasets.prepare import add_face_arguments, iter_faces
+from datasets.faces.arguments import add_face_arguments
+from datasets.faces.finder import FaceOptions, FaceResult
+from datasets.faces.photos import PHOTO_SUFFIXES
+from datasets.faces.pool import iter_faces
 from eval.extract import Embedder, embedder_name
 from eval.faces import embed_aligned_rows, finder_options, open_model, printable
 from eval.jsonio import dumps

@@ -7,8 +7,9 @@
 
 The graph has one input ``input`` (float32 ``(batch, 3, H, W)``, RGB in
 ``[-1, 1]``) and one output ``embedding`` (float32 ``(batch, D)``, not
-normalised), with a dynamic batch axis. The input normalisation is stored in
-the model metadata so consumers need not guess it::
+normalised), with a dynamic batch axis. The input normalisation, the network's
+input spec in the backbone registry (:func:`backbones.registry.input_spec`), is stored
+in the model metadata so consumers need not guess it::
 
     input_mean = 127.5, input_std = 127.5   # input = (pixel - mean) / std, pixel in 0..255
     input_color = RGB, input_layout = NCHW, input_size = 112x112
@@ -32,9 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from backbones.registry import input_spec
 from common.atomic import atomic_path
 from common.cli import run_main
 from common.errors import UserError
+from common.face_input import ARCFACE_INPUT, InputSpec
+from eval.models import build_backbone
+from eval.onnx_infer import MAX_INPUT_SIDE, OnnxEmbedder
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
@@ -45,15 +50,18 @@ class ParityError(UserError, ValueError):
     the shapes differ."""
 
 
-def normalization_metadata(image_size: tuple[int, int], embedding_size: int) -> dict[str, str]:
-    """The metadata recorded in every exported model."""
+def normalization_metadata(
+    image_size: tuple[int, int], embedding_size: int, spec: InputSpec = ARCFACE_INPUT
+) -> dict[str, str]:
+    """The metadata recorded in every exported model: the input ``spec`` (normalisation,
+    colour order) at ``image_size``."""
     return {
-        "input_mean": "127.5",
-        "input_std": "127.5",
-        "input_color": "RGB",
+        "input_mean": f"{spec.mean:g}",
+        "input_std": f"{spec.std:g}",
+        "input_color": spec.color,
         "input_layout": "NCHW",
         "input_size": f"{image_size[0]}x{image_size[1]}",
-        "input_formula": "(pixel / 255 - 0.5) / 0.5 == (pixel - 127.5) / 127.5, pixel in [0, 255]",
+        "input_formula": f"(pixel - {spec.mean:g}) / {spec.std:g}, pixel in [0, 255]",
         "output": "embedding, not L2-normalised",
         "embedding_size": str(embedding_size),
     }
@@ -136,7 +144,8 @@ def export_onnx(
     model: nn.Module,
     output: str | os.PathLike[str],
     *,
-    image_size: tuple[int, int] = (112, 112),
+    spec: InputSpec = ARCFACE_INPUT,
+    image_size: tuple[int, int] | None = None,
     metadata: dict[str, str] | None = None,
     opset: int | None = None,
     exporter: str = "dynamo",
@@ -146,7 +155,9 @@ def export_onnx(
     Args:
         model: the backbone; exported on CPU in eval mode.
         output: the ``.onnx`` file (weights embedded; models must be < 2 GB).
-        image_size: ``(H, W)`` of the input.
+        spec: the model's input (its registry entry's
+            :func:`~backbones.registry.input_spec`), recorded in the metadata.
+        image_size: ``(H, W)`` of the input; None: ``spec``'s.
         metadata: extra metadata entries, added to :func:`normalization_metadata`.
         opset: ONNX opset, or the exporter's default.
         exporter: ``"dynamo"`` (``torch.export``-based, the default; falls back
@@ -157,6 +168,7 @@ def export_onnx(
     import onnx
 
     output = os.fspath(output)
+    image_size = image_size or (spec.size, spec.size)
     model = model.cpu().eval()
     dummy = torch.randn(2, 3, *image_size)
     with torch.no_grad():
@@ -167,7 +179,7 @@ def export_onnx(
         raw = os.path.join(tmp, "raw.onnx")
         _torch_export(model, dummy, raw, opset, exporter)
         proto = onnx.load(raw)
-        meta = normalization_metadata(image_size, dim) | (metadata or {})
+        meta = normalization_metadata(image_size, dim, spec) | (metadata or {})
         del proto.metadata_props[:]
         for key, value in meta.items():
             entry = proto.metadata_props.add()
@@ -183,7 +195,7 @@ def check_parity(
     model: nn.Module,
     onnx_path: str | os.PathLike[str],
     *,
-    image_size: tuple[int, int] = (112, 112),
+    image_size: tuple[int, int] = (ARCFACE_INPUT.size, ARCFACE_INPUT.size),
     batch_sizes: Sequence[int] = (1, 3),
     seed: int = 0,
 ) -> float:
@@ -192,8 +204,6 @@ def check_parity(
     Raises :class:`ParityError` if either side produces a non-finite value (NaN or
     infinity): such a difference is not a number, and ``max`` would silently drop it.
     """
-    from eval.onnx_infer import OnnxEmbedder
-
     session = OnnxEmbedder(onnx_path)
     model = model.cpu().eval()
     g = torch.Generator().manual_seed(seed)
@@ -228,7 +238,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "embedding size is read from them); random weights if omitted",
     )
     p.add_argument("--output", required=True, help="the .onnx file to write")
-    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument(
+        "--image-size", type=int, default=None, help="input side (default: the network's, 112)"
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (exporter default if unset)")
     p.add_argument(
         "--exporter",
@@ -237,26 +249,25 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="dynamo (torch.export; default) or torchscript (torch's legacy exporter, faster)",
     )
     args = p.parse_args(argv)
-    from eval.onnx_infer import MAX_INPUT_SIDE
-
-    if not 1 <= args.image_size <= MAX_INPUT_SIDE:
+    if args.image_size is not None and not 1 <= args.image_size <= MAX_INPUT_SIDE:
         p.error(f"--image-size must be 1 to {MAX_INPUT_SIDE} pixels, got {args.image_size}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> float:
     """Command-line entry point; returns the onnxruntime-vs-PyTorch max abs difference."""
-    from eval.models import build_backbone
-
     args = _parse_args(argv)
     model = build_backbone(args.network, args.checkpoint)
-    size = (args.image_size, args.image_size)
+    spec = input_spec(args.network)
+    side = args.image_size or spec.size
+    size = (side, side)
     meta = {"network": args.network}
     if args.checkpoint:
         meta["checkpoint"] = os.path.basename(args.checkpoint)
     export_onnx(
-        model, args.output, image_size=size, metadata=meta, opset=args.opset, exporter=args.exporter
-    )
+        model, args.output, spec=spec, image_size=size, metadata=meta, opset=args.opset,
+        exporter=args.exporter,
+    )  # fmt: skip
     diff = check_parity(model, args.output, image_size=size)
     print(f"wrote {args.output}")
     print(f"onnxruntime vs PyTorch max abs diff: {diff:.3e}")

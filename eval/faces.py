@@ -2,7 +2,7 @@
 of aligned crops. Shared by ``eval.compare`` and ``eval.embed``.
 
 A photo's embedding is the one pair verification uses: ``emb(face) + emb(mirrored face)``,
-L2-normalised, of the 112x112 crop that :class:`datasets.detect.finder.FaceFinder` aligns
+L2-normalised, of the 112x112 crop that :class:`datasets.faces.finder.FaceFinder` aligns
 (5-point similarity transform onto the ArcFace template). The cosine similarity of two
 such embeddings is their dot product; the verification protocol's squared distance is
 ``2 - 2 * cosine``.
@@ -25,9 +25,14 @@ import cv2
 import numpy as np
 import torch
 
+from backbones.registry import input_spec
+from common.dist import resolve_device
+from datasets.faces.arguments import face_options
+from datasets.faces.finder import FaceOptions
 from eval.errors import EvalUsageError, ModelError, NonFiniteEmbeddingError
 from eval.extract import Embedder, embedder_name, normalize_pixels
 from eval.metrics import l2_normalize
+from eval.models import check_device, make_embedder
 
 #: The aligned crop sides face alignment makes (``FaceOptions.image_size``).
 ALIGNED_SIDES = (16, 1024)
@@ -49,9 +54,6 @@ def open_model(
             checkpoint, a bad ``device``.
         FileNotFoundError: no such file.
     """
-    from common.dist import resolve_device
-    from eval.models import check_device, make_embedder
-
     path = os.fspath(model)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--model {path}: no such file")
@@ -67,15 +69,13 @@ def open_model(
         raise EvalUsageError(f"--model {path}: --input-* options apply to ONNX models only")
     if network is None:
         raise EvalUsageError(f"--model {path}: a checkpoint needs --network (r50, mbf, ...)")
-    return make_embedder(network=network, checkpoint=path, device=dev), 112
+    return make_embedder(network=network, checkpoint=path, device=dev), input_spec(network).size
 
 
-def finder_options(args: argparse.Namespace, size: int, model: str) -> Any:
-    """:func:`datasets.prepare.face_options` for a model of input side ``size``, which
-    face alignment must be able to make (:data:`ALIGNED_SIDES`); bad face options are
-    an :class:`~eval.errors.EvalUsageError` naming the option."""
-    from datasets.prepare import face_options
-
+def finder_options(args: argparse.Namespace, size: int, model: str) -> FaceOptions:
+    """:func:`datasets.faces.arguments.face_options` for a model of input side ``size``,
+    which face alignment must be able to make (:data:`ALIGNED_SIDES`); bad face options
+    are an :class:`~eval.errors.EvalUsageError` naming the option."""
     lo, hi = ALIGNED_SIDES
     if not lo <= size <= hi:
         raise ModelError(

@@ -3,7 +3,7 @@
 Protocol (as the community reference evaluates it):
 
 1. each face is aligned to 112x112 by the least-squares similarity transform
-   of its 5 landmarks onto the ArcFace template (:mod:`eval.align`);
+   of its 5 landmarks onto the ArcFace template (:mod:`datasets.faces.align`);
 2. its feature is ``emb(face) + emb(mirrored face)``, *not* normalised, times
    the detector's faceness score;
 3. a template's feature is the sum over its media of the mean feature of that
@@ -49,6 +49,7 @@ from tqdm import tqdm
 from common.atomic import atomic_open
 from common.cli import run_main
 from common.dist import rank_and_world_size
+from common.face_input import ARCFACE_INPUT
 from eval.errors import NonFiniteEmbeddingError
 from eval.extract import (
     Embedder,
@@ -73,7 +74,7 @@ def image_features(
     *,
     flip: bool = True,
     workers: int = 4,
-    image_size: tuple[int, int] = (112, 112),
+    image_size: tuple[int, int] = (ARCFACE_INPUT.size, ARCFACE_INPUT.size),
     progress: bool = True,
     group: dist.ProcessGroup | None = None,
 ) -> np.ndarray:

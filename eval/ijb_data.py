@@ -28,7 +28,8 @@ import cv2
 import numpy as np
 
 from common.errors import UserError
-from eval.align import align_face
+from common.face_input import ARCFACE_INPUT
+from datasets.faces.align import align_face
 
 TARGETS = {"IJBC": "ijbc", "IJBB": "ijbb"}
 
@@ -247,7 +248,9 @@ def read_ijb_meta(root: str | os.PathLike[str], target: str = "IJBC") -> IJBMeta
     )
 
 
-def load_aligned(meta: IJBMeta, i: int, size: tuple[int, int] = (112, 112)) -> np.ndarray:
+def load_aligned(
+    meta: IJBMeta, i: int, size: tuple[int, int] = (ARCFACE_INPUT.size, ARCFACE_INPUT.size)
+) -> np.ndarray:
     """Image ``i`` read with OpenCV, aligned by its landmarks: ``(H, W, 3)`` uint8 RGB."""
     path = meta.image_path(i)
     img = cv2.imread(path, cv2.IMREAD_COLOR)

@@ -3,7 +3,7 @@
 Checkpoints are backbone ``state_dict`` files (``torch.save`` files read with
 ``weights_only=True``, or ``.safetensors``), ours or arcface_torch's, read and checked
 by :mod:`backbones.weights`. Backbones come from ``backbones.get_model(name,
-**kwargs)``, imported lazily.
+**kwargs)``.
 
 Every embedder made here checks its outputs (:func:`eval.extract.check_embeddings`):
 a NaN or infinite embedding is a :class:`~eval.errors.NonFiniteEmbeddingError` naming
@@ -21,15 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
+import backbones
+from backbones.weights import infer_model_kwargs, load_backbone_state, read_backbone_weights
+from common.dist import distributed_command, resolve_device
 from eval.errors import EvalUsageError
 from eval.extract import CheckedEmbedder, Embedder, module_embedder
+from eval.onnx_infer import OnnxEmbedder
 
 
 def check_device(device: str | None, local_rank: int = 0) -> None:
     """Refuse a malformed ``--device`` (or a CUDA device that does not exist) as an
     :class:`~eval.errors.EvalUsageError` naming the option, before any work."""
-    from common.dist import resolve_device
-
     try:
         resolve_device(device, local_rank)
     except ValueError as exc:  # documented: a message naming --device
@@ -40,8 +42,6 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a backbone ``state_dict`` (``.pt``/``.pth`` with ``weights_only=True``, or
     ``.safetensors``): :func:`backbones.weights.read_backbone_weights`, which strips the
     ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
-    from backbones.weights import read_backbone_weights
-
     return read_backbone_weights(path)
 
 
@@ -53,22 +53,18 @@ def build_backbone(
 ) -> nn.Module:
     """``backbones.get_model(network, **kwargs)`` with optional checkpoint weights, in eval mode.
 
-    The weights may be ours (any format version) or arcface_torch's; keywords the file
-    implies (its embedding size, the format-1 ViT layout:
-    :func:`backbones.weights.infer_model_kwargs`) are added unless given. Weights of
+    The weights may be ours or arcface_torch's (the same names); the embedding size the
+    file implies (:func:`backbones.weights.infer_model_kwargs`) is added unless given. Weights of
     another network raise :class:`backbones.weights.BackboneWeightsError` (a
     ``ValueError``) naming the file, the network and the first mismatching key."""
-    from backbones import get_model, list_models  # lazy: the zoo is heavy and optional here
-    from backbones.weights import infer_model_kwargs, load_backbone_state
-
     state = None
     if checkpoint is not None:
         state = load_state_dict(checkpoint)
         kwargs = {**infer_model_kwargs(state), **kwargs}
     try:
-        model = get_model(network, **kwargs)
+        model = backbones.get_model(network, **kwargs)
     except ValueError as exc:  # an unknown name: an option error, not a bug
-        if network in list_models():
+        if network in backbones.list_models():
             raise
         raise EvalUsageError(f"--network {network!r}: {exc}") from None
     if state is not None:
@@ -87,8 +83,6 @@ def make_embedder(
     """An :data:`~eval.extract.Embedder` from a checkpoint (+ network name) or an ONNX file
     (``onnx_input``: :class:`~eval.onnx_infer.OnnxEmbedder`'s ``input_*`` overrides)."""
     if onnx_path is not None:
-        from eval.onnx_infer import OnnxEmbedder
-
         return OnnxEmbedder(onnx_path, device=device, **(onnx_input or {}))
     if network is None:
         raise EvalUsageError("--network is required with --checkpoint")
@@ -112,8 +106,6 @@ def command_embedder(
     and nccl under CUDA). onnxruntime returns CPU arrays, so an ONNX model's ranks
     gather over gloo on the CPU while its session runs on the rank's device.
     """
-    from common.dist import distributed_command, resolve_device
-
     check_device(device)
     with distributed_command("cpu" if onnx_path else device) as ctx:
         run_on = str(resolve_device(device, ctx.local_rank) if onnx_path else ctx.device)

@@ -38,12 +38,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.face_input import ARCFACE_INPUT
 from eval.errors import EvalUsageError, ModelError
 from eval.extract import check_embeddings
 
-DEFAULT_MEAN = 127.5
-DEFAULT_STD = 127.5
-DEFAULT_SIZE = 112
+#: A model without metadata reads arcface_torch's input (insightface's convention too).
+DEFAULT_MEAN = ARCFACE_INPUT.mean
+DEFAULT_STD = ARCFACE_INPUT.std
+DEFAULT_SIZE = ARCFACE_INPUT.size
+DEFAULT_COLOR = ARCFACE_INPUT.color
 #: The largest side of a model input (and of ``--input-size``/``--image-size``), in
 #: pixels: evaluation feeds aligned face crops (112 for the ArcFace template), and a
 #: 1024x1024 float input already takes 12 MiB per face. The one cap of model input sizes.
@@ -232,7 +235,7 @@ class OnnxEmbedder:
                 f"{self.path}: input std must be > 0 and both finite (mean {self.mean}, "
                 f"std {self.std}; --input-mean/--input-std or the model's metadata)"
             )
-        self.color = (input_color or meta.get("input_color", "RGB")).upper()
+        self.color = (input_color or meta.get("input_color", DEFAULT_COLOR)).upper()
         if self.color not in ("RGB", "BGR"):
             raise ModelError(
                 f"{self.path}: metadata input_color must be RGB or BGR, got {self.color!r}"
@@ -290,7 +293,7 @@ class OnnxEmbedder:
             x = F.interpolate(x, size=self.input_hw, mode="bilinear", align_corners=False)
         if self.color == "BGR":
             x = x.flip(1)
-        pixels = x * 127.5 + 127.5
+        pixels = x * ARCFACE_INPUT.std + ARCFACE_INPUT.mean  # our pipeline's [-1, 1]
         out = self.run(((pixels - self.mean) / self.std).numpy())
         return torch.from_numpy(check_embeddings(out, self.path, x.shape[0]))
 

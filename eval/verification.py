@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from common.cli import run_main
+from common.face_input import ARCFACE_INPUT
 from eval.bin_io import BinFileError, PairSet, RestrictedUnpickler, load_bin, restricted_loads
 from eval.errors import NonFiniteEmbeddingError
 from eval.extract import Embedder, embedder_name, eval_mode, extract_embeddings, module_embedder
@@ -192,7 +193,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--network", help="backbone name for --checkpoint (r50, r100, mbf, ...)")
     p.add_argument("--bin", action="append", required=True, help="a .bin target (repeatable)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--image-size", type=int, default=ARCFACE_INPUT.size)
     p.add_argument("--nfolds", type=int, default=10)
     p.add_argument(
         "--device",

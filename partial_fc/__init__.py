@@ -3,7 +3,7 @@ margin-softmax cross-entropy over all classes (see README, "Using the head")."""
 
 from partial_fc.batch_margins import AdaFace, CurricularFace, ElasticFace, MagFace
 from partial_fc.center_loss import ShardedCenterLoss
-from partial_fc.head import PartialFC
+from partial_fc.head import PartialFC, check_head_options
 from partial_fc.margins import (
     ArcFace,
     CombinedMargin,
@@ -11,6 +11,13 @@ from partial_fc.margins import (
     SphereFace,
     adaptive_margins,
     load_margins,
+)
+from partial_fc.registry import (
+    MarginEntry,
+    build_margin,
+    margin_entry,
+    margin_names,
+    register_margin,
 )
 from partial_fc.sharding import class_range
 from partial_fc.triplet import TripletLoss
@@ -23,11 +30,17 @@ __all__ = [
     "CurricularFace",
     "ElasticFace",
     "MagFace",
+    "MarginEntry",
     "PartialFC",
     "ShardedCenterLoss",
     "SphereFace",
     "TripletLoss",
     "adaptive_margins",
+    "build_margin",
+    "check_head_options",
     "class_range",
     "load_margins",
+    "margin_entry",
+    "margin_names",
+    "register_margin",
 ]

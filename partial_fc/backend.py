@@ -3,8 +3,9 @@
 ``"torch"`` is :mod:`partial_fc.softmax_ce`'s chunked path, the reference, which runs
 everywhere and supports every option. ``"triton"`` is :mod:`partial_fc.triton_ce`: CUDA
 tensors (or Triton's CPU interpreter, ``TRITON_INTERPRET=1``), one centre per class,
-no inter-class filtering, no CurricularFace (whose hard negatives change the non-target
-logits), fp32/bf16/fp16 tensors. ``"auto"`` runs triton where it applies, triton
+no inter-class filtering, a margin whose registry entry allows it
+(:mod:`partial_fc.registry`: all but CurricularFace, whose hard negatives change the
+non-target logits), fp32/bf16/fp16 tensors. ``"auto"`` runs triton where it applies, triton
 imports and the products are 16-bit (:func:`auto_picks_triton`), torch elsewhere,
 without a word. Everything here works without triton installed: it only looks for it.
 """
@@ -18,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from partial_fc.batch_margins import CurricularFace
+from partial_fc.registry import entry_of, margin_entry
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
@@ -51,15 +52,19 @@ def triton_unsupported(
     dtype: torch.dtype | None = None,
 ) -> str | None:
     """Which of these options the triton backend does not implement (they run on the
-    torch path), or None. ``margin`` is a margin object, ``loss`` a config name of one."""
+    torch path), or None. ``margin`` is a margin object, ``loss`` a registered name of one
+    (the registry says whether triton runs it)."""
 
     reasons = []
     if num_subcenters > 1:
         reasons.append(f"sub-centres (num_subcenters={num_subcenters})")
     if filtering:
         reasons.append("inter-class filtering")
-    if isinstance(margin, CurricularFace) or loss == "curricular":
-        reasons.append("CurricularFace (its hard negatives change non-target logits)")
+    entry = margin_entry(loss) if loss is not None else None
+    if entry is None and margin is not None:
+        entry = entry_of(margin)
+    if entry is not None and not entry.triton:
+        reasons.append(f"{entry.cls.__name__} ({entry.no_triton_why})")
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         reasons.append(f"{dtype} weights (fp32, bf16 or fp16 only)")
     return "; ".join(reasons) or None

@@ -201,13 +201,13 @@ class MagFace(BatchMargin):
         u_m: float = 0.8,
         lambda_g: float = 35.0,
     ) -> None:
-        super().__init__(scale, 1.0, l_m, 0.0)
         if not 0.0 < l_a < u_a or not math.isfinite(u_a):
             raise ValueError(f"need 0 < l_a < u_a (finite), got l_a={l_a}, u_a={u_a}")
         if not 0.0 <= l_m <= u_m < math.pi:
             raise ValueError(f"need 0 <= l_m <= u_m < pi (angular margins), got {l_m}, {u_m}")
         if not (lambda_g >= 0 and math.isfinite(lambda_g)):
             raise ValueError(f"lambda_g must be a finite value >= 0, got {lambda_g}")
+        super().__init__(scale, 1.0, l_m, 0.0)
         self.l_a, self.u_a, self.l_m, self.u_m = float(l_a), float(u_a), float(l_m), float(u_m)
         self.lambda_g = float(lambda_g)
 

@@ -3,8 +3,10 @@ distributed margin-softmax loss over all of them."""
 
 from __future__ import annotations
 
+import numbers
 import warnings
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -33,6 +35,60 @@ if TYPE_CHECKING:
 _INIT_STD = 0.01
 # Smaller blocks save little memory and make the matrix products less efficient.
 _MIN_AUTO_CHUNK = 4096
+
+
+def check_head_options(
+    *,
+    num_subcenters: int = 1,
+    sample_rate: float = 1.0,
+    chunk_classes: int | None = None,
+    interclass_filtering_threshold: float | None = None,
+    interclass_filtering_mode: str = "remove",
+    names: Mapping[str, str] | None = None,
+) -> None:
+    """:class:`PartialFC`'s checks of these arguments (its ``__init__`` runs them): a
+    ``ValueError`` opening with the argument's name, or with ``names[argument]`` (how a
+    configuration calls it)."""
+    names = names or {}
+
+    def check(ok: bool, arg: str, rule: str, value: object) -> None:
+        if not ok:
+            raise ValueError(f"{names.get(arg, arg)}: {rule} (got {value!r})")
+
+    def number(value: object, kind: type = numbers.Real) -> bool:
+        return isinstance(value, kind) and not isinstance(value, bool)
+
+    check(
+        number(num_subcenters, numbers.Integral) and num_subcenters >= 1,
+        "num_subcenters",
+        "must be >= 1 (sub-centres per class)",
+        num_subcenters,
+    )
+    check(
+        number(sample_rate) and 0.0 < sample_rate <= 1.0,
+        "sample_rate",
+        "must be in (0, 1]: the fraction of negative class centres sampled per step",
+        sample_rate,
+    )
+    check(
+        chunk_classes is None or (number(chunk_classes, numbers.Integral) and chunk_classes >= 1),
+        "chunk_classes",
+        "must be >= 1 classes per block, or null (the automatic choice)",
+        chunk_classes,
+    )
+    threshold = interclass_filtering_threshold
+    check(
+        threshold is None or (number(threshold) and -1.0 <= threshold <= 1.0),
+        "interclass_filtering_threshold",
+        "must be a cosine in [-1, 1], or null (no filtering)",
+        threshold,
+    )
+    check(
+        interclass_filtering_mode in ("remove", "zero"),
+        "interclass_filtering_mode",
+        "must be 'remove' or 'zero'",
+        interclass_filtering_mode,
+    )
 
 
 class PartialFC(nn.Module):
@@ -140,28 +196,17 @@ class PartialFC(nn.Module):
         super().__init__()
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
-        if num_subcenters < 1:
-            raise ValueError(f"num_subcenters must be >= 1, got {num_subcenters}")
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        if chunk_classes is not None and chunk_classes < 1:
-            raise ValueError(f"chunk_classes must be >= 1, got {chunk_classes}")
+        check_head_options(
+            num_subcenters=num_subcenters,
+            sample_rate=sample_rate,
+            chunk_classes=chunk_classes,
+            interclass_filtering_threshold=interclass_filtering_threshold,
+            interclass_filtering_mode=interclass_filtering_mode,
+        )
         if ignore_index is not None and 0 <= ignore_index < num_classes:
             raise ValueError(
                 f"ignore_index={ignore_index} is a real class id; use a value outside "
                 f"[0, {num_classes})"
-            )
-        if interclass_filtering_mode not in ("remove", "zero"):
-            raise ValueError(
-                "interclass_filtering_mode must be 'remove' or 'zero', got "
-                f"{interclass_filtering_mode!r}"
-            )
-        if interclass_filtering_threshold is not None and not (
-            -1.0 <= interclass_filtering_threshold <= 1.0
-        ):
-            raise ValueError(
-                "interclass_filtering_threshold is a cosine in [-1, 1], got "
-                f"{interclass_filtering_threshold}"
             )
         if not isinstance(margin, CombinedMargin):
             raise TypeError(

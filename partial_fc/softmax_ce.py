@@ -372,9 +372,9 @@ class MarginSoftmaxCE(torch.autograd.Function):
         fused = None
         if opts.backend == "triton" and num_used > 0:
             # The fused kernels replace the chunk loop (no logits block at all).
-            from partial_fc import triton_ce
+            from partial_fc.triton_ce import fused_forward
 
-            fused = triton_ce.fused_forward(
+            fused = fused_forward(
                 xn, weight, sampled, target_col, margin.scale, opts.matmul_dtype,
                 opts.triton_tiles, with_dx=ctx.needs_input_grad[0] and opts.training,
             )  # fmt: skip
@@ -531,9 +531,9 @@ class MarginSoftmaxCE(torch.autograd.Function):
                 _weight_grad_(target, w_rows, inv_norms)
             del block, probs, w_rows, slope
         if ctx.fused is not None:
-            from partial_fc import triton_ce
+            from partial_fc.triton_ce import fused_backward
 
-            triton_ce.fused_backward(
+            fused_backward(
                 ctx.fused, xn, weight, sampled, target_col, log_sum_exp, row_scale * scale,
                 scale, opts.matmul_dtype, grad_xn if need_embeddings else None, grad_rows,
             )  # fmt: skip

@@ -158,6 +158,7 @@ def combine_shards(
 
 def find_outliers(
     dataset: Any,
+    labels: np.ndarray,
     subcenters: torch.Tensor,
     num_classes: int,
     embed_fn: EmbedFn,
@@ -165,7 +166,6 @@ def find_outliers(
     group: ProcessGroup | None = None,
     batch_size: int = 256,
     num_workers: int = 0,
-    labels: np.ndarray | None = None,
     device: torch.device | str | None = None,
 ) -> CleaningResult:
     """Find the outliers of this rank's classes and combine every rank's findings.
@@ -174,6 +174,7 @@ def find_outliers(
 
     Args:
         dataset: a :class:`datasets.dataset.FaceDataset` opened with ``flip=False``.
+        labels: every sample's label, ``(N,)`` (its ``labels()``).
         subcenters: ``(C_l, K, D)`` this rank's rows, classes
             ``class_range(num_classes, rank, world_size)``.
         num_classes: C, must equal ``dataset.num_classes``.
@@ -181,15 +182,12 @@ def find_outliers(
         threshold_degrees: samples farther than this from their class's dominant
             sub-centre are outliers.
         group: process group (``None``: the default group, if any).
-        labels: every sample's label (default :func:`datasets.pk_sampler.dataset_labels`).
         device: where the assignment and the collectives run; default the device of
             ``subcenters``. Under NCCL this must be the rank's CUDA device.
 
     Returns:
         the combined :class:`CleaningResult`, the same on every rank.
     """
-    from datasets.pk_sampler import dataset_labels
-
     rank, world_size = rank_and_world_size(group)
     device = torch.device(device) if device is not None else subcenters.device
     class_start, num_local = class_range(num_classes, rank, world_size)
@@ -202,7 +200,9 @@ def find_outliers(
         raise ValueError(f"the head has {num_classes} classes, the dataset {dataset.num_classes}")
     if not 0.0 < threshold_degrees < 180.0:
         raise ValueError(f"--threshold-degrees must be in (0, 180), got {threshold_degrees}")
-    labels = dataset_labels(dataset) if labels is None else np.asarray(labels, np.int64)
+    labels = np.asarray(labels, np.int64)
+    if labels.shape != (len(dataset),):
+        raise ValueError(f"{labels.shape} labels for a dataset of {len(dataset)} samples")
     mine = np.flatnonzero((labels >= class_start) & (labels < class_start + num_local))
     emb = embed_samples(dataset, mine, embed_fn, batch_size, num_workers)
     if len(mine) == 0:

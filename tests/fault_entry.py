@@ -22,7 +22,7 @@ def _die() -> None:
 
 def install(spec: str, rank: int) -> None:
     """Patch the trainer so that ``spec`` (``step:N:R`` or ``save:N:R``) happens."""
-    import trainer.checkpoint as checkpoint_module
+    from trainer.checkpoint import CheckpointStorage
     from trainer.loop import Trainer
 
     kind, step_text, rank_text = spec.split(":")
@@ -39,15 +39,15 @@ def install(spec: str, rank: int) -> None:
 
         Trainer.train_step = train_step  # type: ignore[method-assign]
     elif kind == "save":
-        real_save = checkpoint_module.save_file
+        real_write = CheckpointStorage.write_file
 
-        def save_file(obj: Any, path: Path) -> None:
+        def write_file(self: CheckpointStorage, obj: Any, path: Path) -> str:
             if path.parent.name == f".tmp-step-{step:08d}" and path.name.startswith("head-"):
                 path.write_bytes(b"\x80\x02half a head shard")
                 _die()
-            real_save(obj, path)
+            return real_write(self, obj, path)
 
-        checkpoint_module.save_file = save_file
+        CheckpointStorage.write_file = write_file  # type: ignore[method-assign]
     else:
         raise ValueError(f"PFC_FAULT: unknown kind {kind!r}")
 

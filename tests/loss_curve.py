@@ -83,7 +83,9 @@ def run(
         raise RuntimeError(f"training failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     losses = {int(m[1]): float(m[2]) for m in _LINE.finditer((out / "train.log").read_text())}
     if sorted(losses) != list(range(1, steps + 1)):
-        raise RuntimeError(f"expected steps 1..{steps} in {out / 'train.log'}, got {sorted(losses)}")
+        raise RuntimeError(
+            f"expected steps 1..{steps} in {out / 'train.log'}, got {sorted(losses)}"
+        )
     return [losses[s] for s in range(1, steps + 1)]
 
 

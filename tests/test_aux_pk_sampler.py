@@ -1,5 +1,5 @@
 """PKSampler: P x K batches of distinct identities, disjoint ranks, per-epoch plans,
-small-identity policies, mid-epoch resume; dataset_labels without image decoding."""
+small-identity policies, mid-epoch resume; FaceDataset.labels without image decoding."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from datasets.discovery import open_dataset
 from datasets.face_layout import FaceRecWriter
-from datasets.pk_sampler import PKSampler, dataset_labels
+from datasets.pk_sampler import PKSampler
 from datasets.recordio import IndexedRecordIO, IRHeader, pack
 
 
@@ -147,16 +148,12 @@ def _write_rec(tmp_path, labels, face_layout: bool) -> None:
 
 @pytest.mark.parametrize("face_layout", [True, False])
 def test_dataset_labels_from_record_headers(tmp_path, face_layout: bool) -> None:
-    from datasets.dataset import open_dataset
-
     labels = [int(v) for v in _labels(5, classes=9)]
     _write_rec(tmp_path, labels, face_layout)
     ds = open_dataset(tmp_path)
     expected = sorted(labels) if face_layout else labels
-    got = dataset_labels(ds)
+    got = ds.labels()
     assert got.dtype == np.int64 and got.tolist() == expected
-    from datasets.pk_sampler import _header_labels
-
-    assert _header_labels(ds).tolist() == expected
+    assert ds._header_labels().tolist() == expected
     sampler = PKSampler(got, 2, 2, rank=0, world_size=1)
     assert all(ds.label_of(i) == got[i] for i, _ in sampler)

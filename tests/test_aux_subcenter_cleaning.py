@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.dataset import open_dataset
+from datasets.discovery import open_dataset
 from datasets.face_layout import FaceRecWriter
-from datasets.pk_sampler import dataset_labels
 from partial_fc.sharding import class_range
 from partial_fc.subcenter_cleaning import embed_samples
 from tests.distributed import run_ranks
@@ -33,7 +32,7 @@ def _write_noisy(src, dst) -> dict:
     """Copy ``src`` (face layout) to ``dst`` relabelling NOISE_RATE of the samples to
     another class; returns true labels, noisy labels and the noisy indices (in ``dst``)."""
     ds = open_dataset(src, flip=False)
-    true = dataset_labels(ds)
+    true = ds.labels()
     rng = np.random.default_rng(7)
     noisy_src = rng.choice(len(true), int(NOISE_RATE * len(true)), replace=False)
     label = true.copy()
@@ -126,7 +125,7 @@ def test_cleaning_finds_injected_label_noise(noisy_data, tmp_path) -> None:
     cleaned = open_dataset(tmp_path, flip=False)
     assert cleaned.num_classes == NUM_CLASSES and len(cleaned) == len(ds) - len(removed)
     kept = [i for i in range(len(ds)) if i not in removed]
-    assert dataset_labels(cleaned).tolist() == noisy_data["label"][kept].tolist()
+    assert cleaned.labels().tolist() == noisy_data["label"][kept].tolist()
     assert bytes(cleaned._load(0)[0]) == bytes(ds._load(kept[0])[0])
 
 
@@ -155,7 +154,7 @@ def test_cleaning_command_with_trainer_checkpoint_and_head_weights(noisy_data, t
     """The CLI end to end with a real (random) backbone: head rows from a 2-shard trainer
     checkpoint (read back for 1 rank) or from a (C*K, D) file give the same report."""
     from backbones import get_model
-    from trainer.checkpoint import head_shard_state
+    from trainer.checkpoint import FORMAT_VERSION, file_digest, shard_state
 
     # a small copy (4 classes x 5 images): the backbone's CPU forward dominates the time
     classes, per_class = 4, 5
@@ -170,7 +169,7 @@ def test_cleaning_command_with_trainer_checkpoint_and_head_weights(noisy_data, t
     dim = 16
     backbone = get_model("mbf_tiny", embedding_size=dim).eval()
     ds = open_dataset(small, flip=False)
-    labels = torch.from_numpy(dataset_labels(ds))
+    labels = torch.from_numpy(ds.labels())
     with torch.no_grad():
         emb = torch.nn.functional.normalize(
             embed_samples(ds, np.arange(len(ds)), backbone, 64, 0), dim=1
@@ -187,12 +186,14 @@ def test_cleaning_command_with_trainer_checkpoint_and_head_weights(noisy_data, t
         head = torch.nn.Module()
         head.weight = torch.nn.Parameter(weight[start : start + count].reshape(count * K, dim))
         opt = torch.optim.SGD([head.weight], lr=0.1)
-        torch.save(head_shard_state(head, opt, start, count, K), ckpt / f"head-{r:05d}.pt")
+        torch.save(shard_state(head, opt, start, count, K), ckpt / f"head-{r:05d}.pt")
         shards.append(
             {"file": f"head-{r:05d}.pt", "class_start": start, "num_local": count, "K": K}
         )
     files = {p.name: p.stat().st_size for p in ckpt.iterdir()}
-    (ckpt / "meta.json").write_text(json.dumps({"format": 1, "shards": shards, "files": files}))
+    sha256 = {p.name: file_digest(p) for p in ckpt.iterdir()}
+    meta = {"format": FORMAT_VERSION, "shards": shards, "files": files, "sha256": sha256}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
 
     common = ["--data", str(small), "--network", "mbf_tiny", "--num-workers", "0"]
     assert sc.main(["--checkpoint-dir", str(tmp_path / "run"), *common, "--output",

@@ -1,21 +1,16 @@
-"""arcface_torch state-dict compatibility of the backbones, the format-1 translation and
-the weight files of :mod:`backbones.weights`.
+"""arcface_torch state-dict compatibility of the backbones and the weight files of
+:mod:`backbones.weights`.
 
 References, none of them our model code:
 
 * ``tests/data/arcface_torch_keys/<name>.txt``: arcface_torch's ``state_dict`` keys and
   shapes, built by ``make_keys.py`` there from facts read in its ``backbones/``;
 * a functional forward (``torch.nn.functional`` on the state dict, by arcface_torch's
-  key names and architecture facts, in float64) for the embedding checks;
-* ``tests/data/legacy_backbones/``: key lists, a tiny ViT and a trainer checkpoint
-  written by this project's format-1 code (commit 363fd67, before the rename), with
-  the embeddings that code computed.
+  key names and architecture facts, in float64) for the embedding checks.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -30,18 +25,13 @@ from backbones.weights import (
     load_backbone_state,
     load_backbone_weights,
     read_backbone_weights,
-    rename_legacy_keys,
     save_backbone_weights,
-    v1_model_kwargs,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DATA = Path(__file__).parent / "data"
 ARC_KEYS = DATA / "arcface_torch_keys"
-LEGACY = DATA / "legacy_backbones"
-V1_RUN = LEGACY / "v1_run"
-V1_CKPT = V1_RUN / "checkpoints" / "step-00000001"
 ARCFACE_MODELS = ["r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large"]
 ARCFACE_MODELS += ["vit_t", "vit_s", "vit_b", "vit_l"]
 
@@ -61,7 +51,7 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def _probe(n: int, size: int) -> torch.Tensor:
-    """The RNG-free input the format-1 references were computed on, in [-1, 1]."""
+    """An RNG-free input in [-1, 1], ``(n, 3, size, size)``."""
     i = torch.arange(n * 3 * size * size, dtype=torch.float64)
     return torch.sin(i * 0.7311).reshape(n, 3, size, size).float()
 
@@ -79,7 +69,7 @@ def test_state_dict_keys_and_shapes_are_arcface_torchs(name: str) -> None:
 
 def test_mbf_stage0_grouping_and_the_depthwise_option() -> None:
     """insightface's mbf stage 0 has groups=64 (weight (128, 2, 3, 3)); the fully
-    depthwise variant (this project's format-1 mbf, and mbf_tiny) is an option."""
+    depthwise variant (the MobileFaceNet paper's, and mbf_tiny's) is an option."""
     with torch.device("meta"):
         grouped = get_model("mbf")
         depthwise = get_model("mbf", depthwise_stage0=True)
@@ -247,197 +237,6 @@ def test_embeddings_equal_a_functional_arcface_torch_forward(name: str) -> None:
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4 * scale)
 
 
-# ---------------------------------------------------------------- format 1
-LEGACY_CASES = {  # key list -> the model it loads into
-    "r18": ("r18", {}),
-    "mbf": ("mbf", {"depthwise_stage0": True}),
-    "mbf_large": ("mbf_large", {}),
-    "mbf_tiny": ("mbf_tiny", {}),
-    "vit_t": ("vit_t", {"layout": "v1"}),
-}
-
-
-@pytest.mark.parametrize("old", list(LEGACY_CASES))
-def test_format1_names_translate_by_position(old: str) -> None:
-    """A state dict with the format-1 keys and shapes loads strictly (through the
-    model's own load_state_dict: every place that loads weights), and every tensor
-    lands at the same position of the new state_dict (the rename preserves module
-    order; the architectures are the same)."""
-    name, kwargs = LEGACY_CASES[old]
-    g = torch.Generator().manual_seed(0)
-    state = {
-        k: torch.randint(0, 9, s, generator=g) if k.endswith("num_batches_tracked")
-        else torch.randn(s, generator=g)
-        for k, s in _key_list(LEGACY / f"{old}_v1.txt").items()
-    }  # fmt: skip
-    with torch.device("meta"):
-        model = get_model(name, **kwargs)
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=True)  # the model's pre-hook translates
-    new = model.state_dict()
-    assert len(new) == len(state)
-    for (old_key, a), (new_key, b) in zip(state.items(), new.items(), strict=True):
-        assert torch.equal(a, b), (old_key, new_key)
-
-
-def _v1_backbone() -> dict[str, torch.Tensor]:
-    return torch.load(V1_CKPT / "trainer.pt", weights_only=True)["backbone"]
-
-
-def _v1_embedding() -> torch.Tensor:
-    return torch.load(V1_RUN / "embedding.pt", weights_only=True)["embedding"]
-
-
-def test_format1_backbone_pt_gives_its_embeddings_in_eval_and_export(tmp_path: Path) -> None:
-    """A backbone.pt written by format-1 code (mbf_tiny, embedding 8; the same dict the
-    format-1 export wrote) loads in eval's build_backbone, which reads the embedding
-    size off the file, and reproduces the embeddings format-1 code computed; its
-    weights also load into insightface's grouped stage 0 (the depthwise weights
-    widened with zeros: the same function) and export to ONNX."""
-    from eval.export_onnx import main as export_main
-    from eval.models import build_backbone
-
-    path = tmp_path / "backbone.pt"
-    torch.save(_v1_backbone(), path)
-    x, expected = _probe(2, 112), _v1_embedding()
-    model = build_backbone("mbf_tiny", path)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
-    grouped = get_model("mbf_tiny", embedding_size=8, depthwise_stage0=False)
-    load_backbone_weights(grouped, path)
-    assert grouped.state_dict()["layers.1.layers.0.weight"].shape == (32, 2, 3, 3)
-    with torch.no_grad():
-        torch.testing.assert_close(grouped.eval()(x), expected, rtol=1e-5, atol=1e-6)
-    diff = export_main(
-        ["--network", "mbf_tiny", "--checkpoint", str(path), "--output",
-         str(tmp_path / "m.onnx"), "--exporter", "torchscript"]
-    )  # fmt: skip
-    assert diff < 1e-4
-
-
-def test_format1_vit_loads_with_the_v1_layout() -> None:
-    """A tiny ViT saved by format-1 code (qkv biases, GELU, ReLU in the head) loads
-    into layout="v1" and reproduces its embeddings; the arcface layout refuses it
-    with a hint; eval infers the layout and the embedding size from the file."""
-    saved = torch.load(LEGACY / "vit_tiny_v1.pt", weights_only=True)
-    kwargs = {k: v for k, v in saved["kwargs"].items() if k != "embedding_size"}
-    state = saved["state_dict"]
-    assert infer_model_kwargs(state) == {"embedding_size": 8, "layout": "v1"}
-    model = get_model("vit_t", **kwargs, **infer_model_kwargs(state), mask_ratio=0.0)
-    load_backbone_state(model, state)
-    with torch.no_grad():
-        torch.testing.assert_close(model.eval()(_probe(2, 36)), saved["embedding"])
-    arcface = get_model("vit_t", **kwargs, embedding_size=8)
-    with pytest.raises(BackboneWeightsError, match=r"qkv\.bias.*layout='v1'"):
-        load_backbone_state(arcface, state, "vit_tiny_v1.pt")
-
-
-def test_format1_model_kwargs_for_resumed_checkpoints() -> None:
-    assert v1_model_kwargs("mbf") == {"depthwise_stage0": True}
-    assert v1_model_kwargs("mbf", {"depthwise_stage0": True}) == {}
-    assert v1_model_kwargs("mbf_tiny") == {} and v1_model_kwargs("mbf_large") == {}
-    assert v1_model_kwargs("r50") == {} and v1_model_kwargs("no_such_net") == {}
-    assert v1_model_kwargs("vit_t") == {"layout": "v1"}
-
-
-def test_format1_trainer_checkpoint_resumes(tmp_path: Path) -> None:
-    """A trainer checkpoint written by format-1 code (mbf_tiny, 11 classes) resumes:
-    the backbone's old names are translated, every SGD momentum buffer reaches the
-    parameter it belonged to, the embeddings are format 1's, training continues and
-    the next checkpoint is format 2 with arcface_torch's names."""
-    from partial_fc import ArcFace, PartialFC
-    from tests.test_trainer import CLASSES, EMB, TensorLoader, make_cfg
-    from trainer import DistContext, Trainer
-
-    out = tmp_path / "run"
-    shutil.copytree(V1_RUN / "checkpoints", out / "checkpoints")
-    cfg = make_cfg(out, "optimizer.name=sgd", "checkpoint.keep_last=1")
-    model = get_model("mbf_tiny", embedding_size=EMB)
-    head = PartialFC(CLASSES, EMB, ArcFace(16.0, 0.3), sample_rate=1.0, seed=cfg.train.seed)
-    g = torch.Generator().manual_seed(11)
-    x, y = torch.rand(16, 3, 112, 112, generator=g) * 2 - 1, torch.arange(16) % CLASSES
-    trainer = Trainer(cfg, model, head, TensorLoader(x, y, 8, 0, 1), DistContext())
-    assert trainer.maybe_resume() == out / "checkpoints" / V1_CKPT.name
-    assert trainer.step == 1
-
-    old = torch.load(V1_CKPT / "trainer.pt", weights_only=True)
-    old_params = [
-        k for k in old["backbone"]
-        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
-    ]  # fmt: skip
-    new_name = rename_legacy_keys(old["backbone"], model.legacy_renames())
-    params = dict(model.named_parameters())
-    for index, key in enumerate(old_params):
-        momentum = old["backbone_optimizer"]["state"][index]["momentum_buffer"]
-        mine = trainer.opt_backbone.state[params[new_name[key]]]["momentum_buffer"]
-        assert torch.equal(mine, momentum), key
-    for key, value in old["backbone"].items():
-        assert torch.equal(model.state_dict()[new_name[key]], value), key
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(_probe(2, 112)), _v1_embedding(), rtol=1e-5, atol=1e-6)
-    model.train()
-    trainer.train_step([(x[8:], y[8:])])
-    ckpt = trainer.save_checkpoint()
-    assert json.loads((ckpt / "meta.json").read_text())["format"] == 2
-    saved = torch.load(ckpt / "trainer.pt", weights_only=True)["backbone"]
-    assert list(saved) == list(model.state_dict())
-    assert "layers.0.layers.0.weight" in saved and not any(k.startswith("stem.") for k in saved)
-
-
-def test_format1_mbf_checkpoint_names_the_kwarg_it_needs(tmp_path: Path) -> None:
-    """A format-1 checkpoint of mbf (whose stage 0 was depthwise) refuses a resume into
-    the grouped mbf, naming model.kwargs.depthwise_stage0 (before any state loads)."""
-    from configs import ConfigError
-    from partial_fc import ArcFace, PartialFC
-    from tests.test_trainer import CLASSES, EMB, TensorLoader, make_cfg
-    from trainer import DistContext, Trainer
-    from trainer.checkpoint import file_digest
-
-    out = tmp_path / "run"
-    shutil.copytree(V1_RUN / "checkpoints", out / "checkpoints")
-    ckpt = out / "checkpoints" / V1_CKPT.name
-    shared = torch.load(ckpt / "trainer.pt", weights_only=True)
-    config = json.loads(shared["config"])
-    config["model"]["network"] = "mbf"  # as if the format-1 run had trained mbf
-    shared["config"] = json.dumps(config)
-    torch.save(shared, ckpt / "trainer.pt")
-    meta = json.loads((ckpt / "meta.json").read_text())
-    meta["files"]["trainer.pt"] = (ckpt / "trainer.pt").stat().st_size
-    meta["sha256"]["trainer.pt"] = file_digest(ckpt / "trainer.pt")
-    (ckpt / "meta.json").write_text(json.dumps(meta))
-
-    cfg = make_cfg(out, "optimizer.name=sgd", "model.network=mbf")
-    head = PartialFC(CLASSES, EMB, ArcFace(16.0, 0.3), seed=cfg.train.seed)
-    g = torch.Generator().manual_seed(11)
-    x, y = torch.rand(16, 3, 112, 112, generator=g) * 2 - 1, torch.arange(16) % CLASSES
-    model = get_model("mbf_tiny", embedding_size=EMB)  # the network is not built from cfg
-    trainer = Trainer(cfg, model, head, TensorLoader(x, y, 8, 0, 1), DistContext())
-    with pytest.raises(ConfigError, match=r"model\.kwargs\.depthwise_stage0=True"):
-        trainer.maybe_resume()
-
-
-def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path: Path) -> None:
-    from partial_fc import ArcFace, PartialFC
-    from tests.test_trainer import CLASSES, EMB, TensorLoader, make_cfg
-    from trainer import DistContext, Trainer
-    from trainer.checkpoint import CheckpointError
-
-    out = tmp_path / "run"
-    shutil.copytree(V1_RUN / "checkpoints", out / "checkpoints")
-    meta_path = out / "checkpoints" / V1_CKPT.name / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["format"] = 3
-    meta_path.write_text(json.dumps(meta))
-    cfg = make_cfg(out, "optimizer.name=sgd")
-    head = PartialFC(CLASSES, EMB, ArcFace(16.0, 0.3), seed=cfg.train.seed)
-    x, y = torch.zeros(16, 3, 112, 112), torch.arange(16) % CLASSES
-    model = get_model("mbf_tiny", embedding_size=EMB)
-    trainer = Trainer(cfg, model, head, TensorLoader(x, y, 8, 0, 1), DistContext())
-    with pytest.raises(CheckpointError, match=r"has checkpoint format 3, newer than .* 2"):
-        trainer.maybe_resume()
-
-
 # ------------------------------------------------------------------ weight files
 def _small_state(embedding_size: int = 8) -> dict[str, torch.Tensor]:
     torch.manual_seed(3)
@@ -467,8 +266,8 @@ def test_weights_round_trip(tmp_path: Path, suffix: str) -> None:
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
 def test_wrapper_prefixes_are_stripped(tmp_path: Path, prefix: str) -> None:
-    """DDP's module. and torch.compile's _orig_mod. prefixes load: from a file, through
-    load_backbone_state, and through the model's own load_state_dict (its pre-hook)."""
+    """DDP's module. and torch.compile's _orig_mod. prefixes load: from a file and
+    through load_backbone_state; the embedding size is read off the prefixed keys."""
     state = _small_state()
     prefixed = {prefix + k: v for k, v in state.items()}
     path = tmp_path / "ddp.pt"
@@ -477,21 +276,11 @@ def test_wrapper_prefixes_are_stripped(tmp_path: Path, prefix: str) -> None:
     for load in (
         lambda m: load_backbone_weights(m, path),
         lambda m: load_backbone_state(m, prefixed),
-        lambda m: m.load_state_dict(prefixed, strict=True),
     ):
         model = get_model("mbf_tiny", embedding_size=8)
         load(model)
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-
-
-def test_format1_names_load_inside_a_wrapper() -> None:
-    """The pre-hook also translates under a prefix (the model inside DDP): the wrapper's
-    load_state_dict takes ``module.stem.0.weight`` ..."""
-    state = _v1_backbone()
-    wrapper = nn.Module()
-    wrapper.module = get_model("mbf_tiny", embedding_size=8)
-    wrapper.load_state_dict({f"module.{k}": v for k, v in state.items()}, strict=True)
-    assert torch.equal(wrapper.module.layers[0].layers[0].weight, state["stem.0.weight"])
+    assert infer_model_kwargs(prefixed) == {"embedding_size": 8}
 
 
 def test_nested_checkpoints_are_read(tmp_path: Path) -> None:
@@ -500,7 +289,8 @@ def test_nested_checkpoints_are_read(tmp_path: Path) -> None:
     state = _small_state()
     torch.save({"epoch": 3, "state_dict_backbone": state, "state_optimizer": {}}, tmp_path / "a.pt")
     assert list(read_backbone_weights(tmp_path / "a.pt")) == list(state)
-    assert list(read_backbone_weights(V1_CKPT / "trainer.pt")) == list(_v1_backbone())
+    torch.save({"backbone": state, "progress": {"step": 1}}, tmp_path / "trainer.pt")
+    assert list(read_backbone_weights(tmp_path / "trainer.pt")) == list(state)
 
 
 def test_weights_of_another_embedding_size_name_file_key_and_shapes(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ def test_head_options_build_the_margin(overrides: list[str], kind: type) -> None
         (["head.loss=curricular", "head.ema_alpha=0"], r"head\.ema_alpha is an EMA weight"),
         (["head.loss=elastic", "head.margins_file=m.txt"], r"head\.margins_file: per-class"),
         (["head.loss=adaface", "head.margin=3.5"], r"margin"),
-        (["augment.lowres_prob=1.5"], r"augment\.lowres_prob: must lie in \[0, 1\]"),
+        (["augment.lowres_prob=1.5"], r"augment\.lowres_prob: must be in \[0, 1\]"),
     ],
 )
 def test_bad_batch_margin_options_are_refused_by_name(overrides: list[str], message: str) -> None:

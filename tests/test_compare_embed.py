@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.detect.finder import FaceFinder, FaceOptions
+from datasets.faces.finder import FaceFinder, FaceOptions
 from datasets.synthetic import make_identity, render_face
 from eval import compare as compare_cli
 from eval import embed as embed_cli

@@ -16,7 +16,8 @@ from datasets.arrow_shards import (
     shuffled_rec,
     split_shards,
 )
-from datasets.dataset import ImageFolderDataset, RecordIODataset, open_dataset
+from datasets.dataset import ImageFolderDataset, RecordIODataset
+from datasets.discovery import open_dataset
 from datasets.recordio import IndexedRecordIO, unpack
 from datasets.synthetic import SyntheticConfig, generate
 

@@ -16,7 +16,7 @@ import torch
 
 from configs import ConfigError, load_config
 from datasets.arrow_shards import convert_to_shards
-from datasets.dataset import open_dataset
+from datasets.discovery import open_dataset
 from datasets.errors import DataError, LabelRangeError
 from datasets.loader import FaceLoader
 from datasets.multi import (
@@ -27,7 +27,6 @@ from datasets.multi import (
     open_datasets,
     resume_problem,
 )
-from datasets.pk_sampler import dataset_labels
 from datasets.sampler import DistributedFaceSampler
 from tests.distributed import run_ranks
 
@@ -93,7 +92,7 @@ def test_concatenated_labels_and_offsets_match_each_part(parts: dict[str, Path])
     # the part boundaries: first and last label of each part, read from the data by hand
     assert labels[0] == 0 and labels[59] == 11 and labels[60] == 12 and labels[71] == 14
     assert labels[72] == 15 and labels[81] == 16
-    assert dataset_labels(multi).tolist() == labels  # the P x K sampler's label source
+    assert multi.labels().tolist() == labels  # the P x K sampler's label source
 
 
 def test_config_takes_a_list_and_checks_the_sums(parts: dict[str, Path], tmp_path: Path) -> None:
@@ -112,7 +111,7 @@ def test_config_takes_a_list_and_checks_the_sums(parts: dict[str, Path], tmp_pat
     assert loader.dataset_table()[2]["class_offset"] == 15
     loader.set_epoch(0)
     seen = torch.cat([labels for _, labels in loader])
-    assert sorted(seen.tolist()) == sorted(dataset_labels(loader.dataset).tolist())  # once each
+    assert sorted(seen.tolist()) == sorted(loader.dataset.labels().tolist())  # once each
     # weights (1, 2, 1) of 82: quotas (20.5, 41, 20.5) -> (20, 41, 20), the tie to part 0
     weighted = load_config("demo", [*base, "data.num_classes=17", "data.num_images=82",
                                     "data.weights=[1,2,1]"])  # fmt: skip

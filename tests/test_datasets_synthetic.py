@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasets.dataset import RecordIODataset, open_dataset
+from datasets.dataset import RecordIODataset
+from datasets.discovery import open_dataset
 from datasets.loader import FaceLoader
 from datasets.recordio import IndexedRecordIO, unpack
 from datasets.synthetic import SyntheticConfig, generate

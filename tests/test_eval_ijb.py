@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from datasets.faces.align import ARCFACE_TEMPLATE, align_face, similarity_transform
 from eval import ijb
-from eval.align import ARCFACE_TEMPLATE, align_face, similarity_transform
 from eval.export_onnx import export_onnx
 from eval.extract import normalize_pixels
 from eval.ijb_data import load_aligned, read_ijb_meta

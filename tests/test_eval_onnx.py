@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 
+from common.face_input import ARCFACE_INPUT
 from eval import export_onnx as export_cli
 from eval import verification as verification_cli
 from eval.export_onnx import check_parity, export_onnx
@@ -116,6 +117,7 @@ def test_export_and_verification_commands(tmp_path, capsys, monkeypatch):
     import backbones
 
     monkeypatch.setattr(backbones, "get_model", lambda name, **kw: TinyNet())
+    monkeypatch.setattr(export_cli, "input_spec", lambda name: ARCFACE_INPUT)  # a 112 model
     model = TinyNet()
     with torch.no_grad():
         for p in model.parameters():

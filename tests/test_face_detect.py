@@ -12,12 +12,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from datasets.align import ARCFACE_TEMPLATE, align_face, similarity_transform
-from datasets.detect import Detections
-from datasets.detect.finder import FaceFinder, FaceOptions
-from datasets.detect.mtcnn import weights_dir
-from datasets.detect.scrfd import SCRFD
-from datasets.photos import PhotoError, apply_orientation, exif_orientation, read_photo
+from datasets.faces.align import ARCFACE_TEMPLATE, align_face, similarity_transform
+from datasets.faces.detection import Detections
+from datasets.faces.finder import FaceFinder, FaceOptions
+from datasets.faces.mtcnn import weights_dir
+from datasets.faces.photos import PhotoError, apply_orientation, exif_orientation, read_photo
+from datasets.faces.scrfd import SCRFD
 from tests.face_photos import apply, background, place, source
 
 # ------------------------------------------------------------------ EXIF orientation

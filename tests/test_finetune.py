@@ -26,9 +26,8 @@ from partial_fc.imprint import SUBCENTER_JITTER
 from tests.distributed import run_ranks
 from trainer import DistContext, Trainer
 from trainer.build import build_backbone, build_trainer
-from trainer.checkpointer import compare_configs
+from trainer.checkpoint import compare_configs
 from trainer.finetune import (
-    LAYOUTS,
     backbone_param_groups,
     backbone_parts,
     freeze_backbone,
@@ -159,38 +158,32 @@ def _arcface_vit_names(depth: int = 12) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("names", "stem", "units", "first"),
+    ("network", "names", "stem", "units", "first"),
     [
-        (_arcface_iresnet_names((2, 2, 2, 2)), 4, 8, ["layer1.0", "layer1.1", "layer2.0"]),
-        (_arcface_iresnet_names((3, 4, 14, 3)), 4, 24, ["layer1.0", "layer1.1", "layer1.2"]),
+        ("r18", _arcface_iresnet_names((2, 2, 2, 2)), 4, 8, ["layer1.0", "layer1.1", "layer2.0"]),
+        ("r50", _arcface_iresnet_names((3, 4, 14, 3)), 4, 24, ["layer1.0", "layer1.1"]),
         # stage 0 (one conv), then 1 + 4, 1 + 6, 1 + 2 units; conv_sep is not a unit
-        (_arcface_mbf_names(), 4, 16, ["layers.1", "layers.2", "layers.3.layers.0"]),
-        (_arcface_mbf_names((2, 8, 12, 4)), 4, 29, ["layers.1.layers.0", "layers.1.layers.1"]),
-        (_arcface_vit_names(), 3, 12, ["blocks.0", "blocks.1", "blocks.2"]),
+        ("mbf", _arcface_mbf_names(), 4, 16, ["layers.1", "layers.2", "layers.3.layers.0"]),
+        ("mbf_large", _arcface_mbf_names((2, 8, 12, 4)), 4, 29, ["layers.1.layers.0"]),
+        # the mask token stands in for masked patches: part of the stem
+        ("vit_t", _arcface_vit_names(), 4, 12, ["blocks.0", "blocks.1", "blocks.2"]),
     ],
 )
-def test_arcface_torch_layouts(names: list[str], stem: int, units: int, first: list[str]) -> None:
-    parts = backbone_parts(names)
+def test_arcface_torch_layouts(
+    network: str, names: list[str], stem: int, units: int, first: list[str]
+) -> None:
+    """arcface_torch's names split by the network's registry entry."""
+    parts = backbone_parts(names, network)
     assert len(parts.stem) == stem and len(parts.units) == units
     assert parts.units[: len(first)] == first
+    model = [n for n, _ in get_model(network).named_parameters()]
+    assert set(names) <= set(model), network  # the models have the names written above
+    assert backbone_parts(model, network).units == parts.units
 
 
-def test_the_models_use_every_layout_and_unknown_names_are_refused() -> None:
-    """The models have the names written above and use every layout of :data:`LAYOUTS`
-    (none is dead); names of no known layout are an error."""
-    used = set()
-    for network, names in (
-        ("r50", _arcface_iresnet_names((3, 4, 14, 3))),
-        ("mbf", _arcface_mbf_names()),
-        ("vit_t", _arcface_vit_names()),
-    ):
-        model = [n for n, _ in get_model(network).named_parameters()]
-        assert set(names) <= set(model), network
-        assert backbone_parts(model).units == backbone_parts(names).units
-        used.add(backbone_parts(model).layout.name)
-    assert used == {layout.name for layout in LAYOUTS}
-    with pytest.raises(ConfigError, match=r"model\.freeze_stem / model\.freeze_units"):
-        backbone_parts(["0.weight", "2.weight"], "model.network='mlp'")
+def test_names_in_no_part_are_refused_naming_the_options() -> None:
+    with pytest.raises(ConfigError, match=r"model\.freeze_stem / model\.freeze_units: .*'0\.w"):
+        backbone_parts(["conv1.weight", "0.weight"], "r50")
 
 
 # ---------------------------------------------------------------------- freezing
@@ -199,7 +192,7 @@ def test_the_models_use_every_layout_and_unknown_names_are_refused() -> None:
 FIRST_TWO = {
     "r18": ((("conv1.", "bn1.", "prelu."), ("layer1.0.", "layer1.1.")), 8),
     "mbf": ((("layers.0.",), ("layers.1.", "layers.2.")), 16),
-    "vit_t": ((("patch_embed.", "pos_embed"), ("blocks.0.", "blocks.1.")), 12),
+    "vit_t": ((("patch_embed.", "pos_embed", "mask_token"), ("blocks.0.", "blocks.1.")), 12),
 }
 
 
@@ -412,7 +405,7 @@ def test_init_from_and_imprint_end_to_end(synthetic_data, tmp_path: Path) -> Non
     init_from (its file is gone by then); weights of another
     embedding size are refused naming the file, the first mismatching key and both
     shapes, before anything is written."""
-    from datasets.dataset import open_dataset
+    from datasets.discovery import open_dataset
 
     data = synthetic_data(IDS, PER_ID, 4, 2, seed=1)
     out = tmp_path / "run"

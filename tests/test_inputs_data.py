@@ -13,12 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from common.cli import run_main
 from common.dist import DistContext
 from configs import Config, ConfigError
 from datasets import DataError, recordio
 from datasets.arrow_shards import ArrowDataset, convert_to_shards
 from datasets.arrow_shards import main as arrow_main
-from datasets.dataset import LabelRangeError, RecordIODataset, open_dataset
+from datasets.dataset import LabelRangeError, RecordIODataset
+from datasets.discovery import open_dataset
 from datasets.face_layout import FaceRecWriter
 from datasets.loader import FaceLoader
 from trainer.build import build_loader
@@ -335,7 +337,7 @@ def test_arrow_manifest_class_count_must_cover_the_labels(shards):
 def test_rec2arrow_reports_bad_labels_and_undecodable_images(tmp_path, capsys):
     rec = _face_rec(tmp_path / "rec", {4: {"payload": b"junk"}, 10: {"label": 9.0}})
     off4 = _offset(tmp_path / "rec", 4)
-    assert arrow_main(["rec2arrow", str(rec), str(tmp_path / "a")]) == 1
+    assert run_main(arrow_main, ["rec2arrow", str(rec), str(tmp_path / "a")]) == 1
     err = capsys.readouterr().err
     assert f"error: {rec} key 4 at byte offset {off4}: OpenCV cannot decode 4 bytes" in err
     assert "--skip-bad" in err

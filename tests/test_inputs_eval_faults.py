@@ -27,11 +27,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from common.cli import run_main
+from datasets.faces.align import ARCFACE_TEMPLATE
 from eval import compare as compare_cli
 from eval import embed as embed_cli
 from eval import ijb as ijb_cli
 from eval import verification as verification_cli
-from eval.align import ARCFACE_TEMPLATE
 from eval.bin_io import load_bin
 from eval.onnx_infer import OnnxEmbedder
 

@@ -31,11 +31,13 @@ import common.outdir
 from common.cli import run_main
 from common.outdir import MANIFEST_NAME, OutputDirError, OwnedDir, check_complete
 from datasets import prepare as prep
-from datasets.dataset import open_dataset
-from datasets.detect.finder import FaceFinder, FaceOptions
-from datasets.detect.scrfd import SCRFD
+from datasets.discovery import open_dataset
 from datasets.face_layout import FaceRecWriter
-from datasets.photos import PhotoError, read_photo, read_photo_bytes
+from datasets.faces.arguments import face_options
+from datasets.faces.finder import FaceFinder, FaceOptions
+from datasets.faces.photos import PhotoError, read_photo, read_photo_bytes
+from datasets.faces.pool import iter_faces
+from datasets.faces.scrfd import SCRFD
 from tests.face_photos import noise_photo, source, write_photo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,7 +214,7 @@ _CHILD = """
 import json, resource, signal, sys
 signal.alarm(60)
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
-from datasets.detect.finder import FaceFinder, FaceOptions
+from datasets.faces.finder import FaceFinder, FaceOptions
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 out = {}
@@ -318,7 +320,7 @@ def test_the_photo_reader_of_eval_refuses_fifos_sockets_and_folders(tmp_path):
         "not_a_file",
         "a FIFO (named pipe), not a regular file: not read",
     )
-    found = _in_thread(lambda: list(prep.iter_faces([fifo], FaceOptions())), fifo)  # eval.embed
+    found = _in_thread(lambda: list(iter_faces([fifo], FaceOptions())), fifo)  # eval.embed
     assert [f.reason for f in found] == ["not_a_file"]
     sock = socket.socket(socket.AF_UNIX)
     try:
@@ -350,7 +352,7 @@ def test_pixel_cap_is_an_option_and_refuses_before_decoding(tmp_path):
     with pytest.raises(PhotoError, match=rf"p\.png: {size} bytes is over the 100-byte cap"):
         read_photo_bytes(tmp_path / "p.png", max_bytes=100)
     args = prep.build_parser().parse_args(["r", "o", "--max-pixels", "5000"])
-    assert prep.face_options(args).max_pixels == 5000
+    assert face_options(args).max_pixels == 5000
     with pytest.raises(ValueError, match=r"--max-pixels must be in \[4096, "):
         FaceOptions(max_pixels=10)
 

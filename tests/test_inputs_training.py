@@ -25,10 +25,12 @@ import torch
 
 import train_dist
 import trainer.preflight as preflight
+from common.cli import run_main
 from common.dist import DistContext
 from common.errors import UsageError, UserError
 from common.outdir import LOCK_NAME, MANIFEST_NAME
 from configs import ConfigError, load_config
+from datasets.arrow_shards import main as arrow_main
 from datasets.errors import DataError
 from tests.test_trainer import TensorLoader, dataset, make_cfg, make_trainer
 from trainer.build import build_backbone, build_loader, check_output_space
@@ -289,9 +291,9 @@ def test_checkpoint_on_a_really_full_disk(small_tmpfs: Path) -> None:
     """ENOSPC from the file system itself: a 2 MiB tensor on a 1 MiB disk, which
     torch's zip writer reports as ``[enforce fail at inline_container.cc:672]
     unexpected pos``: one line, ``No space left on device``, nothing left behind."""
-    from trainer.checkpoint import CheckpointManager
+    from trainer.checkpoint import CheckpointStorage
 
-    storage = CheckpointManager(small_tmpfs / "checkpoints", DistContext(), keep_last=2)
+    storage = CheckpointStorage(small_tmpfs / "checkpoints", DistContext())
     with pytest.raises(CheckpointError) as info:
         storage.save(1, {"backbone": torch.zeros(512 * 1024)}, {}, {})
     message = str(info.value)
@@ -385,7 +387,7 @@ def _copy(tiny: Path, tmp_path: Path) -> Path:
 
 
 def test_data_file_truncated_between_epochs_is_named(tiny: Path, tmp_path: Path) -> None:
-    from datasets.dataset import open_dataset
+    from datasets.discovery import open_dataset
     from datasets.loader import FaceLoader
 
     data = _copy(tiny, tmp_path)
@@ -403,7 +405,7 @@ def test_data_file_truncated_between_epochs_is_named(tiny: Path, tmp_path: Path)
 def test_data_file_truncated_under_a_loader_worker_is_named(tiny: Path, tmp_path: Path) -> None:
     """The worker dies of SIGBUS reading the memory-mapped ``.rec``: the training
     process names the file instead of torch's ``worker exited unexpectedly``."""
-    from datasets.dataset import open_dataset
+    from datasets.discovery import open_dataset
     from datasets.loader import FaceLoader
 
     data = _copy(tiny, tmp_path)
@@ -484,10 +486,9 @@ def test_commands_report_an_os_error_as_one_line(tmp_path: Path) -> None:
 def test_arrow_shards_command_reports_a_missing_source(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from datasets.arrow_shards import main as arrow_main
-
     missing = tmp_path / "missing.rec"
-    assert arrow_main(["rec2arrow", str(missing), str(tmp_path / "out")]) == 1
+    argv = ["rec2arrow", str(missing), str(tmp_path / "out")]
+    assert run_main(arrow_main, argv, prog="datasets.arrow_shards") == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("datasets.arrow_shards: error: ") and str(missing) in err
     assert len(err.splitlines()) == 1

@@ -16,8 +16,8 @@ from common.cli import run_main
 from common.outdir import MANIFEST_NAME
 from datasets import prepare as prep
 from datasets.dataset import RecordIODataset
-from datasets.detect.finder import FaceFinder, FaceOptions
 from datasets.face_layout import inspect_layout, read_property
+from datasets.faces.finder import FaceFinder, FaceOptions
 from datasets.recordio import IndexedRecordIO, unpack, unpack_img
 from tests.face_photos import (
     background,

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 import train_dist
-import trainer.checkpoint as checkpoint_module
 from common.dist import init_distributed
 from configs import ConfigError, load_config
 from tests.distributed import run_ranks
@@ -32,7 +31,7 @@ from tests.test_trainer import (
     make_trainer,
 )
 from trainer.build import check_embedding_size
-from trainer.checkpoint import CheckpointError, CheckpointManager
+from trainer.checkpoint import CheckpointError, CheckpointStorage, file_digest
 from trainer.loop import TrainingError
 from trainer.preflight import OutputDirError, probe_output
 
@@ -221,31 +220,35 @@ def test_too_little_free_space_is_refused(tmp_path: Path, monkeypatch: pytest.Mo
     probe_output(tmp_path / "out", required_bytes=2**20)  # enough: passes
 
 
-def test_disk_full_during_save_names_path_and_keeps_previous(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+class FillingStorage(CheckpointStorage):
+    """Storage on a disk that fills up half-way through the second file it writes
+    while ``full`` is set."""
+
+    full = False
+    written = 0
+
+    def write_file(self, obj: Any, path: Path) -> str:
+        if self.full:
+            self.written += 1
+            if self.written == 2:
+                path.write_bytes(b"partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write_file(obj, path)
+
+
+def test_disk_full_during_save_names_path_and_keeps_previous(tmp_path: Path) -> None:
     x, y = dataset()
-    t = make_trainer(make_cfg(tmp_path), TensorLoader(x, y, 8, 0, 1))
+    t = make_trainer(make_cfg(tmp_path), TensorLoader(x, y, 8, 0, 1), storage=FillingStorage)
     t.train_step([(x[:8], y[:8])])
     good = t.save_checkpoint()
     t.train_step([(x[8:16], y[8:16])])
-    real_save = checkpoint_module.save_file
-    calls = {"n": 0}
-
-    def full_disk(obj: Any, path: Path) -> None:
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second file of the save: disk full half-way
-            path.write_bytes(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, path)
-
-    monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
+    t.checkpointer.storage.full = True
     with pytest.raises(CheckpointError) as info:
         t.save_checkpoint()
     message = str(info.value)
     assert "No space left on device" in message and "rank-00000.pt" in message
     assert ".tmp-step-00000002" in message and str(good) in message
-    monkeypatch.setattr(checkpoint_module, "save_file", real_save)
+    t.checkpointer.storage.full = False
     assert not (tmp_path / "checkpoints" / ".tmp-step-00000002").exists()  # cleaned up
     assert t.checkpointer.latest() == good
     fresh = make_trainer(make_cfg(tmp_path), TensorLoader(x, y, 8, 0, 1))
@@ -264,7 +267,7 @@ def _forge(ckpt: Path, name: str, data: bytes) -> None:
     (ckpt / name).write_bytes(data)
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["files"][name] = len(data)
-    meta["sha256"][name] = checkpoint_module.file_digest(ckpt / name)  # checksum too
+    meta["sha256"][name] = file_digest(ckpt / name)  # checksum too
     (ckpt / "meta.json").write_text(json.dumps(meta))
 
 
@@ -286,7 +289,8 @@ def test_foreign_or_truncated_checkpoint_files_are_refused(
     good_head = (ckpt / "head-00000.pt").read_bytes()
     _forge(ckpt, "head-00000.pt", good_head[: len(good_head) // 2])  # truncated
     with pytest.raises(CheckpointError, match=r"head-00000\.pt"):
-        CheckpointManager.load_head_shard(ckpt, 0, CLASSES, 1)
+        storage = CheckpointStorage(ckpt.parent)
+        storage.load_head_shard(storage.open(ckpt), 0, CLASSES, 1)
     # a truncation that meta.json does not know about: the directory is not complete
     (ckpt / "head-00000.pt").write_bytes(good_head[:100])
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
@@ -324,7 +328,7 @@ def test_batch_too_large_for_one_step_is_named(tmp_path: Path) -> None:
 def test_face_loader_reports_record_keys(tmp_path: Path) -> None:
     """``FaceLoader.last_keys`` are the RecordIO keys of the batch just yielded."""
     from datasets import recordio
-    from datasets.dataset import open_dataset
+    from datasets.discovery import open_dataset
     from datasets.loader import FaceLoader
     from datasets.synthetic import SyntheticConfig, generate
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-import trainer.checkpointer as checkpointer_module
-from configs import ConfigError, config_to_dict
+from configs import Config, ConfigError, config_to_dict
+from configs.resume_policy import resume_policies
 from tests.distributed import run_ranks
 from tests.test_trainer import (
     TensorLoader,
@@ -20,8 +20,7 @@ from tests.test_trainer import (
     make_cfg,
     make_trainer,
 )
-from trainer.checkpoint import DamagedCheckpointError
-from trainer.checkpointer import RESUME_MAY_CHANGE, compare_configs
+from trainer.checkpoint import DamagedCheckpointError, compare_configs
 from trainer.loop import Trainer, TrainingError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,7 +136,7 @@ def test_policy_lists_what_may_change() -> None:
         other = json.loads(json.dumps(base))
         other[section][field] = "changed"
         assert [r[0] for r in compare_configs(base, other)[1]] == [key]
-    assert "optimizer.name" not in RESUME_MAY_CHANGE
+    assert not resume_policies(Config)["optimizer.name"].may_change
 
 
 def test_pk_sampler_global_batch_must_match() -> None:
@@ -248,7 +247,7 @@ def test_damaged_shard_seen_by_one_rank_makes_every_rank_fall_back(tmp_path: Pat
 
 
 def test_nonfinite_checkpoint_is_skipped_by_auto(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A checkpoint holding NaN weights (written by an earlier version) is damaged."""
     t = _trainer(tmp_path, "train.max_steps=2")
@@ -256,9 +255,7 @@ def test_nonfinite_checkpoint_is_skipped_by_auto(
     with torch.no_grad():
         t.backbone[0].weight[0, 0] = float("nan")
     t.step = 3
-    monkeypatch.setattr(checkpointer_module, "nonfinite_parts", lambda states: [])
-    t.save_checkpoint()  # as the old trainer would
-    monkeypatch.undo()
+    t.checkpointer.write(t.checkpointer.collect())  # unchecked, as the old trainer saved
     fresh = _trainer(tmp_path)
     with caplog.at_level("WARNING", logger="trainer"):
         assert fresh.maybe_resume().name == "step-00000002"

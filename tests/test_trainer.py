@@ -24,6 +24,7 @@ from partial_fc import ArcFace, PartialFC
 from tests.distributed import device_under_test, run_ranks
 from trainer import DistContext, Trainer
 from trainer.amp import AmpPolicy
+from trainer.checkpoint import CheckpointStorage
 from trainer.monitor import Monitor
 from trainer.schedule import WarmupPoly
 
@@ -103,14 +104,23 @@ def make_backbone(dropout: float = 0.0) -> nn.Module:
 
 
 def make_trainer(
-    cfg: Config, loader: Any, dropout: float = 0.0, amp: AmpPolicy | None = None
+    cfg: Config,
+    loader: Any,
+    dropout: float = 0.0,
+    amp: AmpPolicy | None = None,
+    storage: type[CheckpointStorage] = CheckpointStorage,
 ) -> Trainer:
+    """The tiny trainer of these tests; ``storage`` is the class of its checkpoint
+    storage (a subclass that counts or fails file operations)."""
     ctx = DistContext.current(device_under_test())
     head = PartialFC(
         CLASSES, EMB, ArcFace(16.0, 0.3), sample_rate=cfg.head.sample_rate, seed=cfg.train.seed,
         device=ctx.device,
     )  # fmt: skip
-    return Trainer(cfg, make_backbone(dropout), head, loader, ctx, amp=amp)
+    return Trainer(
+        cfg, make_backbone(dropout), head, loader, ctx, amp=amp,
+        checkpoint_storage=storage(Path(cfg.train.output) / "checkpoints", ctx),
+    )  # fmt: skip
 
 
 def gather_state(t: Trainer) -> dict[str, torch.Tensor]:

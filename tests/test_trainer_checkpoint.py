@@ -1,16 +1,18 @@
 """Checkpoints: exact resume, resharded resume (4 -> 2, 2 -> 3; K=3 sub-centres 2 -> 1, 3),
-the on-disk format, older checkpoints, atomic save."""
+the on-disk format and what format 2 requires (its format, checksums and facts), atomic
+save, and how often a resume touches the file system's metadata."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-import trainer.checkpoint as checkpoint_module
+from configs import ConfigError
 from partial_fc import ArcFace, PartialFC
 from tests.distributed import run_ranks
 from tests.test_trainer import (
@@ -24,7 +26,12 @@ from tests.test_trainer import (
 )
 from tests.test_trainer_aux import make_aux_trainer
 from trainer import DistContext, Trainer
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import (
+    CheckpointError,
+    CheckpointStorage,
+    DamagedCheckpointError,
+    UnusableCheckpointError,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,7 +114,8 @@ def _load_head_only(rank: int, world: int, ckpt: str) -> tuple[int, torch.Tensor
     from partial_fc.sharding import class_range
 
     cs, nl = class_range(11, rank, world)
-    head, optim = CheckpointManager.load_head_shard(Path(ckpt), cs, nl, 1)
+    storage = CheckpointStorage(Path(ckpt).parent)
+    head, optim = storage.load_head_shard(storage.open(ckpt), cs, nl, 1)
     return cs, head["weight"], optim["state"][0]["momentum_buffer"]
 
 
@@ -127,30 +135,34 @@ def test_head_shards_reslice_by_global_class(tmp_path: Path) -> None:
             assert torch.equal(m, full_m[cs : cs + m.shape[0]])
 
 
-def test_atomic_save_survives_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class CrashingStorage(CheckpointStorage):
+    """Storage whose process "dies" (``KeyboardInterrupt``) half-way through the
+    third file it writes while ``crash`` is set."""
+
+    crash = False
+    written = 0
+
+    def write_file(self, obj, path: Path) -> str:
+        if self.crash:
+            self.written += 1
+            if self.written == 3:
+                path.write_bytes(b"half a file")
+                raise KeyboardInterrupt("simulated crash during save")
+        return super().write_file(obj, path)
+
+
+def test_atomic_save_survives_crash(tmp_path: Path) -> None:
     x, y = dataset()
     cfg = make_cfg(tmp_path, "checkpoint.keep_last=2")
-    t = make_trainer(cfg, TensorLoader(x, y, 8, 0, 1))
+    t = make_trainer(cfg, TensorLoader(x, y, 8, 0, 1), storage=CrashingStorage)
     t.train_step([(x[:8], y[:8])])
     good = t.save_checkpoint()
     saved_weight = t.head.weight.detach().clone()
     t.train_step([(x[8:16], y[8:16])])
 
-    real_save = checkpoint_module.save_file
-    calls = {"n": 0}
-
-    def crashing_save(obj, path):  # the process "dies" while writing its third file
-        calls["n"] += 1
-        if calls["n"] == 3:
-            with open(path, "wb") as fh:
-                fh.write(b"half a file")
-            raise KeyboardInterrupt("simulated crash during save")
-        real_save(obj, path)
-
-    monkeypatch.setattr(checkpoint_module, "save_file", crashing_save)
+    t.checkpointer.storage.crash = True
     with pytest.raises(KeyboardInterrupt):
         t.save_checkpoint()
-    monkeypatch.setattr(checkpoint_module, "save_file", real_save)
     directory = tmp_path / "checkpoints"
     assert (directory / ".tmp-step-00000002").is_dir()  # the partial save is there...
     assert t.checkpointer.latest() == good  # ...but never picked
@@ -250,10 +262,8 @@ def _aux_trainer(out: Path, *extra: str) -> Trainer:
 
 
 def test_on_disk_format_is_unchanged(tmp_path: Path) -> None:
-    """The names under which the parts are saved are the format (FORMAT_VERSION 2; 1
-    had the same parts, with format-1 backbone names): checkpoints written by earlier
-    versions of the trainer must keep loading (tests/test_backbone_compat.py resumes
-    one written by format-1 code)."""
+    """The names under which the parts are saved are the format (FORMAT_VERSION 2):
+    checkpoints written by earlier versions of the trainer must keep loading."""
     t = _aux_trainer(tmp_path, "aux.center_weight=0.1")
     t.train_step([(dataset()[0][:8], dataset()[1][:8])])
     ckpt = t.save_checkpoint()
@@ -287,18 +297,15 @@ def test_on_disk_format_is_unchanged(tmp_path: Path) -> None:
 def test_checkpoint_without_centres_resumes_a_run_with_centres(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A checkpoint written without centre shards (and with two schedulers: an older
-    run, or one without ``aux.center_weight``) resumes a run with learnable centres:
-    the centres start afresh, at the resumed step's learning rate."""
+    """A checkpoint written without centre shards (and with two schedulers: a run
+    without ``aux.center_weight``) resumes a run with learnable centres: the centres
+    start afresh, at the resumed step's learning rate."""
     x, y = dataset()
     plain = _aux_trainer(tmp_path)
     for i in range(3):
         plain.train_step([(x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8])])
     ckpt = plain.save_checkpoint()
-    meta = json.loads((ckpt / "meta.json").read_text())
-    assert "center_shards" not in meta
-    del meta["embedding_size"]  # not recorded by the first versions: not required
-    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert "center_shards" not in json.loads((ckpt / "meta.json").read_text())
     resumed = _aux_trainer(tmp_path, "aux.center_weight=0.1")
     fresh_centres = resumed.center.centers.detach().clone()
     with caplog.at_level("WARNING", logger="trainer"):
@@ -310,3 +317,144 @@ def test_checkpoint_without_centres_resumes_a_run_with_centres(
     assert lr != resumed.cfg.optimizer.lr  # the schedule has moved: the test means something
     assert [o.param_groups[0]["lr"] for o in resumed.stepper.optimizers()] == [lr, lr, lr]
     assert resumed.schedulers[2].last_epoch == 3
+
+
+# ------------------------------------------------- what format 2 requires
+def _two_checkpoints(out: Path) -> tuple[Path, Path]:
+    """Steps 2 and 4 of one run (1 rank)."""
+    x, y = dataset()
+    cfg = make_cfg(out, "train.max_steps=4", "checkpoint.every_steps=2")
+    make_trainer(cfg, TensorLoader(x, y, 8, 0, 1)).fit()
+    return out / "checkpoints" / "step-00000002", out / "checkpoints" / "step-00000004"
+
+
+def _edit_meta(ckpt: Path, edit) -> None:
+    meta = json.loads((ckpt / "meta.json").read_text())
+    edit(meta)
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def _fresh(out: Path, *extra: str):
+    x, y = dataset()
+    return make_trainer(make_cfg(out, *extra), TensorLoader(x, y, 8, 0, 1))
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda meta: meta.update(format=1), "has checkpoint format 1; this trainer reads "
+         "format 2 only"),
+        (lambda meta: meta.pop("format"), "records no checkpoint format in its meta.json"),
+    ],
+    ids=["format-1", "no-format"],
+)  # fmt: skip
+def test_a_checkpoint_of_an_older_or_unrecorded_format_is_not_resumed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, edit, reason: str
+) -> None:
+    """``auto`` falls back past it naming why; named explicitly, it is refused, naming
+    why and the previous complete checkpoint."""
+    older, newest = _two_checkpoints(tmp_path)
+    _edit_meta(newest, edit)
+    t = _fresh(tmp_path)
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert t.maybe_resume() == older and t.step == 2
+    assert f"checkpoint {newest} cannot be resumed: {newest} {reason}" in caplog.text
+    assert f"falling back to {older}" in caplog.text
+    named = _fresh(tmp_path / "other", f"checkpoint.resume={newest}")
+    with pytest.raises(UnusableCheckpointError, match=reason) as info:
+        named.maybe_resume()
+    assert f"The previous complete checkpoint is {older}" in str(info.value)
+    assert named.step == 0
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(tmp_path: Path) -> None:
+    """A newer trainer's checkpoint stops the run (no fall back past it: its directory
+    is that trainer's)."""
+    _, newest = _two_checkpoints(tmp_path)
+    _edit_meta(newest, lambda meta: meta.update(format=3))
+    with pytest.raises(CheckpointError, match=r"has checkpoint format 3, newer than .* 2"):
+        _fresh(tmp_path).maybe_resume()
+
+
+def test_a_file_without_a_recorded_checksum_fails_verify(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    older, newest = _two_checkpoints(tmp_path)
+    _edit_meta(newest, lambda meta: meta["sha256"].pop("head-00000.pt"))
+    storage = CheckpointStorage(newest.parent)
+    checkpoint = storage.open(newest)
+    assert checkpoint.complete
+    storage.verify(checkpoint, ["trainer.pt"])  # the others still check
+    with pytest.raises(DamagedCheckpointError, match=r"head-00000\.pt has no SHA-256"):
+        storage.verify(checkpoint, ["trainer.pt", "head-00000.pt"])
+    t = _fresh(tmp_path)
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert t.maybe_resume() == older
+    assert "head-00000.pt has no SHA-256" in caplog.text
+
+
+def test_a_checkpoint_without_a_recorded_fact_fails_the_resume_check(tmp_path: Path) -> None:
+    _, newest = _two_checkpoints(tmp_path)
+    _edit_meta(newest, lambda meta: meta.pop("num_classes"))
+    t = _fresh(tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.num_classes=11 but the checkpoint records "
+                       r"no num_classes"):  # fmt: skip
+        t.maybe_resume()
+    assert t.step == 0
+
+
+# ------------------------------------------- metadata operations of a resume
+class CountingStorage(CheckpointStorage):
+    """Counts the metadata operations on the checkpoints: ``meta.json`` reads by
+    checkpoint, size checks (stats) by file."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.meta_reads: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()
+
+    def read_meta(self, checkpoint: Path) -> dict:
+        self.meta_reads[checkpoint.name] += 1
+        return super().read_meta(checkpoint)
+
+    def file_size(self, path: Path) -> int | None:
+        self.stats[f"{path.parent.name}/{path.name}"] += 1
+        return super().file_size(path)
+
+
+def _count_resume(rank: int, world: int, out: str) -> dict:
+    x, y = dataset()
+    batch = 8 // world
+    args = (f"data.batch_size={batch}", "checkpoint.every_steps=2", "checkpoint.keep_last=3")
+    make_trainer(
+        make_cfg(out, *args, "train.max_steps=6"), TensorLoader(x, y, batch, rank, world)
+    ).fit()
+    t = make_trainer(
+        make_cfg(out, *args), TensorLoader(x, y, batch, rank, world), storage=CountingStorage
+    )
+    assert t.maybe_resume() is not None and t.step == 6
+    storage = t.checkpointer.storage
+    return {"meta": dict(storage.meta_reads), "stats": dict(storage.stats)}
+
+
+def test_a_resume_reads_each_meta_json_and_stats_each_file_once(tmp_path: Path) -> None:
+    """2 ranks, 3 checkpoints of 5 files each: rank 0 reads each ``meta.json`` once and
+    checks each listed file's size once; rank 1 works from rank 0's listing and
+    touches neither."""
+    first, second = run_ranks(_count_resume, 2, str(tmp_path))
+    assert first["meta"] == {f"step-0000000{s}": 1 for s in (2, 4, 6)}
+    assert len(first["stats"]) == 3 * 5 and set(first["stats"].values()) == {1}
+    assert second == {"meta": {}, "stats": {}}
+
+
+def test_the_parts_are_torch_stateful(tmp_path: Path) -> None:
+    """Every part the manager holds satisfies ``torch.distributed.checkpoint``'s
+    ``Stateful`` protocol (declared structurally in trainer.checkpoint.states, so that
+    training does not import that package)."""
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    t = _aux_trainer(tmp_path, "aux.center_weight=0.1")
+    manager = t.checkpointer
+    parts = [*manager.replicated.values(), *manager.sharded.values(), *manager.per_rank.values()]
+    assert len(parts) == 8 + 2 + 1
+    assert all(isinstance(part, Stateful) for part in parts)

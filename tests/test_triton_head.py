@@ -397,7 +397,7 @@ def test_missing_triton_fails_at_start_up_naming_the_option() -> None:
         HeadConfig(backend="triton", num_subcenters=3).validate()
     with pytest.raises(ConfigError, match=r"head\.backend=triton: CurricularFace"):
         HeadConfig(backend="triton", loss="curricular").validate()
-    with pytest.raises(ConfigError, match=r"head\.backend: must be auto, torch or triton"):
+    with pytest.raises(ConfigError, match=r"head\.backend: must be one of auto, torch, triton"):
         HeadConfig(backend="cuda").validate()  # type: ignore[arg-type]
 
 

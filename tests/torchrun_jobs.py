@@ -165,19 +165,21 @@ def final_state(out: Path) -> dict[str, torch.Tensor]:
     """Backbone weights (``backbone.pt``) and the full head matrix of the newest
     checkpoint, assembled by global class whatever the world size."""
     from common.dist import DistContext
-    from trainer.checkpoint import CheckpointManager
+    from trainer.checkpoint import CheckpointStorage
 
     state = {
         f"backbone.{k}": v for k, v in torch.load(out / "backbone.pt", weights_only=True).items()
     }
-    ckpt = CheckpointManager(out / "checkpoints", DistContext(), 1).latest()
-    assert ckpt is not None, f"no complete checkpoint under {out}"
-    head, optim = CheckpointManager.load_head_shard(ckpt, 0, IDS, 1)
+    storage = CheckpointStorage(out / "checkpoints", DistContext())
+    latest = storage.latest()
+    assert latest is not None, f"no complete checkpoint under {out}"
+    ckpt = storage.open(latest)
+    head, optim = storage.load_head_shard(ckpt, 0, IDS, 1)
     state["head.weight"] = head["weight"]
     for k, v in optim["state"].get(0, {}).items():
         if isinstance(v, torch.Tensor):
             state[f"head.optim.{k}"] = v
-    state["step"] = torch.tensor(CheckpointManager.read_meta(ckpt)["step"])
+    state["step"] = torch.tensor(ckpt.meta["step"])
     return state
 
 

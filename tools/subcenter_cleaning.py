@@ -42,7 +42,7 @@ from common.errors import UsageError
 from datasets.face_layout import FaceRecWriter
 from partial_fc.sharding import class_range
 from partial_fc.subcenter_cleaning import EmbedFn, Outlier, find_outliers
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import CheckpointDir, CheckpointStorage
 
 # ----------------------------------------------------------------------------- head rows
 
@@ -54,10 +54,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if (path / "meta.json").is_file():
         return path
     for root in (path, path / "checkpoints"):
-        found = sorted(
-            (p for p in root.glob("step-*") if CheckpointManager.is_complete(p)),
-            key=lambda p: p.name,
-        )
+        found = CheckpointStorage(root).complete()
         if found:
             return found[-1]
     raise FileNotFoundError(
@@ -66,9 +63,17 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     )
 
 
+def _open(checkpoint: Path) -> CheckpointDir:
+    """The complete checkpoint at ``checkpoint`` (``FileNotFoundError`` otherwise)."""
+    found = CheckpointStorage(checkpoint.parent).open(checkpoint)
+    if found.problem is not None:
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint: {found.problem}")
+    return found
+
+
 def checkpoint_head_layout(checkpoint: Path) -> tuple[int, int]:
     """``(num_classes, num_subcenters)`` of the head saved in a trainer checkpoint."""
-    shards = CheckpointManager.read_meta(checkpoint)["shards"]
+    shards = _open(checkpoint).shard_infos("head")
     return sum(int(s["num_local"]) for s in shards), int(shards[0]["K"])
 
 
@@ -77,7 +82,8 @@ def load_checkpoint_subcenters(
 ) -> torch.Tensor:
     """Rows of classes ``[class_start, class_start + num_local)`` as ``(C_l, K, D)``,
     whatever world size saved the checkpoint (the trainer's resharding loader)."""
-    state, _ = CheckpointManager.load_head_shard(checkpoint, class_start, num_local, num_subcenters)
+    storage = CheckpointStorage(checkpoint.parent)
+    state, _ = storage.load_head_shard(_open(checkpoint), class_start, num_local, num_subcenters)
     if "weight" not in state:
         raise KeyError(f"{checkpoint}: the head state has no 'weight' (keys: {sorted(state)})")
     return state["weight"].reshape(num_local, num_subcenters, -1)
@@ -172,15 +178,18 @@ def clean_dataset(
     """:func:`partial_fc.subcenter_cleaning.find_outliers`, then rank 0 writes the outputs.
 
     A collective call when a process group spans several ranks; the arguments are
-    those of ``find_outliers`` (``device``: where its collectives run, default the
-    device of ``subcenters``) plus ``output_dir`` (created if needed).
+    those of ``find_outliers`` (``labels``: default ``dataset.labels()``; ``device``:
+    where its collectives run, default the device of ``subcenters``) plus ``output_dir``
+    (created if needed).
 
     Returns:
         the report (on every rank; the files are written by rank 0 only).
     """
+    if labels is None:
+        labels = dataset.labels()  # a bad label raises DataError naming its record
     found = find_outliers(
-        dataset, subcenters, num_classes, embed_fn, threshold_degrees, group,
-        batch_size, num_workers, labels, device,
+        dataset, labels, subcenters, num_classes, embed_fn, threshold_degrees, group,
+        batch_size, num_workers, device,
     )  # fmt: skip
     rank, world_size = rank_and_world_size(group)
     if rank == 0:
@@ -261,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (errors raise)."""
     args = _parser().parse_args(argv)
     from backbones import get_model, load_backbone_weights
-    from datasets.dataset import open_dataset
+    from datasets.discovery import open_dataset
 
     with distributed_command(args.device) as ctx:
         rank, world_size, device = ctx.rank, ctx.world_size, ctx.device

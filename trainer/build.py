@@ -9,26 +9,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from backbones import get_model
+from backbones import get_model, input_spec
 from common.dist import DistContext
 from common.rng import seed_everything
 from configs import Config, ConfigError, HeadConfig
 from datasets.errors import DataError
 from datasets.loader import FaceLoader
 from datasets.multi import WeightedDatasetSampler, dataset_table, open_datasets
-from datasets.pk_sampler import PKSampler, dataset_labels
-from datasets.transforms import IMAGE_SIZE
-from datasets.transforms import IMAGE_SIZE as size
+from datasets.pk_sampler import PKSampler
 from eval.verification import load_bin, verify_targets
-from partial_fc import (
-    ArcFace,
-    CombinedMargin,
-    CosFace,
-    PartialFC,
-    ShardedCenterLoss,
-    SphereFace,
-    TripletLoss,
-)
+from partial_fc import CombinedMargin, PartialFC, ShardedCenterLoss, TripletLoss, registry
 from trainer.finetune import freeze_backbone, init_new_run
 from trainer.loop import AuxLosses, Evaluator, Trainer
 from trainer.preflight import OutputDirError, checkpoint_bytes_estimate, probe_output
@@ -39,33 +29,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("trainer")
 
 
-def build_margin(cfg: HeadConfig) -> torch.nn.Module:
-    """The margin object of ``head.loss`` (with per-class margins from ``head.margins_file``)."""
-
-    if cfg.loss in ("adaface", "magface", "curricular", "elastic"):
-        return cfg.batch_margin()
-    margin = cfg.margins_file or cfg.margin
-    if cfg.loss == "arcface":
-        return ArcFace(
-            cfg.scale, margin, easy_margin=cfg.easy_margin, straight_through=cfg.straight_through
-        )
-    if cfg.loss == "cosface":
-        return CosFace(cfg.scale, margin, straight_through=cfg.straight_through)
-    if cfg.loss == "sphereface":
-        return SphereFace(
-            cfg.scale,
-            margin,
-            annealing=cfg.sphereface_annealing,
-            straight_through=cfg.straight_through,
-        )
-    return CombinedMargin(
-        cfg.scale,
-        cfg.m1,
-        cfg.margins_file or cfg.m2,
-        cfg.m3,
-        easy_margin=cfg.easy_margin,
-        straight_through=cfg.straight_through,
-    )
+def build_margin(cfg: HeadConfig) -> CombinedMargin:
+    """The margin object of ``head.loss``, from the margin registry (its options read from
+    ``head.*``; per-class margins from ``head.margins_file``)."""
+    return registry.build_margin(cfg.loss, vars(cfg), per_class=cfg.margins_file or None)
 
 
 _MATMUL_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -138,6 +105,14 @@ def build_backbone(cfg: Config) -> torch.nn.Module:
         raise ConfigError(f"model.kwargs: {exc}") from None
 
 
+def model_input_size(cfg: Config) -> int:
+    """The side of the images ``model.network`` reads (its registry entry's input spec)."""
+    try:
+        return input_spec(cfg.model.network).size
+    except ValueError as exc:
+        raise ConfigError(f"model.network: {exc}") from None
+
+
 def build_loader(cfg: Config, ctx: DistContext) -> FaceLoader:
     """The training loader; checks ``data.num_classes`` and ``data.num_images``.
 
@@ -200,7 +175,7 @@ def build_loader(cfg: Config, ctx: DistContext) -> FaceLoader:
         )
     if cfg.data.sampler == "pk":
         k = cfg.data.pk_images_per_identity
-        labels = dataset_labels(dataset)  # a bad label raises DataError naming its record
+        labels = dataset.labels()  # a bad label raises DataError naming its record
         try:
             sampler = PKSampler(
                 labels,
@@ -249,13 +224,14 @@ def build_evaluator(cfg: Config) -> Evaluator | None:
     """
     if not cfg.eval.targets:
         return None
+    side = model_input_size(cfg)
     import pickle
 
     targets = {}
     for name in cfg.eval.targets:
         path = resolve_target(cfg, name)
         try:
-            targets[Path(name).stem] = load_bin(str(path), image_size=(IMAGE_SIZE, IMAGE_SIZE))
+            targets[Path(name).stem] = load_bin(str(path), image_size=(side, side))
         except (ValueError, pickle.UnpicklingError, EOFError, OSError) as exc:
             message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
             raise ConfigError(f"eval.targets: {name!r}: {message}") from None
@@ -283,6 +259,7 @@ def check_embedding_size(backbone: torch.nn.Module, cfg: Config) -> None:
     """Run the backbone once on two blank images (eval mode, no gradient) and check
     that it produces ``model.embedding_size`` features, as the head expects."""
 
+    size = model_input_size(cfg)
     was_training = backbone.training
     backbone.eval()
     try:
@@ -345,12 +322,12 @@ def build_trainer(cfg: Config, ctx: DistContext) -> Trainer:
     freeze = freeze_backbone(backbone, cfg.model)  # before the optimizer and DDP see it
     if freeze.frozen_params and ctx.is_main:
         log.info(
-            "frozen: %d backbone parameters (stem%s, layout %s); %d BatchNorm layers in eval",
+            "frozen: %d backbone parameters (stem%s, %s); %d BatchNorm layers in eval",
             len(freeze.frozen_params),
             f" + {cfg.model.freeze_units} of {freeze.num_units} units"
             if cfg.model.freeze_units
             else "",
-            freeze.layout,
+            freeze.family,
             len(freeze.eval_norms or ()),
         )
     head = build_head(cfg, ctx.device)

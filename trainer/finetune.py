@@ -5,9 +5,8 @@
   :func:`backbones.weights.load_backbone_weights` (this project's or arcface_torch's
   names, DDP prefixes stripped).
 * :func:`freeze_backbone`: ``model.freeze_stem``, ``model.freeze_units`` and
-  ``model.freeze_bn_stats``. The stem and the residual units are found by parameter
-  name (:data:`LAYOUTS`: arcface_torch's names, which every backbone here uses), not
-  by network name, so any depth or width of a family is covered.
+  ``model.freeze_bn_stats``. The stem and the residual units are those of the network's
+  registry entry (:func:`backbones.registry.group_matcher`, by parameter name).
 * :func:`backbone_param_groups`: ``optimizer.backbone_lr_mult`` and
   ``optimizer.weight_decay_exclude_norm_bias`` as optimizer parameter groups.
 * :func:`imprint_head`: ``head.init=imprint``, one rank-parallel pass over the
@@ -21,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from backbones.groups import BackboneParts
 from backbones.norm import freeze_batchnorm
+from backbones.registry import group_matcher, model_family
 from backbones.weights import load_backbone_state, read_backbone_weights
 from common.dist import DistContext
 from configs import ConfigError, ModelConfig, OptimizerConfig
@@ -42,80 +42,18 @@ from partial_fc.imprint import ImprintAccumulator, imprint_
 log = logging.getLogger("trainer")
 
 
-# ----------------------------------------------------------------------- layouts
-@dataclass(frozen=True)
-class UnitLayout:
-    """How one backbone layout names its stem and its residual units.
-
-    ``stem`` full-matches the names (parameters and buffers) of the stem; each pattern
-    of ``units`` is tried in turn, and the first that full-matches a name gives, as its
-    group 1, the prefix of the unit the name belongs to. Units are ordered by their
-    first appearance in ``named_parameters()`` (registration order, which is forward
-    order in every backbone here).
-    """
-
-    name: str
-    stem: str
-    units: tuple[str, ...]
-
-    def part_of(self, name: str) -> str | None:
-        """``"stem"``, the unit prefix of ``name``, or ``None`` (neither)."""
-        if re.fullmatch(self.stem, name):
-            return "stem"
-        for pattern in self.units:
-            match = re.fullmatch(pattern, name)
-            if match:
-                return match.group(1)
-        return None
-
-
-#: Known layouts, tried in order (the first whose stem and units both match wins).
-#: Facts from arcface_torch's backbones: iresnet ``conv1``/``bn1``/``prelu`` then
-#: ``layer1..4.<i>``; MobileFaceNet ``layers.0`` (stem), then ``layers.1..7``, where a
-#: ``Residual`` holds its units as ``layers.<i>.layers.<j>`` (each a ``DepthWise`` of
-#: ``ConvBlock``s, whose own children are ``layers.<k>`` too: a unit inside a Residual
-#: has four ``layers`` levels down to a parameter); ViT ``patch_embed``/``pos_embed``,
-#: then ``blocks.<i>``.
-LAYOUTS: tuple[UnitLayout, ...] = (
-    UnitLayout("arcface_torch iresnet", r"(conv1|bn1|prelu)\.[^.]+", (r"(layer[1-4]\.\d+)\..+",)),
-    UnitLayout(
-        "arcface_torch mobilefacenet",
-        r"layers\.0\..+",
-        (r"(layers\.\d+\.layers\.\d+)\.layers\.\d+\.layers\.\d+\.[^.]+", r"(layers\.\d+)\..+"),
-    ),
-    UnitLayout("vit", r"(patch_embed\..+|pos_embed)", (r"(blocks\.\d+)\..+",)),
-)
-
-
-@dataclass(frozen=True)
-class BackboneParts:
-    """The stem and residual units of one backbone, found by :func:`backbone_parts`."""
-
-    layout: UnitLayout
-    stem: list[str]
-    """Parameter names of the stem."""
-    units: list[str]
-    """Unit prefixes in forward order (``units.3``, ``layer2.0``, ``blocks.7``, ...)."""
-
-
-def backbone_parts(names: Sequence[str], network: str = "the backbone") -> BackboneParts:
-    """Find the stem and the residual units among ``names`` (``named_parameters()``
-    order); raises :class:`ConfigError` naming ``model.freeze_*`` when no layout of
-    :data:`LAYOUTS` matches both."""
-    for layout in LAYOUTS:
-        stem = [n for n in names if layout.part_of(n) == "stem"]
-        units: dict[str, None] = {}
-        for n in names:
-            part = layout.part_of(n)
-            if part is not None and part != "stem":
-                units.setdefault(part, None)
-        if stem and units:
-            return BackboneParts(layout, stem, list(units))
-    raise ConfigError(
-        f"model.freeze_stem / model.freeze_units: cannot find the stem and residual units "
-        f"of {network} (its parameter names, e.g. {', '.join(list(names)[:4])}, match none "
-        f"of the known layouts: {', '.join(layout.name for layout in LAYOUTS)})"
-    )
+# ------------------------------------------------------------------------ parts
+def backbone_parts(names: Sequence[str], network: str) -> BackboneParts:
+    """The stem, units and head among ``names`` (``named_parameters()`` order) of model
+    ``network``, by its registry entry's :func:`backbones.registry.group_matcher`;
+    raises :class:`ConfigError` naming ``model.freeze_*`` for a name in none of them."""
+    try:
+        return group_matcher(network).parts(names)
+    except ValueError as exc:
+        raise ConfigError(
+            f"model.freeze_stem / model.freeze_units: cannot split model.network={network!r} "
+            f"into stem, units and head: {exc}"
+        ) from None
 
 
 # ---------------------------------------------------------------------- freezing
@@ -123,8 +61,9 @@ def backbone_parts(names: Sequence[str], network: str = "the backbone") -> Backb
 class FreezeReport:
     """What :func:`freeze_backbone` froze."""
 
-    layout: str | None = None
-    """Name of the layout used (``None`` when neither stem nor units were frozen)."""
+    family: str | None = None
+    """The model family whose parts were frozen (``None`` when neither stem nor units
+    were)."""
     num_units: int = 0
     """Residual units the backbone has (0 if not looked up)."""
     frozen_params: list[str] | None = None
@@ -145,12 +84,11 @@ def freeze_backbone(backbone: nn.Module, cfg: ModelConfig) -> FreezeReport:
     """
     report = FreezeReport()
     frozen_parts: set[str] = set()
-    layout: UnitLayout | None = None
-    if cfg.freeze_stem or cfg.freeze_units:
+    groups = group_matcher(cfg.network) if cfg.freeze_stem or cfg.freeze_units else None
+    if groups is not None:
         names = [n for n, _ in backbone.named_parameters()]
-        parts = backbone_parts(names, f"model.network={cfg.network!r}")
-        layout = parts.layout
-        report.layout, report.num_units = layout.name, len(parts.units)
+        parts = backbone_parts(names, cfg.network)
+        report.family, report.num_units = model_family(cfg.network), len(parts.units)
         if cfg.freeze_units > len(parts.units):
             raise ConfigError(
                 f"model.freeze_units={cfg.freeze_units}: model.network={cfg.network!r} has "
@@ -159,7 +97,7 @@ def freeze_backbone(backbone: nn.Module, cfg: ModelConfig) -> FreezeReport:
         frozen_parts = {"stem", *parts.units[: cfg.freeze_units]}
         report.frozen_params = []
         for name, param in backbone.named_parameters():
-            if layout.part_of(name) in frozen_parts:
+            if groups.group(name) in frozen_parts:
                 param.requires_grad_(False)
                 report.frozen_params.append(name)
         if not any(p.requires_grad for p in backbone.parameters()):
@@ -169,7 +107,7 @@ def freeze_backbone(backbone: nn.Module, cfg: ModelConfig) -> FreezeReport:
             )
 
     def frozen_norm(name: str) -> bool:
-        inside = layout is not None and layout.part_of(f"{name}.running_mean") in frozen_parts
+        inside = groups is not None and groups.group(f"{name}.running_mean") in frozen_parts
         return cfg.freeze_bn_stats or inside
 
     report.eval_norms = [

@@ -3,7 +3,7 @@
 :class:`Trainer` owns the parts of a run and orchestrates them; the maths of one
 optimizer step (gradient accumulation, loss scaling, clipping, the device-side skip of
 a non-finite step) is :class:`trainer.step.TrainStep`, and what a checkpoint holds and
-how it is restored is :class:`trainer.checkpointer.Checkpointer`.
+how it is restored is :class:`trainer.checkpoint.CheckpointManager`.
 :meth:`Trainer.train_step` runs one :class:`~trainer.step.TrainStep`, then steps every
 LR scheduler once and counts the step.
 
@@ -57,10 +57,11 @@ from datasets.augment import BatchAugment
 from datasets.errors import DataError
 from datasets.multi import resume_problem
 from trainer.amp import AmpPolicy
-from trainer.checkpoint import CheckpointError, CheckpointManager, write_error
-from trainer.checkpointer import (
+from trainer.checkpoint import (
     Attributes,
-    Checkpointer,
+    CheckpointError,
+    CheckpointManager,
+    CheckpointStorage,
     Fact,
     JsonList,
     ModuleState,
@@ -72,6 +73,7 @@ from trainer.checkpointer import (
     SchedulerStates,
     ShardedModule,
     nonfinite_parts,
+    write_error,
 )
 from trainer.finetune import backbone_param_groups
 from trainer.monitor import Monitor
@@ -151,6 +153,8 @@ class Trainer:
         aux: optional auxiliary losses (see :class:`AuxLosses`), weighted by ``cfg.aux``.
         amp: mixed-precision policy; default ``AmpPolicy(cfg.train.amp, ctx.device)``
             (the tests pass ``AmpPolicy(..., scaler_only=True)`` for fp16 scaling on CPU).
+        checkpoint_storage: where checkpoints are written and read; default
+            ``CheckpointStorage(<train.output>/checkpoints, ctx)``.
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class Trainer:
         evaluator: Evaluator | None = None,
         aux: AuxLosses | None = None,
         amp: AmpPolicy | None = None,
+        checkpoint_storage: CheckpointStorage | None = None,
     ) -> None:
         self.cfg = cfg
         self.ctx = ctx
@@ -233,7 +238,9 @@ class Trainer:
         self.last_lr = self.opt_head.param_groups[0]["lr"]
         self.history: list[dict[str, Any]] = []  # verification results by step
         self.monitor: Monitor | None = None  # while fit() runs
-        self.checkpointer = self._build_checkpointer()
+        self.checkpointer = self._build_checkpointer(
+            checkpoint_storage or CheckpointStorage(self.output / "checkpoints", ctx)
+        )
         self._last_saved = -1
         # The newest checkpoint known to hold finite values: the last one this run
         # saved (every save checks) or resumed from (every load checks).
@@ -250,7 +257,7 @@ class Trainer:
         self._stop = self.total_steps
         self.bad_streak = 0  # consecutive skipped (non-finite) steps
 
-    def _build_checkpointer(self) -> Checkpointer:
+    def _build_checkpointer(self, storage: CheckpointStorage) -> CheckpointManager:
         """Every stateful part of the run, under its on-disk name."""
         head, center = self.head, self.center
         sharded = {"head": ShardedModule(head, self.opt_head, head.num_subcenters)}
@@ -265,8 +272,8 @@ class Trainer:
         table = getattr(self.loader, "dataset_table", None)
         if callable(table):  # the data.root list and its label offsets (datasets/multi.py)
             facts["datasets"] = Fact(table(), "data.root", "{}", check=resume_problem)
-        return Checkpointer(
-            CheckpointManager(self.output / "checkpoints", self.ctx, self.cfg.checkpoint.keep_last),
+        return CheckpointManager(
+            storage,
             Attributes(self, ("step", "epoch")),
             replicated={
                 "backbone": ModuleState(self.backbone),
@@ -280,6 +287,7 @@ class Trainer:
             sharded=sharded,
             per_rank={"rng": RngState()},
             facts=facts,
+            keep_last=self.cfg.checkpoint.keep_last,
         )
 
     # ------------------------------------------------------------------ one step
@@ -528,7 +536,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write an atomic checkpoint of every part at the current step (collective:
-        all ranks call it); see :class:`~trainer.checkpointer.Checkpointer`. State
+        all ranks call it); see :class:`~trainer.checkpoint.CheckpointManager`. State
         holding a NaN or Inf is never saved: :class:`TrainingError` naming the last good
         checkpoint instead."""
         try:

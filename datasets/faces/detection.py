@@ -1,8 +1,8 @@
 """What every face detector returns, non-maximum suppression and the one-face policy.
 
 Coordinates are pixels of the image given to the detector. Landmarks use OpenCV's
-convention (what ``cv2.warpAffine`` and :func:`datasets.align.align_face` expect): pixel
-``(i, j)`` has its centre at ``x = j, y = i``. Boxes ``(x1, y1, x2, y2)`` are the corners
+convention (what ``cv2.warpAffine`` and :func:`datasets.faces.align.align_face` expect):
+pixel ``(i, j)`` has its centre at ``x = j, y = i``. Boxes ``(x1, y1, x2, y2)`` are the corners
 of the area they cover, in the same coordinates: pixel ``j`` covers ``[j - 0.5, j + 0.5)``,
 so a box around pixels 10..19 has ``x1 = 9.5, x2 = 19.5`` and ``x2 - x1`` is its width in
 pixels. The image spans ``[-0.5, W - 0.5]``.
@@ -28,7 +28,7 @@ class Detections:
         scores: float64 ``(K,)`` face probability in ``[0, 1]``.
         landmarks: float64 ``(K, 5, 2)`` ``x, y`` of the left eye, right eye, nose tip,
             left and right mouth corners ("left" = smaller ``x`` in the image), the
-            order of :data:`datasets.align.ARCFACE_TEMPLATE`.
+            order of :data:`datasets.faces.align.ARCFACE_TEMPLATE`.
     """
 
     boxes: np.ndarray

@@ -1,7 +1,8 @@
 """Five-point face alignment onto the standard 112x112 ArcFace template.
 
-The one home of the alignment: IJB evaluation (``eval.align`` re-exports it) and the
-raw-photo preparation (``datasets.prepare``, ``eval.compare``, ``eval.embed``) use it.
+The one home of the alignment: the face finder (:mod:`datasets.faces.finder`, for
+``datasets.prepare``, ``eval.compare`` and ``eval.embed``) and IJB evaluation
+(:mod:`eval.ijb_data`) use it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from common.face_input import ARCFACE_INPUT
+
+#: Side of the square frame :data:`ARCFACE_TEMPLATE` is given in (a fact of the template).
+TEMPLATE_FRAME = 112.0
 #: Left eye, right eye, nose tip, left and right mouth corners, in 112x112 pixels.
 ARCFACE_TEMPLATE = np.array(
     [
@@ -56,7 +61,9 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def align_face(
-    image: np.ndarray, landmarks: np.ndarray, size: tuple[int, int] = (112, 112)
+    image: np.ndarray,
+    landmarks: np.ndarray,
+    size: tuple[int, int] = (ARCFACE_INPUT.size, ARCFACE_INPUT.size),
 ) -> np.ndarray:
     """Warp ``image`` so that its 5 ``landmarks`` land on :data:`ARCFACE_TEMPLATE`.
 
@@ -68,6 +75,6 @@ def align_face(
         ``(size[0], size[1], C)`` aligned crop (bilinear, black border).
     """
     pts = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
-    template = ARCFACE_TEMPLATE * np.array([size[1] / 112.0, size[0] / 112.0])
+    template = ARCFACE_TEMPLATE * np.array([size[1] / TEMPLATE_FRAME, size[0] / TEMPLATE_FRAME])
     m = similarity_transform(pts, template)
     return cv2.warpAffine(image, m, (size[1], size[0]), borderValue=0.0)

@@ -28,15 +28,18 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from datasets.align import align_face
-from datasets.detect import POLICIES, Detections, FaceDetector, choose_face, open_detector
-from datasets.photos import (
+from common.face_input import ARCFACE_INPUT
+from datasets.faces.align import align_face
+from datasets.faces.detection import POLICIES, Detections, FaceDetector, choose_face
+from datasets.faces.mtcnn import MTCNN
+from datasets.faces.photos import (
     DEFAULT_MAX_PIXELS,
     PhotoError,
     decode_photo,
     max_bytes_for,
     read_photo_bytes,
 )
+from datasets.faces.scrfd import SCRFD
 
 REASONS = (
     "unreadable",
@@ -47,6 +50,17 @@ REASONS = (
     "low_score",
     "several_faces",
 )
+
+
+def open_detector(spec: str, *, min_face_size: float = 20.0, threads: int = 1) -> FaceDetector:
+    """``"mtcnn"`` (searching faces from ``min_face_size`` pixels up) or the path of an
+    insightface SCRFD / RetinaFace ``.onnx`` file (which finds faces of any size its
+    640x640 input resolves)."""
+    if spec == "mtcnn":
+        return MTCNN(min_face_size=max(20.0, float(min_face_size)), threads=threads)
+    if spec.lower().endswith(".onnx"):
+        return SCRFD(spec, threads=threads)
+    raise ValueError(f"detector must be 'mtcnn' or an insightface .onnx file, got {spec!r}")
 
 
 @dataclass(frozen=True)
@@ -77,7 +91,7 @@ class FaceOptions:
     min_size: float = 40.0
     min_score: float | None = None
     max_side: int = 1280
-    image_size: int = 112
+    image_size: int = ARCFACE_INPUT.size
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datasets.detect.common import Detections, nms
+from datasets.faces.detection import Detections, nms
 
 DEFAULT_INPUT = (640, 640)
 #: Largest input side accepted (the canvas is allocated per photo: 4096x4096 is 200 MB
