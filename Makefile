@@ -18,9 +18,20 @@ $(STAMP): requirements.txt requirements-test.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
 	touch $@
 
+# The optional experiment trackers (mlflow, wandb), for `make test` only (training, the
+# demo and TensorBoard do not need them). A constraint holds torch at its pin: pip
+# refuses rather than replacing it. If they cannot be installed, tests/test_tracking.py
+# skips its backend tests and says why.
+TRACKING_STAMP := $(VENV)/.tracking-stamp
+$(TRACKING_STAMP): requirements-tracking.txt | $(STAMP)
+	echo "torch==2.13.0" > $(VENV)/torch-constraint.txt
+	$(BIN)/python -m pip install --quiet -r requirements-tracking.txt -c $(VENV)/torch-constraint.txt \
+	  || echo "warning: mlflow/wandb not installed; tests/test_tracking.py skips their tests"
+	touch $@
+
 # The GPU check's CPU smoke run comes first (so that bench/gpu_check/ never rots),
 # and pytest's summary is the last thing printed.
-test: $(STAMP)
+test: $(STAMP) $(TRACKING_STAMP)
 	$(MAKE) --no-print-directory gpu-check-smoke
 	$(BIN)/python -m pytest
 

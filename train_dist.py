@@ -199,7 +199,7 @@ def _claim_output(cfg: Config) -> tuple[OwnedDir | None, str | None, BaseExcepti
         failure = expected_failure(exc)
         return (None, failure[1], None) if failure else (None, "rank 0 failed", exc)
     try:
-        if cfg.log.tensorboard:
+        if "tensorboard" in cfg.log.active_backends():
             probe_tensorboard(output)
     except Exception as exc:
         owned.close()
@@ -229,7 +229,7 @@ def _written(cfg: Config) -> list[str]:
     that exist, TensorBoard's directory only when ``log.tensorboard`` is on."""
     output = Path(cfg.train.output)
     candidates = ["config.json", "train.log", "checkpoints/", "backbone.pt"]
-    if cfg.log.tensorboard:
+    if "tensorboard" in cfg.log.active_backends():
         candidates.insert(2, "tensorboard/")
     if cfg.eval.targets:
         candidates.append("verification.json")

@@ -639,6 +639,10 @@ class EvalConfig(Section):
         )
 
 
+#: The experiment trackers ``log.backends`` may name (``trainer.tracking``'s registry).
+LOG_BACKENDS = ("tensorboard", "mlflow", "wandb")
+
+
 @dataclass
 class LogConfig(Section):
     """Rank-0 logging."""
@@ -647,9 +651,34 @@ class LogConfig(Section):
     every_steps: Annotated[int, Range(gt=0)] = 50
     """Log a line (and TensorBoard scalars) every this many optimizer steps."""
     tensorboard: bool = True
-    """Write TensorBoard scalars under ``<train.output>/tensorboard``."""
+    """Write TensorBoard scalars under ``<train.output>/tensorboard`` when ``tensorboard``
+    is in ``log.backends`` (false turns it off there: the switch of earlier versions)."""
     progress_bar: bool = True
     """Show a tqdm progress bar, only when stderr is a terminal."""
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers rank 0 logs to, any subset of ``tensorboard``, ``mlflow``,
+    ``wandb`` (``log.backends=[tensorboard,mlflow]``; ``[]``: none). Each gets the
+    flattened config, the step metrics, the verification results and, at the end, the
+    exported weights and model folder (docs/training.md, "Experiment tracking")."""
+    mlflow_uri: str = ""
+    """MLflow tracking URI (``file:/path``, ``sqlite:///path.db``, ``http://host:5000``);
+    empty: ``file:<train.output>/mlruns``. A resumed run continues the same MLflow run."""
+    experiment: str = ""
+    """MLflow experiment and W&B project name; empty: the config's ``name``."""
+
+    def active_backends(self) -> list[str]:
+        """``backends`` without ``tensorboard`` when ``log.tensorboard`` is false."""
+        return [b for b in self.backends if b != "tensorboard" or self.tensorboard]
+
+    def check_rules(self) -> None:
+        _check(
+            isinstance(self.backends, list)
+            and all(b in LOG_BACKENDS for b in self.backends)
+            and len(set(self.backends)) == len(self.backends),
+            "log.backends",
+            f"must be a list of distinct names among {', '.join(LOG_BACKENDS)}",
+            self.backends,
+        )
 
 
 @dataclass

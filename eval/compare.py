@@ -12,12 +12,15 @@ already aligned), then :func:`eval.faces.embed_aligned` (flip-test embedding,
 L2-normalised). Prints the cosine similarity and, given a threshold, ``same person``
 (similarity above it) or ``different people``.
 
-The threshold is ``--threshold`` or is calibrated on a verification ``.bin`` (LFW
-format): the pairs' squared distances ``2 - 2 cos`` of flip-test embeddings, the
-distance at which the impostor pairs' false-accept rate reaches ``--far`` on the grid
-``0, 0.001, ..., 3.999`` (linear interpolation between the grid points that bracket it:
-:func:`eval.metrics.threshold_at_far`, the rule of the protocol's VAL@FAR), as a cosine
-``1 - d / 2``.
+The threshold is ``--threshold``, or is calibrated on the spot on a verification
+``.bin`` given by ``--calibrate-bin`` (LFW format: the pairs' squared distances
+``2 - 2 cos`` of flip-test embeddings, the distance at which the impostor pairs'
+false-accept rate reaches ``--far`` on the grid ``0, 0.001, ..., 3.999``, linearly
+interpolated between the grid points that bracket it: :func:`eval.metrics.threshold_at_far`,
+the rule of the protocol's VAL@FAR, as a cosine ``1 - d / 2``). Without either, the
+model's calibration ``<model>.calibration.json`` written once by ``eval.calibrate`` is
+used by default (its entry at ``--far``, else the closest), and the output names it; one
+made for another model file (by SHA-256) is refused, naming both hashes.
 
 Failures are one line naming the photo, the model or the file (exit code 1; 2 for a bad
 option): a photo without a face (:class:`NoFaceError`), a model that does not load or
@@ -32,127 +35,24 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from common.cli import run_main
-from common.errors import UserError
-from common.face_input import ARCFACE_INPUT
 from datasets.faces.arguments import add_face_arguments
-from datasets.faces.finder import FaceFinder, FaceResult
-from datasets.faces.photos import PhotoError, read_photo
-from eval.bin_io import BinFileError, load_bin
-from eval.extract import Embedder
-from eval.faces import embed_aligned, finder_options, open_model, printable, resize_crop
-from eval.jsonio import write_json
-from eval.metrics import VAL_THRESHOLDS_STEP, pair_distances, threshold_at_far
-from eval.onnx_infer import add_input_arguments, input_options
+from eval.calibrate import pick_entry, read_calibration
+from eval.errors import NoFaceError
+from eval.onnx_options import add_input_arguments, input_options
 
-
-class NoFaceError(UserError, ValueError):
-    """A photo gave no face to compare: ``<photo>: <reason>: <detail>``."""
-
-
-@dataclass
-class Calibration:
-    """A cosine threshold calibrated on a ``.bin`` at a target false-accept rate.
-
-    Attributes:
-        threshold: cosine similarity above which two faces are the same person.
-        far_target: the false-accept rate asked for.
-        far: the rate measured on the ``.bin``'s impostor pairs at ``threshold``.
-        tar: the true-accept rate measured on its genuine pairs (None without any).
-        genuine, impostor: pair counts.
-        name: the ``.bin``'s name.
-    """
-
-    threshold: float
-    far_target: float
-    far: float
-    tar: float | None
-    genuine: int
-    impostor: int
-    name: str
-
-
-def calibrate(
-    embed: Embedder,
-    bin_path: str | os.PathLike[str],
-    far: float,
-    image_size: int = ARCFACE_INPUT.size,
-    batch_size: int = 64,
-) -> Calibration:
-    """The cosine threshold at which impostor pairs of ``bin_path`` reach ``far`` (see
-    the module docstring). Raises :class:`~eval.bin_io.BinFileError` if the ``.bin`` has
-    no impostor pairs, :class:`~eval.errors.NonFiniteEmbeddingError` naming its images."""
-    path = os.fspath(bin_path)
-    pairs = load_bin(bin_path, (image_size, image_size))
-    same = np.asarray(pairs.issame, dtype=bool)
-    if not (~same).any():
-        raise BinFileError(f"{path}: no impostor pairs to calibrate a FAR on")
-    crops = pairs.images.numpy().transpose(0, 2, 3, 1)[..., ::-1]  # RGB NCHW -> BGR NHWC
-    names = [f"{printable(path)}: bins[{i}]" for i in range(len(crops))]
-    emb = embed_aligned(embed, np.ascontiguousarray(crops), batch_size, names=names)
-    dist = pair_distances(emb.astype(np.float64))
-    thresholds = np.arange(0, 4, VAL_THRESHOLDS_STEP)
-    impostor = np.sort(dist[~same])
-    far_curve = np.searchsorted(impostor, thresholds, side="left") / impostor.size
-    t = threshold_at_far(thresholds, far_curve, far)
-    return Calibration(
-        threshold=1.0 - t / 2.0,
-        far_target=far,
-        far=float(np.mean(dist[~same] < t)),
-        tar=float(np.mean(dist[same] < t)) if same.any() else None,
-        genuine=int(same.sum()),
-        impostor=int((~same).sum()),
-        name=printable(pairs.name),
-    )
-
-
-def face_of(finder: FaceFinder | None, path: str, image_size: int) -> FaceResult:
-    """The aligned face of one photo (``finder=None``: the photo is an aligned crop)."""
-    if finder is None:
-        try:
-            crop = resize_crop(read_photo(path), image_size)
-        except PhotoError as exc:
-            raise NoFaceError(str(exc)) from exc
-        return FaceResult(None, crop=crop, photo_size=crop.shape[:2])
-    r = finder.find_file(path)
-    if not r.ok:
-        raise NoFaceError(f"{path}: {r.reason}: {r.detail}")
-    return r
-
-
-def compare(
-    embed: Embedder, finder: FaceFinder | None, a: str, b: str, image_size: int = ARCFACE_INPUT.size
-) -> tuple[float, FaceResult, FaceResult]:
-    """``(cosine similarity, face of a, face of b)``.
-
-    Raises:
-        NoFaceError: a photo without a face.
-        NonFiniteEmbeddingError: the model gave NaN or infinity (names it and the photo).
-    """
-    fa, fb = face_of(finder, a, image_size), face_of(finder, b, image_size)
-    assert fa.crop is not None and fb.crop is not None
-    emb = embed_aligned(embed, np.stack([fa.crop, fb.crop]), names=[printable(a), printable(b)])
-    return float(np.dot(emb[0].astype(np.float64), emb[1].astype(np.float64))), fa, fb
-
-
-def _describe(path: str, r: FaceResult, policy: str) -> str:
-    path = printable(path)
-    if r.box is None:
-        return f"{path}: aligned crop"
-    box = ",".join(f"{v:.0f}" for v in r.box)
-    several = f"; {r.faces} faces, kept the {policy} one" if r.faces > 1 else ""
-    return f"{path}: face score {r.score:.3f} at box {box}{several}"
+__all__ = ["NoFaceError", "main"]
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m eval.compare",
-        description="Cosine similarity of the faces of two photos, and same/different.",
+        description="Cosine similarity of the faces of two photos, and same/different "
+        "(threshold: --threshold, --calibrate-bin, else by default the model's calibration "
+        "<model>.calibration.json from eval.calibrate).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("photo_a")
     p.add_argument("photo_b")
@@ -161,12 +61,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--threshold", type=float, help="cosine similarity above which: same")
     how.add_argument("--calibrate-bin", help="calibrate the threshold on this .bin (LFW format)")
-    p.add_argument("--far", type=float, default=1e-3, help="false-accept rate to calibrate at")
+    p.add_argument(
+        "--far",
+        type=float,
+        default=1e-3,
+        help="false-accept rate: of the model's calibration, or to calibrate at",
+    )
     p.add_argument("--aligned", action="store_true", help="the photos are aligned crops")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--batch-size", type=int, default=64, help="for --calibrate-bin")
     p.add_argument("--json", help="also write the result here")
-    add_face_arguments(p, min_size=20.0)
+    add_face_arguments(p)
     add_input_arguments(p)
     args = p.parse_args(argv)
     if args.threshold is not None and not -1 <= args.threshold <= 1:
@@ -183,7 +88,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns what it printed, as a dict (``--json``'s content)."""
     args = _parse_args(argv)
+    from datasets.faces.finder import FaceFinder
+    from eval.faces import finder_options, open_model, printable
+    from eval.jsonio import write_json
+    from eval.photo_pairs import calibrate, compare, describe_face
+
     embed, size = open_model(args.model, args.network, args.device, input_options(args))
+    if hasattr(embed, "describe"):
+        print(embed.describe(), file=sys.stderr)  # the input convention, and where from
+    record = None
+    if args.threshold is None and not args.calibrate_bin:
+        record = read_calibration(args.model)  # before any work: refuses another model's
     finder = None if args.aligned else FaceFinder(finder_options(args, size, args.model))
     sim, fa, fb = compare(embed, finder, args.photo_a, args.photo_b, size)
     out: dict[str, Any] = {
@@ -199,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "landmarks": [float(v) for v in r.landmarks.ravel()],
                 "faces": r.faces,
             }
-    print(_describe(args.photo_a, fa, args.policy))
-    print(_describe(args.photo_b, fb, args.policy))
+    print(describe_face(args.photo_a, fa, args.policy))
+    print(describe_face(args.photo_b, fb, args.policy))
     print(f"similarity {sim:.4f}")
     threshold = args.threshold
     if args.calibrate_bin:
@@ -219,11 +134,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "the threshold is interpolated, not measured",
                 file=sys.stderr,
             )
+    elif record is not None:
+        entry = pick_entry(record, args.far)
+        threshold = float(entry["threshold"])
+        out["calibration"] = {"file": printable(record["path"]), "bin": record["bin"], **entry}
+        tar = "n/a" if entry.get("tar") is None else f"{entry['tar']:.4f}"
+        print(
+            f"threshold {threshold:.4f}: calibration {printable(record['path'])} at target "
+            f"FAR {entry['far_target']:g} (measured FAR {entry['far']:.6f}, TAR {tar}; "
+            f"{entry['genuine']} genuine, {entry['impostor']} impostor pairs of "
+            f"{printable(record['bin'])})"
+        )
+        if entry.get("few_impostors"):
+            print(
+                f"note: the calibration at FAR {entry['far_target']:g} rests on too few "
+                f"impostor pairs ({entry['impostor']})",
+                file=sys.stderr,
+            )
     elif threshold is not None:
         print(f"threshold {threshold:.4f} (given)")
     if threshold is None:
         out["same"] = None
-        print("no threshold: give --threshold or --calibrate-bin for a same/different answer")
+        print(
+            "no threshold: give --threshold or --calibrate-bin, or calibrate the model once "
+            "(python -m eval.calibrate) for a same/different answer"
+        )
     else:
         out["threshold"] = threshold
         out["same"] = bool(sim > threshold)

@@ -30,8 +30,10 @@ column         type                        content
 =============  ==========================  ==============================================
 
 The file's schema metadata holds ``model``, ``network``, ``embedding_size``,
-``image_size`` and the face options (JSON). The file is written atomically; ``--out``'s
-directory is checked before any work. Only rows with a finite embedding count as
+``image_size``, the face options (JSON) and, for an ONNX model, ``input_convention``
+(JSON: mean, std, colour, layout, size and where each came from, as printed on
+stderr). The file is written atomically; ``--out``'s directory is checked before any
+work. Only rows with a finite embedding count as
 embedded.
 """
 
@@ -189,6 +191,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m eval.embed",
         description="One row per photo of DIR: path, flip-test embedding, detection "
         "score and 5 landmarks, to Parquet.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("dir")
     p.add_argument("--model", required=True, help="ONNX file, or a backbone checkpoint")
@@ -198,7 +201,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="processes detecting faces")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--no-progress", action="store_true")
-    add_face_arguments(p, min_size=20.0)
+    add_face_arguments(p)
     add_input_arguments(p)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.workers < 1:
@@ -216,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     not finite, the file written."""
     args = _parse_args(argv)
     embed, size = open_model(args.model, args.network, args.device, input_options(args))
+    convention = embed.convention() if hasattr(embed, "convention") else None
+    if convention is not None:
+        print(embed.describe(), file=sys.stderr)  # type: ignore[attr-defined]
     options = finder_options(args, size, args.model)
     paths, results, emb = embed_folder(
         args.dir,
@@ -231,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "image_size": str(size),
         "face_options": dumps(options.as_dict(), indent=None, source="face options"),
     }
+    if convention is not None:  # an ONNX model's input convention, and where it came from
+        meta["input_convention"] = dumps(convention, indent=None, source="input convention")
     write_parquet(args.out, paths, results, emb, meta)
     n = sum(r.ok for r in results)
     bad = sum(r.reason == NON_FINITE for r in results)

@@ -4,8 +4,8 @@ Each derives from :class:`common.errors.UserError` (exit code 1) or
 :class:`common.errors.UsageError` (a bad option, exit code 2), together with the builtin
 it refines (``ValueError``), so that ``except ValueError`` keeps working and
 :func:`common.cli.run_main` prints it as one line. The others live next to what they
-describe: :class:`eval.bin_io.BinFileError`, :class:`eval.compare.NoFaceError`,
-:class:`eval.export_onnx.ParityError`, :class:`eval.ijb_data.IJBDataError`.
+describe: :class:`eval.bin_io.BinFileError`, :class:`eval.export_onnx.ParityError`,
+:class:`eval.ijb_data.IJBDataError`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ class ModelError(UserError, ValueError):
 
 class EvalUsageError(UsageError, ValueError):
     """A bad option value of an evaluation command (exit code 2); names the option."""
+
+
+class NoFaceError(UserError, ValueError):
+    """A photo gave no face to compare: ``<photo>: <reason>: <detail>`` (here, not in
+    ``eval.compare``, so that the command imports nothing heavy before parsing)."""
 
 
 def _listed(items: Sequence[str], most: int = 3) -> str:

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import torch
 
+from backbones.pretrained import folder_input_spec, read_model_config
 from backbones.registry import input_spec
 from common.dist import resolve_device
 from datasets.faces.arguments import face_options
@@ -46,7 +47,8 @@ def open_model(
 ) -> tuple[Embedder, int]:
     """``(embedder, input side)`` of ``model``: an ONNX file (``*.onnx``: ours or anyone's;
     its input convention is read as :class:`eval.onnx_infer.OnnxEmbedder` documents, with
-    ``onnx_input`` overrides) or a backbone checkpoint, which needs ``network`` (input 112).
+    ``onnx_input`` overrides), a model folder (``eval.export``; network and input side from
+    its ``config.json``) or a backbone checkpoint, which needs ``network`` (input 112).
 
     Raises:
         ModelError: a file that does not load, or an ONNX input that is not square.
@@ -55,6 +57,13 @@ def open_model(
         FileNotFoundError: no such file.
     """
     path = os.fspath(model)
+    if os.path.isdir(path):  # a model folder (eval.export): its config names the network
+        if any(v is not None for v in (onnx_input or {}).values()):
+            raise EvalUsageError(f"--model {path}: --input-* options apply to ONNX models only")
+        check_device(device)
+        dev = str(resolve_device(device, 0))
+        side = folder_input_spec(read_model_config(path), path).size
+        return make_embedder(checkpoint=path, device=dev), side
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--model {path}: no such file")
     check_device(device)

@@ -23,6 +23,13 @@ writes ``<target>_scores.npy`` (one float64 score per line of the pair file,
 in order), ``<target>_roc.png`` and ``<target>_result.json`` (TAR@FAR table)
 to the output directory and prints the table.
 
+``--protocol 1n`` runs IJB-B/C 1:N identification instead (docs/eval.md, "IJB-B/C 1:N
+identification"): the same face features and template pooling; the mixed probe templates
+are searched in the gallery G1 + G2 (S1 + S2 for IJB-B) in bounded-memory chunks
+(:func:`eval.search.mate_search`); TPIR at FPIR 1e-2 / 1e-1 and rank-1/5/10 as
+insightface's ``ijb_1n.py`` reads them; writes ``<target>_1n_result.json``,
+``<target>_1n_cmc.png`` and ``<target>_1n_ranks.npz``.
+
 No answer comes from non-finite numbers: the meta files are validated as they are read
 (:func:`eval.ijb_data.read_ijb_meta`: finite faceness and landmarks, labels 0/1, both
 genuine and impostor pairs), a NaN or infinite embedding is a
@@ -60,11 +67,29 @@ from eval.extract import (
     normalize_pixels,
     rank_slice,
 )
-from eval.ijb_data import IJBDataError, IJBMeta, check_pairs, load_aligned, read_ijb_meta
+from eval.ijb_data import (
+    IJB1NMeta,
+    IJBDataError,
+    IJBMeta,
+    check_pairs,
+    load_aligned,
+    read_1n_meta,
+    read_ijb_meta,
+)
 from eval.jsonio import write_json
-from eval.metrics import IJB_FAR_TARGETS, roc_curve, tar_at_far
+from eval.metrics import (
+    IJB_CMC_RANKS,
+    IJB_FAR_TARGETS,
+    IJB_FPIR_TARGETS,
+    cmc_curve,
+    nonmates_needed,
+    roc_curve,
+    tar_at_far,
+    tpir_at_fpir,
+)
 from eval.onnx_infer import add_input_arguments, input_options
-from eval.plot import save_roc_png
+from eval.plot import save_cmc_png, save_roc_png
+from eval.search import mate_search
 
 
 def image_features(
@@ -240,6 +265,47 @@ class IJBResult:
     tar_at_far: dict[float, float]
 
 
+def face_features(
+    model: nn.Module | Embedder,
+    meta: IJBMeta,
+    *,
+    batch_size: int = 128,
+    flip: bool = True,
+    faceness: bool = True,
+    workers: int = 4,
+    progress: bool = True,
+    group: dist.ProcessGroup | None = None,
+) -> np.ndarray:
+    """Every face's feature as both protocols use it: flip-test embedding (``flip``) times
+    the faceness score (``faceness``), not normalised; float32 ``(N, D)``, all finite.
+
+    Raises:
+        IJBDataError: a non-finite faceness score (names the image).
+        NonFiniteEmbeddingError: the model gave NaN or infinity (names the image).
+    """
+    if faceness and not np.isfinite(meta.faceness).all():
+        i = int(np.argmax(~np.isfinite(meta.faceness)))
+        raise IJBDataError(
+            f"{meta.image_path(i)}: faceness score {meta.faceness[i]} is not a finite number"
+        )
+    kwargs = {"flip": flip, "workers": workers, "progress": progress, "group": group}
+    if isinstance(model, nn.Module):
+        with eval_mode(model):
+            feats = image_features(module_embedder(model), meta, batch_size, **kwargs)
+        name = ""
+    else:
+        feats = image_features(model, meta, batch_size, **kwargs)
+        name = embedder_name(model)
+    if faceness:
+        feats = feats * meta.faceness[:, None]
+    finite = np.isfinite(feats).all(axis=1)
+    if not finite.all():  # an unchecked embedder, or a flip/faceness product overflowed
+        rows = np.flatnonzero(~finite).tolist()
+        names = [meta.image_path(r) for r in rows]
+        raise NonFiniteEmbeddingError(name, rows, len(finite), None, names)
+    return feats
+
+
 def evaluate_ijb(
     model: nn.Module | Embedder,
     meta: IJBMeta,
@@ -265,26 +331,16 @@ def evaluate_ijb(
     """
     source = meta.pairs_file or f"{meta.root} (pair list)"
     check_pairs(meta.labels, source)
-    if faceness and not np.isfinite(meta.faceness).all():
-        i = int(np.argmax(~np.isfinite(meta.faceness)))
-        raise IJBDataError(
-            f"{meta.image_path(i)}: faceness score {meta.faceness[i]} is not a finite number"
-        )
-    kwargs = {"flip": flip, "workers": workers, "progress": progress, "group": group}
-    if isinstance(model, nn.Module):
-        with eval_mode(model):
-            feats = image_features(module_embedder(model), meta, batch_size, **kwargs)
-        name = ""
-    else:
-        feats = image_features(model, meta, batch_size, **kwargs)
-        name = embedder_name(model)
-    if faceness:
-        feats = feats * meta.faceness[:, None]
-    finite = np.isfinite(feats).all(axis=1)
-    if not finite.all():  # an unchecked embedder, or a flip/faceness product overflowed
-        rows = np.flatnonzero(~finite).tolist()
-        names = [meta.image_path(r) for r in rows]
-        raise NonFiniteEmbeddingError(name, rows, len(finite), None, names)
+    feats = face_features(
+        model,
+        meta,
+        batch_size=batch_size,
+        flip=flip,
+        faceness=faceness,
+        workers=workers,
+        progress=progress,
+        group=group,
+    )
     ids, tfeats = template_features(feats, meta.templates, meta.medias)
     scores = pair_scores(ids, tfeats, meta.pair_t1, meta.pair_t2, chunk_size, progress=progress)
     bad = ~np.isfinite(scores)
@@ -336,9 +392,186 @@ def write_outputs(result: IJBResult, output_dir: str, target: str) -> dict[str, 
     return paths
 
 
+#: The highest rank the 1:N CMC curve is written to.
+CMC_MAX_RANK = 100
+
+
+@dataclass
+class IJB1NResult:
+    """Scores and metrics of one IJB 1:N (closed-set identification) evaluation.
+
+    Attributes:
+        probe_templates: ``(P,)`` probe template ids, ascending.
+        gallery_templates: ``(G,)`` gallery template ids (G1 then G2, each ascending).
+        mates: ``(P,)`` the gallery row of each probe's subject.
+        mate_scores: ``(P,)`` each probe's score with its mate.
+        ranks: ``(P,)`` the mate's rank (1 = first; ties go to the earlier gallery row).
+        cmc: ``(min(G, CMC_MAX_RANK),)`` identification rate at rank 1, 2, ...
+        rank_k: ``{k: rate}`` for ranks 1, 5, 10.
+        tpir_at_fpir: ``{fpir: (tpir, threshold)}`` for FPIR 1e-2 and 1e-1.
+    """
+
+    probe_templates: np.ndarray
+    gallery_templates: np.ndarray
+    mates: np.ndarray
+    mate_scores: np.ndarray
+    ranks: np.ndarray
+    cmc: np.ndarray
+    rank_k: dict[int, float]
+    tpir_at_fpir: dict[float, tuple[float, float]]
+
+
+def mate_rows(probe_subjects: np.ndarray, gallery_subjects: np.ndarray, source: str) -> np.ndarray:
+    """The gallery row of each probe's subject; :class:`IJBDataError` naming ``source`` when
+    a subject is in the gallery not exactly once (as the reference requires)."""
+    order = np.argsort(gallery_subjects, kind="stable")
+    sorted_subjects = gallery_subjects[order]
+    lo = np.searchsorted(sorted_subjects, probe_subjects, side="left")
+    hi = np.searchsorted(sorted_subjects, probe_subjects, side="right")
+    bad = (hi - lo) != 1
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise IJBDataError(
+            f"{source}: probe subject {int(probe_subjects[i])} has {int(hi[i] - lo[i])} "
+            f"templates in the galleries ({int(bad.sum())} of {bad.size} probes); closed-set "
+            "identification needs exactly one"
+        )
+    return order[lo]
+
+
+def identification(
+    gallery: np.ndarray,
+    probes: np.ndarray,
+    mates: np.ndarray,
+    *,
+    gallery_chunk: int = 4096,
+    probe_chunk: int = 1024,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, float], dict[float, tuple[float, float]]]:
+    """``(mate_scores, ranks, cmc, rank_k, tpir_at_fpir)`` of unit template features
+    (chunked: :func:`eval.search.mate_search`)."""
+    need = nonmates_needed(len(probes), IJB_FPIR_TARGETS)
+    mate_scores, ranks, top = mate_search(
+        gallery, probes, mates, need, gallery_chunk=gallery_chunk, probe_chunk=probe_chunk
+    )
+    cmc = cmc_curve(ranks, min(len(gallery), CMC_MAX_RANK))
+    rank_k = {k: float(np.mean(ranks <= k)) for k in IJB_CMC_RANKS}
+    return mate_scores, ranks, cmc, rank_k, tpir_at_fpir(mate_scores, top, IJB_FPIR_TARGETS)
+
+
+def evaluate_ijb_1n(
+    model: nn.Module | Embedder,
+    meta: IJBMeta,
+    sets: IJB1NMeta,
+    *,
+    batch_size: int = 128,
+    flip: bool = True,
+    faceness: bool = True,
+    workers: int = 4,
+    chunk_size: int = 4096,
+    progress: bool = True,
+    group: dist.ProcessGroup | None = None,
+) -> IJB1NResult:
+    """The 1:N protocol: the mixed probe templates searched in the gallery G1 + G2 (S1 + S2
+    for IJB-B), templates pooled exactly as in 1:1 (:func:`template_features`).
+
+    Raises:
+        IJBDataError: a probe subject without exactly one gallery template, a
+            non-finite faceness score or template score.
+        NonFiniteEmbeddingError: the model gave NaN or infinity (names the image).
+    """
+    g_templates = np.concatenate([t for t, _ in sets.galleries.values()])
+    g_subjects = np.concatenate([s for _, s in sets.galleries.values()])
+    mates = mate_rows(sets.probe_subjects, g_subjects, sets.files["probe"])
+    feats = face_features(
+        model,
+        meta,
+        batch_size=batch_size,
+        flip=flip,
+        faceness=faceness,
+        workers=workers,
+        progress=progress,
+        group=group,
+    )
+    wanted = np.union1d(g_templates, sets.probe_templates)
+    keep = np.isin(meta.templates, wanted)
+    ids, tfeats = template_features(feats[keep], meta.templates[keep], meta.medias[keep])
+    gallery = tfeats[np.searchsorted(ids, g_templates)]
+    probes = tfeats[np.searchsorted(ids, sets.probe_templates)]
+    for name, rows, t in (
+        ("gallery", gallery, g_templates),
+        ("probe", probes, sets.probe_templates),
+    ):
+        bad = ~np.isfinite(rows).all(axis=1)
+        if bad.any():
+            raise IJBDataError(
+                f"{meta.root}: {int(bad.sum())} {name} template features are not finite "
+                f"(first: template {int(t[np.argmax(bad)])})"
+            )
+    mate_scores, ranks, cmc, rank_k, tpir = identification(
+        gallery, probes, mates, gallery_chunk=chunk_size
+    )
+    return IJB1NResult(
+        sets.probe_templates, g_templates, mates, mate_scores, ranks, cmc, rank_k, tpir
+    )
+
+
+def format_1n_table(name: str, result: IJB1NResult) -> str:
+    """TPIR@FPIR and rank-k rates as two aligned text rows (percent)."""
+    cols = [f"TPIR@{f:.0e}" for f in result.tpir_at_fpir] + [f"rank-{k}" for k in result.rank_k]
+    vals = [t for t, _ in result.tpir_at_fpir.values()] + list(result.rank_k.values())
+    head = f"| {'1:N':<6} | " + " | ".join(f"{c:>10}" for c in cols) + " |"
+    row = f"| {name:<6} | " + " | ".join(f"{100 * v:>10.2f}" for v in vals) + " |"
+    rule = "+" + "-" * (len(head) - 2) + "+"
+    return "\n".join([rule, head, row, rule])
+
+
+def write_1n_outputs(result: IJB1NResult, output_dir: str, target: str) -> dict[str, str]:
+    """Write the ranks and mate scores (``.npz``), the CMC (``.png``) and the table
+    (``.json``) atomically."""
+    os.makedirs(output_dir, exist_ok=True)
+    stem = os.path.join(output_dir, target.lower())
+    paths = {
+        "ranks": f"{stem}_1n_ranks.npz",
+        "cmc": f"{stem}_1n_cmc.png",
+        "json": f"{stem}_1n_result.json",
+    }
+    with atomic_open(paths["ranks"], "wb") as f:
+        np.savez(
+            f,
+            probe_templates=result.probe_templates,
+            gallery_templates=result.gallery_templates,
+            mates=result.mates,
+            mate_scores=result.mate_scores,
+            ranks=result.ranks,
+        )
+    save_cmc_png(paths["cmc"], {target: result.cmc}, title=f"{target} 1:N identification (CMC)")
+    write_json(
+        paths["json"],
+        {
+            "target": target,
+            "protocol": "1n",
+            "tpir_at_fpir": {f"{f:.0e}": t for f, (t, _) in result.tpir_at_fpir.items()},
+            "threshold_at_fpir": {f"{f:.0e}": th for f, (_, th) in result.tpir_at_fpir.items()},
+            "rank": {str(k): v for k, v in result.rank_k.items()},
+            "cmc": result.cmc.tolist(),
+            "num_probes": int(result.probe_templates.size),
+            "num_gallery": int(result.gallery_templates.size),
+        },
+    )
+    return paths
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.ijb", description="IJB-B/C 1:1 verification.")
+    p = argparse.ArgumentParser(
+        prog="python -m eval.ijb", description="IJB-B/C 1:1 verification or 1:N identification."
+    )
     p.add_argument("--root", required=True, help="IJB root with loose_crop/ and meta/")
+    p.add_argument(
+        "--protocol",
+        default="1:1",
+        choices=["1:1", "1n"],
+        help="1:1 template verification (default) or 1n identification (G1+G2, mixed probes)",
+    )
     p.add_argument("--target", default="IJBC", choices=["IJBC", "IJBB"])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="backbone state_dict saved with torch.save")
@@ -347,7 +580,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=4, help="image reading/alignment threads")
-    p.add_argument("--chunk-size", type=int, default=32768, help="pairs scored per chunk")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=32768,
+        help="pairs scored per chunk (1:1); gallery templates per chunk (1n)",
+    )
     p.add_argument(
         "--device",
         default=None,
@@ -367,30 +605,39 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> IJBResult:
+def main(argv: Sequence[str] | None = None) -> IJBResult | IJB1NResult:
     """Command-line entry point."""
     from eval.models import command_embedder
 
     args = _parse_args(argv)
-    meta = read_ijb_meta(args.root, args.target)
+    one_n = args.protocol == "1n"
+    meta = read_ijb_meta(args.root, args.target, pairs=not one_n)
+    sets = read_1n_meta(args.root, meta, args.target) if one_n else None
     onnx_input = input_options(args)
     with command_embedder(args.network, args.checkpoint, args.onnx, args.device, onnx_input) as (
         ctx,
         embed,
     ):
-        result = evaluate_ijb(
-            embed,
-            meta,
-            batch_size=args.batch_size,
-            flip=not args.no_flip,
-            faceness=not args.no_faceness,
-            workers=args.workers,
-            chunk_size=args.chunk_size,
-            progress=not args.no_progress and ctx.is_main,
-        )
+        common = {
+            "batch_size": args.batch_size,
+            "flip": not args.no_flip,
+            "faceness": not args.no_faceness,
+            "workers": args.workers,
+            "chunk_size": args.chunk_size,
+            "progress": not args.no_progress and ctx.is_main,
+        }
+        result: IJBResult | IJB1NResult
+        if sets is not None:
+            result = evaluate_ijb_1n(embed, meta, sets, **common)
+        else:
+            result = evaluate_ijb(embed, meta, **common)
         if ctx.is_main:  # every rank has the same result; one writes it
-            paths = write_outputs(result, args.output_dir, args.target)
-            print(format_table(args.target, result.tar_at_far))
+            if isinstance(result, IJB1NResult):
+                paths = write_1n_outputs(result, args.output_dir, args.target)
+                print(format_1n_table(args.target, result))
+            else:
+                paths = write_outputs(result, args.output_dir, args.target)
+                print(format_table(args.target, result.tar_at_far))
             for kind, path in paths.items():
                 print(f"{kind}: {path}")
         return result

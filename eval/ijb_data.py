@@ -201,10 +201,15 @@ def check_pairs(labels: np.ndarray, path: str) -> None:
             )
 
 
-def read_ijb_meta(root: str | os.PathLike[str], target: str = "IJBC") -> IJBMeta:
-    """Read and cross-check the meta files of an IJB-B/C root."""
+def read_ijb_meta(
+    root: str | os.PathLike[str], target: str = "IJBC", *, pairs: bool = True
+) -> IJBMeta:
+    """Read and cross-check the meta files of an IJB-B/C root (without the pair file,
+    and with no pairs, when ``pairs`` is false: the 1:N protocol does not use it)."""
     root = os.fspath(root)
     paths = meta_paths(root, target)
+    if not pairs:
+        del paths["pairs"]
     for p in paths.values():
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p}: missing IJB meta file")
@@ -223,15 +228,18 @@ def read_ijb_meta(root: str | os.PathLike[str], target: str = "IJBC") -> IJBMeta
         if missing:
             raise IJBDataError(f"{paths['landmarks']}: no landmarks for {missing[0]!r}")
         lm = lm[[index[n] for n in names]]
-    pairs = _read_int_table(paths["pairs"], 3)
-    check_pairs(pairs[:, 2], paths["pairs"])
+    if not pairs:
+        table = np.zeros((0, 3), np.int64)
+    else:
+        table = _read_int_table(paths["pairs"], 3)
+        check_pairs(table[:, 2], paths["pairs"])
     known = np.unique(tid_mid[:, 0])
     for col in (0, 1):
-        unknown = ~np.isin(pairs[:, col], known)
+        unknown = ~np.isin(table[:, col], known)
         if unknown.any():
             row = int(np.argmax(unknown))
             raise IJBDataError(
-                f"{paths['pairs']}: pair row {row + 1} names template {int(pairs[row, col])}, "
+                f"{paths['pairs']}: pair row {row + 1} names template {int(table[row, col])}, "
                 f"which has no faces in {paths['tid_mid']}"
             )
     return IJBMeta(
@@ -241,11 +249,98 @@ def read_ijb_meta(root: str | os.PathLike[str], target: str = "IJBC") -> IJBMeta
         medias=tid_mid[:, 1],
         landmarks=lm[:, :10].reshape(-1, 5, 2),
         faceness=lm[:, 10].copy(),
-        pair_t1=pairs[:, 0],
-        pair_t2=pairs[:, 1],
-        labels=pairs[:, 2].astype(np.int8),
-        pairs_file=paths["pairs"],
+        pair_t1=table[:, 0],
+        pair_t2=table[:, 1],
+        labels=table[:, 2].astype(np.int8),
+        pairs_file=paths.get("pairs", ""),
     )
+
+
+#: The 1:N gallery files of each target (insightface's ijb_1n.py): IJB-C names them G1 and
+#: G2, IJB-B S1 and S2.
+GALLERY_SETS = {"IJBC": ("G1", "G2"), "IJBB": ("S1", "S2")}
+
+
+@dataclass
+class IJB1NMeta:
+    """The 1:N protocol's sets: template ids and their subject ids.
+
+    Attributes:
+        galleries: ``{"G1": (templates, subjects), "G2": ...}``, each ``(T,)`` int64,
+            templates unique and ascending.
+        probe_templates, probe_subjects: the mixed probe set, the same way.
+        files: ``{set name: its CSV file}`` (for messages).
+    """
+
+    galleries: dict[str, tuple[np.ndarray, np.ndarray]]
+    probe_templates: np.ndarray
+    probe_subjects: np.ndarray
+    files: dict[str, str]
+
+
+def one_n_paths(root: str, target: str) -> dict[str, str]:
+    """The 1:N CSV files of ``target``: its two galleries and ``probe``."""
+    prefix = meta_paths(root, target)["tid_mid"].rsplit("_face_tid_mid.txt", 1)[0]
+    names = GALLERY_SETS[target.upper()]
+    out = {g: f"{prefix}_1N_gallery_{g}.csv" for g in names}
+    out["probe"] = f"{prefix}_1N_probe_mixed.csv"
+    return out
+
+
+def _read_template_subjects(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(templates, subjects)`` of a 1:N CSV (a header line, then ``TEMPLATE_ID,
+    SUBJECT_ID,...`` per face): one entry per template, ascending."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing IJB 1:N meta file")
+    rows: list[tuple[int, int]] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if lineno == 1 or not line.strip():
+                    continue  # the header
+                cols = line.rstrip("\r\n").split(",")
+                if len(cols) < 2:
+                    raise IJBDataError(f"{path}:{lineno}: expected TEMPLATE_ID,SUBJECT_ID,...")
+                vals = []
+                for col, value in enumerate(cols[:2], 1):
+                    value = value.strip()
+                    if not re.fullmatch(r"[+-]?[0-9]+", value) or abs(int(value)) >= 1 << 63:
+                        raise IJBDataError(
+                            f"{path}:{lineno}: column {col} is {value!r:.40}, not an id"
+                        )
+                    vals.append(int(value))
+                rows.append((vals[0], vals[1]))
+    except UnicodeDecodeError as exc:
+        raise IJBDataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    if not rows:
+        raise IJBDataError(f"{path}: no templates listed")
+    table = np.array(rows, dtype=np.int64)
+    templates, first = np.unique(table[:, 0], return_index=True)
+    subjects = table[first, 1]
+    mixed = table[:, 1] != subjects[np.searchsorted(templates, table[:, 0])]
+    if mixed.any():
+        t = int(table[np.argmax(mixed), 0])
+        raise IJBDataError(f"{path}: template {t} is listed with two subjects")
+    return templates, subjects
+
+
+def read_1n_meta(root: str | os.PathLike[str], meta: IJBMeta, target: str = "IJBC") -> IJB1NMeta:
+    """Read the 1:N gallery and probe CSV files, each template checked to have faces in
+    ``meta`` (:func:`read_ijb_meta` of the same root)."""
+    files = one_n_paths(os.fspath(root), target)
+    known = np.unique(meta.templates)
+    sets = {}
+    for name, path in files.items():
+        templates, subjects = _read_template_subjects(path)
+        unknown = ~np.isin(templates, known)
+        if unknown.any():
+            raise IJBDataError(
+                f"{path}: template {int(templates[np.argmax(unknown)])} has no faces in the "
+                f"face list ({int(unknown.sum())} of {len(templates)} templates)"
+            )
+        sets[name] = (templates, subjects)
+    probe = sets.pop("probe")
+    return IJB1NMeta(sets, probe[0], probe[1], files)
 
 
 def load_aligned(

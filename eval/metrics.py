@@ -288,3 +288,55 @@ def tar_at_far(
         i = int(np.argmin(np.abs(fpr - target)))
         out[float(target)] = float(tpr[i])
     return out
+
+
+#: FPIR targets and CMC ranks of the IJB-B/C 1:N report (insightface's ``ijb_1n.py``).
+IJB_FPIR_TARGETS: tuple[float, ...] = (1e-2, 1e-1)
+IJB_CMC_RANKS: tuple[int, ...] = (1, 5, 10)
+
+
+def nonmates_needed(n_probes: int, fpir_targets: Sequence[float] = IJB_FPIR_TARGETS) -> int:
+    """How many of the highest non-mate scores :func:`tpir_at_fpir` reads:
+    ``ceil(n_probes * max FPIR)``."""
+    return max((int(np.ceil(n_probes * f)) for f in fpir_targets), default=0)
+
+
+def tpir_at_fpir(
+    mate_scores: np.ndarray,
+    top_nonmate: np.ndarray,
+    fpir_targets: Sequence[float] = IJB_FPIR_TARGETS,
+) -> dict[float, tuple[float, float]]:
+    """TPIR at each FPIR the way insightface's IJB 1:N evaluation reads it.
+
+    The threshold for FPIR ``f`` is the ``ceil(P * f)``-th highest of all ``P x (G - 1)``
+    non-mate scores (``P`` probes, ``G`` gallery templates); TPIR is the fraction of
+    probes whose mate scores strictly above it (whatever its rank).
+
+    Args:
+        mate_scores: ``(P,)`` each probe's score with its mate.
+        top_nonmate: the highest non-mate scores, descending, at least
+            :func:`nonmates_needed` of them (all of them when there are fewer).
+    Returns:
+        ``{fpir: (tpir, threshold)}``; ``(nan, nan)`` when there are fewer non-mate
+        scores than the FPIR needs.
+    """
+    mate = np.asarray(mate_scores, dtype=np.float64).reshape(-1)
+    top = np.asarray(top_nonmate, dtype=np.float64).reshape(-1)
+    out: dict[float, tuple[float, float]] = {}
+    for f in fpir_targets:
+        need = int(np.ceil(mate.size * f))
+        if need < 1 or need > top.size:
+            out[float(f)] = (float("nan"), float("nan"))
+            continue
+        th = float(top[need - 1])
+        out[float(f)] = (float(np.mean(mate > th)), th)
+    return out
+
+
+def cmc_curve(ranks: np.ndarray, max_rank: int) -> np.ndarray:
+    """``(max_rank,)``: the fraction of probes whose mate has rank ``<= r``, r = 1..max_rank."""
+    ranks = np.asarray(ranks).reshape(-1)
+    if ranks.size == 0:
+        return np.full(max_rank, np.nan)
+    counts = np.bincount(np.minimum(ranks, max_rank + 1), minlength=max_rank + 2)
+    return np.cumsum(counts[1 : max_rank + 1]) / ranks.size

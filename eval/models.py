@@ -1,9 +1,10 @@
-"""Building the model to evaluate: a backbone checkpoint or an ONNX file.
+"""Building the model to evaluate: a backbone checkpoint, a model folder or an ONNX file.
 
 Checkpoints are backbone ``state_dict`` files (``torch.save`` files read with
 ``weights_only=True``, or ``.safetensors``), ours or arcface_torch's, read and checked
-by :mod:`backbones.weights`. Backbones come from ``backbones.get_model(name,
-**kwargs)``.
+by :mod:`backbones.weights`. A model folder (``python -m eval.export``) loads through
+:func:`backbones.from_pretrained`, which reads the network from its ``config.json``.
+Backbones come from ``backbones.get_model(name, **kwargs)``.
 
 Every embedder made here checks its outputs (:func:`eval.extract.check_embeddings`):
 a NaN or infinite embedding is a :class:`~eval.errors.NonFiniteEmbeddingError` naming
@@ -80,10 +81,15 @@ def make_embedder(
     device: str = "cpu",
     onnx_input: Mapping[str, Any] | None = None,
 ) -> Embedder:
-    """An :data:`~eval.extract.Embedder` from a checkpoint (+ network name) or an ONNX file
-    (``onnx_input``: :class:`~eval.onnx_infer.OnnxEmbedder`'s ``input_*`` overrides)."""
+    """An :data:`~eval.extract.Embedder` from a checkpoint (+ network name), a model folder
+    (``checkpoint`` a directory written by ``eval.export``; the network is its config's) or
+    an ONNX file (``onnx_input``: :class:`~eval.onnx_infer.OnnxEmbedder`'s ``input_*``
+    overrides)."""
     if onnx_path is not None:
         return OnnxEmbedder(onnx_path, device=device, **(onnx_input or {}))
+    if checkpoint is not None and os.path.isdir(checkpoint):
+        folder = backbones.from_pretrained(checkpoint).to(device).eval()
+        return CheckedEmbedder(module_embedder(folder), os.fspath(checkpoint))
     if network is None:
         raise EvalUsageError("--network is required with --checkpoint")
     name = os.fspath(checkpoint) if checkpoint is not None else f"{network} (random weights)"

@@ -53,3 +53,32 @@ def save_roc_png(
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png")
+
+
+def save_cmc_png(
+    path: str | os.PathLike[str],
+    curves: Mapping[str, np.ndarray],
+    *,
+    title: str = "CMC",
+) -> None:
+    """Write a CMC plot (identification rate against rank 1..R) of ``{label: (R,) rates}``
+    to ``path`` (atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, rates in curves.items():
+        rates = np.asarray(rates, dtype=np.float64)
+        ax.plot(np.arange(1, rates.size + 1), rates, lw=1.2, marker=".", label=label)
+    ax.set_xscale("log")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("Rank")
+    ax.set_ylabel("Identification rate")
+    ax.set_title(title)
+    ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")

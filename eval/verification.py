@@ -23,6 +23,7 @@ never an accuracy. ``--json`` is always valid JSON.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -188,7 +189,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="10-fold pair verification on .bin targets (LFW, CFP-FP, AgeDB-30, ...).",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="backbone state_dict saved with torch.save")
+    src.add_argument(
+        "--checkpoint",
+        "--model",
+        dest="checkpoint",
+        help="backbone state_dict saved with torch.save, or a model folder (eval.export)",
+    )
     src.add_argument("--onnx", help="an ONNX model: exported by eval.export_onnx, or insightface's")
     p.add_argument("--network", help="backbone name for --checkpoint (r50, r100, mbf, ...)")
     p.add_argument("--bin", action="append", required=True, help="a .bin target (repeatable)")
@@ -205,8 +211,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.onnx and any(v is not None for v in input_options(args).values()):
         p.error("--input-mean/--input-std/--input-color/--input-size apply to --onnx models only")
-    if args.checkpoint and not args.network:
-        p.error("--network is required with --checkpoint")
+    if args.checkpoint and not args.network and not os.path.isdir(args.checkpoint):
+        p.error("--network is required with --checkpoint (unless it is a model folder)")
     if not 1 <= args.image_size <= MAX_INPUT_SIDE:
         p.error(f"--image-size must be 1 to {MAX_INPUT_SIDE} pixels, got {args.image_size}")
     if args.batch_size < 1 or args.nfolds < 1:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from datasets.faces.arguments import DEFAULT_MIN_SIZE
 from datasets.faces.finder import FaceFinder, FaceOptions
 from datasets.synthetic import make_identity, render_face
 from eval import compare as compare_cli
@@ -64,7 +65,7 @@ def _direct(net, crops_bgr: list[np.ndarray]) -> np.ndarray:
 
 
 def _crop(path) -> np.ndarray:
-    r = FaceFinder(FaceOptions(min_size=20)).find_file(path)
+    r = FaceFinder(FaceOptions(min_size=DEFAULT_MIN_SIZE)).find_file(path)
     assert r.ok
     return r.crop
 
@@ -194,7 +195,7 @@ def test_embed_writes_one_row_per_photo(models, photos, tmp_path, capsys):
     rows = table.to_pylist()
     assert [r["path"] for r in rows] == ["a1.jpg", "broken.jpg", "c.jpg", "nf.png", "sub/a2.png"]
     assert [r["reason"] for r in rows] == [None, "unreadable", None, "no_face", None]
-    finder = FaceFinder(FaceOptions(min_size=20))
+    finder = FaceFinder(FaceOptions(min_size=DEFAULT_MIN_SIZE))
     kept = [r for r in rows if r["reason"] is None]
     found = [finder.find_file(photos / r["path"]) for r in kept]
     want = _direct(net, [f.crop for f in found])

@@ -273,7 +273,7 @@ def test_on_disk_format_is_unchanged(tmp_path: Path) -> None:
     shared = torch.load(ckpt / "trainer.pt", weights_only=True)
     assert set(shared) == {
         "backbone", "backbone_optimizer", "schedulers", "scaler", "progress", "loader",
-        "history", "config",
+        "history", "config", "tracking",  # tracking: optional (older checkpoints lack it)
     }  # fmt: skip
     assert shared["progress"] == {"step": 1, "epoch": 0}
     assert len(shared["schedulers"]) == 3 and shared["schedulers"][0]["lr_lambdas"] == [None]
@@ -456,5 +456,5 @@ def test_the_parts_are_torch_stateful(tmp_path: Path) -> None:
     t = _aux_trainer(tmp_path, "aux.center_weight=0.1")
     manager = t.checkpointer
     parts = [*manager.replicated.values(), *manager.sharded.values(), *manager.per_rank.values()]
-    assert len(parts) == 8 + 2 + 1
+    assert len(parts) == 9 + 2 + 1  # 9 replicated: tracking (run ids) the ninth
     assert all(isinstance(part, Stateful) for part in parts)

@@ -52,6 +52,7 @@ from backbones.weights import save_backbone_weights
 from common.atomic import OutputWriteError, append_text, write_json
 from common.dist import DistContext
 from common.errors import UserError
+from common.version import PROJECT_VERSION, git_state
 from configs import Config, ConfigError, config_to_dict
 from datasets.augment import BatchAugment
 from datasets.errors import DataError
@@ -63,6 +64,7 @@ from trainer.checkpoint import (
     CheckpointManager,
     CheckpointStorage,
     Fact,
+    JsonDict,
     JsonList,
     ModuleState,
     NonFiniteStateError,
@@ -81,6 +83,7 @@ from trainer.optim import build_backbone_optimizer, build_head_optimizer
 from trainer.resume_warning import BatchLayout, batch_change_warning
 from trainer.schedule import WarmupPoly, build_schedulers
 from trainer.step import Batch, StepResult, TrainStep
+from trainer.tracking import TrackerSettings, Tracking, TrackingError, flatten, start_tracking
 
 log = logging.getLogger("trainer")
 
@@ -94,6 +97,10 @@ __all__ = [
     "Trainer",
     "TrainingError",
 ]
+
+#: Files of ``train.output`` logged as tracking artifacts at the end when present (besides
+#: the exported backbone): an ONNX export and a model folder (``python -m eval.export``).
+EXPORT_ARTIFACTS = ("backbone.onnx", "model")
 
 #: Collective verification: ``evaluator(backbone) -> {target: {"accuracy": ..., ...}}``,
 #: called on every rank (extraction is shared across ranks).
@@ -237,6 +244,7 @@ class Trainer:
         # optimizer.lr x schedule (the head's; the backbone's is x backbone_lr_mult)
         self.last_lr = self.opt_head.param_groups[0]["lr"]
         self.history: list[dict[str, Any]] = []  # verification results by step
+        self.tracking_runs: dict[str, str] = {}  # tracking backend -> its run id (resume)
         self.monitor: Monitor | None = None  # while fit() runs
         self.checkpointer = self._build_checkpointer(
             checkpoint_storage or CheckpointStorage(self.output / "checkpoints", ctx)
@@ -282,6 +290,7 @@ class Trainer:
                 "scaler": ScalerState(self.scaler),
                 "loader": self.loader,
                 "history": JsonList(self.history),
+                "tracking": JsonDict(self.tracking_runs),
                 "config": Recorded(json.dumps(config_to_dict(self.cfg))),
             },
             sharded=sharded,
@@ -329,8 +338,9 @@ class Trainer:
             self.ctx.is_main,
             self.total_steps,
             self.step,
-            self.output / "tensorboard" if cfg.log.tensorboard else None,
+            None,
             cfg.log.progress_bar,
+            self._start_tracking(),
         )
         self.monitor = monitor
         log.info(
@@ -357,7 +367,9 @@ class Trainer:
                 epoch_done = False
                 while self.step < stop:
                     try:
+                        waited = time.perf_counter()
                         micro, keys = self._take(batches, k)
+                        monitor.waited(time.perf_counter() - waited)
                     except Exception as exc:  # bad training data: one line naming it
                         raise DataLoadError(self._loader_failure(exc)) from exc
                     if len(micro) < k:  # end of epoch (a partial accumulation is dropped)
@@ -386,10 +398,46 @@ class Trainer:
                 self.save_checkpoint()
             if self.evaluator is not None and self._last_verified != self.step:
                 self.verify()
-            self.export_backbone()
+            exported = self.export_backbone()
+            if self.ctx.is_main:
+                for path in (exported, *(self.output / n for n in EXPORT_ARTIFACTS)):
+                    if path.exists():
+                        monitor.tracking.log_artifact(path)
         finally:
             monitor.close()
             self.monitor = None
+
+    def _start_tracking(self) -> Tracking:
+        """Start ``log.backends`` on rank 0 (a collective: a backend that cannot start
+        stops every rank with :class:`~trainer.tracking.TrackingError`), log the flattened
+        config with the git state, and record the run ids for the checkpoints."""
+        tracking = Tracking({})
+        failure: str | None = None
+        if self.ctx.is_main:
+            settings = TrackerSettings(
+                output=self.output,
+                experiment=self.cfg.log.experiment or self.cfg.name,
+                run_name=f"{self.cfg.name} ({self.output.name})",
+                mlflow_uri=self.cfg.log.mlflow_uri,
+                run_ids=dict(self.tracking_runs),
+            )
+            try:
+                tracking = start_tracking(self.cfg.log.active_backends(), settings)
+            except (UserError, OSError) as exc:  # TrackingError; TensorBoard's dir unwritable
+                failure = str(exc)
+        failure = self.ctx.broadcast_object(failure)
+        if failure is not None:
+            raise TrackingError(failure)
+        if self.ctx.is_main:
+            git = git_state()
+            params = flatten(config_to_dict(self.cfg))
+            params.update(
+                {"git.commit": git.commit, "git.dirty": git.dirty, "version": PROJECT_VERSION}
+            )
+            tracking.log_params(params)
+            self.tracking_runs.update(tracking.run_ids)
+        self.tracking_runs.update(self.ctx.broadcast_object(dict(self.tracking_runs)))
+        return tracking
 
     def _explain_loader_failure(self, exc: BaseException) -> str | None:
         """The loader's one line for ``exc`` if it is a loader worker's death

@@ -1,4 +1,7 @@
-"""Rank-0 observability: log lines, TensorBoard scalars and a TTY-only progress bar.
+"""Rank-0 observability: log lines, experiment tracking and a TTY-only progress bar.
+
+The metrics go to a :class:`trainer.tracking.Tracking` fan-out (TensorBoard, MLflow,
+W&B: whichever ``log.backends`` names); the monitor does not know which.
 
 Output failures name the file and never crash the run from a side channel: creating
 ``train.log`` fails with :class:`~common.atomic.OutputWriteError` at start-up; a
@@ -14,14 +17,16 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import resource
 import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from common.atomic import OutputWriteError
+from trainer.tracking import TensorBoardTracker, Tracking
 
 log = logging.getLogger("trainer")
 
@@ -74,8 +79,11 @@ class Monitor:
         enabled: True on rank 0.
         total_steps: optimizer steps in the run (for the ETA and the bar).
         start_step: first step of this process (after a resume).
-        tensorboard_dir: where to write scalars, or ``None``.
+        tensorboard_dir: where to write TensorBoard scalars, or ``None`` (added to
+            ``tracking`` as its ``tensorboard`` backend).
         progress_bar: allow a tqdm bar (shown only if stderr is a terminal).
+        tracking: the run's other tracking backends (started by the caller, closed by
+            :meth:`close`).
     """
 
     def __init__(
@@ -85,35 +93,40 @@ class Monitor:
         start_step: int,
         tensorboard_dir: Path | None,
         progress_bar: bool,
+        tracking: Tracking | None = None,
     ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
-        self.writer: Any = None
+        self.tracking = tracking or Tracking({})
         self.bar: Any = None
         self._t0 = time.perf_counter()
         self._last_time = self._t0
         self._last_step = start_step
         self._samples = 0
+        self._wait = 0.0
         if not enabled:
             return
         if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard_dir = tensorboard_dir
-            try:
-                self.writer = SummaryWriter(str(tensorboard_dir))
-            except OSError as exc:
-                raise OutputWriteError.wrap(tensorboard_dir, exc) from exc
-            self._hook_writer_thread()
+            self.tracking.trackers["tensorboard"] = TensorBoardTracker(tensorboard_dir)
         if progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
+    @property
+    def writer(self) -> Any:
+        """TensorBoard's ``SummaryWriter`` while it works, else ``None``."""
+        tb = self.tracking.get("tensorboard")
+        return getattr(tb, "writer", None)
+
     def exclude(self, seconds: float) -> None:
         """Leave ``seconds`` of non-training work (verification, saving) out of the
         throughput and ETA."""
         self._last_time += seconds
+
+    def waited(self, seconds: float) -> None:
+        """Record ``seconds`` spent waiting for the loader's next batch."""
+        self._wait += seconds
 
     def count(self, samples: int) -> None:
         """Record ``samples`` global samples trained since the last log line."""
@@ -132,7 +145,7 @@ class Monitor:
         terms: dict[str, float] | None = None,
         skipped: int = 0,
     ) -> None:
-        """Emit one log line and the matching TensorBoard scalars.
+        """Emit one log line and the matching metrics to every tracking backend.
 
         ``loss``, ``acc`` and ``terms`` (the unweighted auxiliary losses ``center``,
         ``triplet``) are means over the steps since the last line that were not
@@ -168,21 +181,23 @@ class Monitor:
             log.info("step %d aux %s", step, " ".join(f"{k} {v:.4f}" for k, v in terms.items()))
         if self.bar is not None and loss is not None and acc is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", lr=f"{lr:.4g}")
-        if self.writer is not None:
-            scalars = {"train/skipped_steps": skipped, "train/lr": lr}
-            if loss is not None and acc is not None:
-                scalars.update({"train/loss": loss, "train/accuracy": acc})
-            scalars.update({"train/samples_per_s": speed, "train/epoch": epoch})
-            if scale is not None:
-                scalars["train/grad_scale"] = scale
-            scalars.update({f"train/{name}_loss": value for name, value in terms.items()})
-            self._tb(lambda w: [w.add_scalar(k, v, step) for k, v in scalars.items()])
-        self._last_time, self._last_step, self._samples = now, step, 0
+        scalars = {"train/skipped_steps": float(skipped), "train/lr": lr}
+        if loss is not None and acc is not None:
+            scalars.update({"train/loss": loss, "train/accuracy": acc})
+        scalars.update({"train/samples_per_s": speed, "train/epoch": float(epoch)})
+        scalars["train/loader_wait_s"] = self._wait
+        scalars["train/memory_mb"] = memory_mb()
+        if scale is not None:
+            scalars["train/grad_scale"] = scale
+        scalars.update({f"train/{name}_loss": value for name, value in terms.items()})
+        self.tracking.log_metrics(scalars, step)
+        self._last_time, self._last_step, self._samples, self._wait = now, step, 0, 0.0
 
     def log_verification(self, step: int, results: dict[str, dict[str, float]]) -> None:
         """Log and record verification results (one line per target)."""
         if not self.enabled:
             return
+        scalars: dict[str, float] = {}
         for name, r in results.items():
             log.info(
                 "verify step %d [%s] accuracy %.5f +- %.5f xnorm %.3f",
@@ -192,50 +207,21 @@ class Monitor:
                 r.get("accuracy_std", 0.0),
                 r.get("xnorm", 0.0),
             )
-            scalars = {f"verify/{name}/accuracy": r["accuracy"]}
-            if "xnorm" in r:
-                scalars[f"verify/{name}/xnorm"] = r["xnorm"]
-            self._tb(lambda w, s=scalars: [w.add_scalar(k, v, step) for k, v in s.items()])
-        self._tb(lambda w: w.flush())
+            scalars[f"verify/{name}/accuracy"] = r["accuracy"]
+            for key in ("accuracy_std", "val", "xnorm"):
+                if key in r:
+                    scalars[f"verify/{name}/{key}"] = r[key]
+        self.tracking.log_metrics(scalars, step)
 
     def close(self) -> None:
-        """Flush and close the writer and the bar."""
+        """Close the tracking backends and the bar."""
         if self.bar is not None:
             self.bar.close()
-        self._tb(lambda w: w.close())
-        self.writer = None
-
-    # ---------------------------------------------------------------- TensorBoard
-    def _tb(self, write: Callable[[Any], Any]) -> None:
-        """Run ``write(writer)``; on failure warn once, naming the directory, and stop
-        writing TensorBoard scalars (training goes on)."""
-        if self.writer is None:
-            return
-        try:
-            write(self.writer)
-        except Exception as exc:  # the event writer re-raises its thread's error
-            writer, self.writer = self.writer, None
-            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            log.warning(
-                "cannot write TensorBoard events to %s: %s; TensorBoard logging stops here, "
-                "training goes on",
-                self.tensorboard_dir,
-                reason,
-            )
-            with contextlib.suppress(Exception):
-                writer.close()
-
-    def _hook_writer_thread(self) -> None:
-        """Keep the event writer thread's error off stderr (no thread traceback): it is
-        re-raised by the writer's next call, which :meth:`_tb` reports in one line."""
-        if threading.excepthook is not _quiet_event_writer:
-            _quiet_event_writer.previous = threading.excepthook  # type: ignore[attr-defined]
-            threading.excepthook = _quiet_event_writer
+        self.tracking.close()
 
 
-def _quiet_event_writer(args: threading.ExceptHookArgs) -> None:
-    """``threading.excepthook`` that drops TensorBoard's event-writer thread errors
-    (reported by :meth:`Monitor._tb`) and passes the others on."""
-    if type(args.thread).__name__ == "_AsyncWriterThread":
-        return
-    _quiet_event_writer.previous(args)  # type: ignore[attr-defined]
+def memory_mb() -> float:
+    """Peak memory in MiB: the CUDA allocator's on a GPU run, else the process's RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

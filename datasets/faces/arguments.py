@@ -12,26 +12,32 @@ from datasets.faces.detection import POLICIES
 from datasets.faces.finder import FaceOptions
 from datasets.faces.photos import DEFAULT_MAX_PIXELS
 
+#: The one default of ``--min-size`` (pixels, the shorter side of a face's box), shared
+#: by every command that finds faces: :class:`FaceOptions`' own default.
+DEFAULT_MIN_SIZE: float = FaceOptions.min_size
 
-def add_face_arguments(p: argparse.ArgumentParser, min_size: float = 40.0) -> None:
-    """The :class:`FaceOptions` flags; ``min_size``: the default of ``--min-size``."""
+
+def add_face_arguments(p: argparse.ArgumentParser, min_size: float = DEFAULT_MIN_SIZE) -> None:
+    """The :class:`FaceOptions` flags, their defaults shown in ``--help``; ``min_size``:
+    the default of ``--min-size`` (leave it: :data:`DEFAULT_MIN_SIZE` is shared)."""
     p.add_argument(
         "--detector",
         default="mtcnn",
-        help="'mtcnn' (built in) or an insightface SCRFD/RetinaFace .onnx (det_10g.onnx)",
+        help="'mtcnn' (built in) or an insightface SCRFD/RetinaFace .onnx (det_10g.onnx) "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--policy",
         default="largest",
         choices=POLICIES,
         help="face to keep in a photo with several: largest box, most central, or "
-        "none (single: reject the photo)",
+        "none (single: reject the photo) (default: %(default)s)",
     )
     p.add_argument(
         "--min-size",
         type=float,
         default=min_size,
-        help="smallest face kept: shorter side of its box in pixels",
+        help="smallest face kept: shorter side of its box in pixels (default: %(default)s)",
     )
     p.add_argument(
         "--min-score",
@@ -43,7 +49,8 @@ def add_face_arguments(p: argparse.ArgumentParser, min_size: float = 40.0) -> No
         "--max-side",
         type=int,
         default=1280,
-        help="detect on a copy no larger than this (alignment reads the full photo)",
+        help="detect on a copy no larger than this (alignment reads the full photo) "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--max-pixels",

@@ -27,6 +27,7 @@ from trainer.checkpoint.policy import Fact, compare_configs
 from trainer.checkpoint.resharding import reshard, shard_state, split_shard
 from trainer.checkpoint.states import (
     Attributes,
+    JsonDict,
     JsonList,
     ModuleState,
     OptimizerState,
@@ -49,6 +50,7 @@ __all__ = [
     "CheckpointStorage",
     "DamagedCheckpointError",
     "Fact",
+    "JsonDict",
     "JsonList",
     "ModuleState",
     "NonFiniteStateError",

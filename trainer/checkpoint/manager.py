@@ -451,7 +451,10 @@ class CheckpointManager:
         self._agree(error)
         # 2. configuration: every difference at once, before any state is loaded
         self.check_compatible(ckpt, shared)
-        missing = sorted(set(self.replicated) - set(shared))
+        missing = sorted(
+            n for n, part in self.replicated.items()
+            if n not in shared and not getattr(part, "optional", False)
+        )  # fmt: skip
         if missing:
             raise CheckpointError(f"{ckpt.path / 'trainer.pt'} lacks {', '.join(missing)}")
         # 3. values: read every state, check it is finite
@@ -483,7 +486,8 @@ class CheckpointManager:
         self._agree(error)
         # 4. restore
         for name, part in self.replicated.items():
-            part.load_state_dict(shared[name])
+            if name in shared:  # (an optional part may be absent: see ``missing``)
+                part.load_state_dict(shared[name])
         for name, part in self.sharded.items():
             if name not in shards:
                 if ctx.is_main:

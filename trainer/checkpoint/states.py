@@ -155,6 +155,24 @@ class JsonList:
         self.items[:] = json.loads(state)
 
 
+class JsonDict:
+    """A dict of JSON-able values (the experiment trackers' run ids), saved as one JSON
+    string and restored in place. ``optional``: a checkpoint written before this part
+    existed resumes without it (the dict stays as it is)."""
+
+    optional = True
+
+    def __init__(self, items: dict[str, Any]) -> None:
+        self.items = items
+
+    def state_dict(self) -> str:
+        return json.dumps(self.items, sort_keys=True)
+
+    def load_state_dict(self, state: str) -> None:
+        self.items.clear()
+        self.items.update(json.loads(state))
+
+
 class Recorded:
     """A value saved for the record and never restored (the configuration: on resume,
     the command line decides)."""
