@@ -399,7 +399,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("gallery", help="a .parquet from eval.embed, or a folder of identity folders")
     p.add_argument("probes", help="a .parquet from eval.embed, or a folder of photos")
     p.add_argument("--top-k", type=int, default=5, help="identities per probe")
-    p.add_argument("--threshold", type=float, default=None, help="best score below it: unknown")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="best score below it: unknown (default: the --model's calibration from "
+        "eval.calibrate at --far, if there is one)",
+    )
+    p.add_argument("--far", type=float, default=1e-3, help="target FAR of the calibration")
     p.add_argument("--out", default=None, help="results .csv or .parquet (one row per rank)")
     p.add_argument("--model", help="ONNX file or checkpoint, for a folder GALLERY or PROBES")
     p.add_argument("--network", help="backbone name for a checkpoint (r50, mbf, ...)")
@@ -461,6 +468,18 @@ def _embed_dir(
 def main(argv: Sequence[str] | None = None) -> Match:
     """Command-line entry point; returns the :class:`Match`."""
     args = _parse_args(argv)
+    if args.threshold is None and args.model:
+        from eval.calibrate import describe_entry, pick_entry, read_calibration
+
+        record = read_calibration(args.model)  # before any work: refuses another model's
+        if record is not None:
+            entry = pick_entry(record, args.far)
+            args.threshold = float(entry["threshold"])
+            print(
+                f"threshold {args.threshold:.4f}: calibration {printable(record['path'])}, "
+                f"{describe_entry(entry)} (a 1:1 false-accept rate: in 1:N the chance of a "
+                "false match grows with the gallery's size)"
+            )
     folder: tuple[Any, Any, Any] | None = None
     if not (_is_parquet(args.gallery) and _is_parquet(args.probes)):
         from eval.embed import embed_folder

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.errors import UserError
 from eval import search
 
 
@@ -180,3 +181,29 @@ def test_command_one_line_errors(sets, tmp_path):
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "16-d" in r.stderr and "8-d" in r.stderr
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_the_models_calibration_sets_the_unknown_threshold(sets, tmp_path, capsys):
+    """Without --threshold, the --model's calibration (eval.calibrate's sidecar) at --far
+    decides "unknown"; the same answers as passing its threshold by hand."""
+    from eval.calibrate import write_calibration
+
+    gallery, probes, _, _ = sets
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"model bytes: only hashed here")
+    pairs = tmp_path / "mine.bin"
+    pairs.write_bytes(b"pairs")
+    entry = {"far_target": 1e-3, "threshold": 0.5, "far": 0.0, "false_accepts": 0,
+             "tar": 0.9, "genuine": 10, "impostor": 10, "few_impostors": True}  # fmt: skip
+    write_calibration(model, str(pairs), [entry, {**entry, "far_target": 1e-4, "threshold": 0.9}])
+    search.main([gallery, probes, "--top-k", "2", "--model", str(model)])
+    printed = capsys.readouterr().out
+    assert "threshold 0.5000: calibration" in printed and "target FAR 0.001" in printed
+    by_hand = search.main([gallery, probes, "--top-k", "2", "--threshold", "0.5"])
+    assert printed.split("\n", 1)[1] == capsys.readouterr().out
+    assert by_hand.names == ["ann", "bob", "cy"]
+    search.main([gallery, probes, "--top-k", "2", "--model", str(model), "--far", "1e-4"])
+    assert "threshold 0.9000" in capsys.readouterr().out
+    model.write_bytes(b"another model")
+    with pytest.raises(UserError, match="was made for a model file with SHA-256"):
+        search.main([gallery, probes, "--model", str(model)])
