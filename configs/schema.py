@@ -22,6 +22,7 @@ from configs.resume_policy import MAY_CHANGE, refuse
 from partial_fc import backend as head_backend
 from partial_fc.head import check_head_options
 from partial_fc.registry import check_margin_options, margin_names
+from partial_fc.sampling import parse_rate_schedule
 
 
 class ConfigError(UsageError, ValueError):
@@ -158,7 +159,15 @@ class HeadConfig(Section):
     """Combined margin: additive cosine margin, in [0, 2) (used only by ``loss=combined``)."""
     sample_rate: float = field(default=1.0, metadata=MAY_CHANGE)
     """Fraction of negative class centres sampled per step (Partial FC), in (0, 1];
-    1.0 = full softmax."""
+    1.0 = full softmax. With ``sample_rate_schedule``: the rate before its first
+    breakpoint."""
+    sample_rate_schedule: str = field(default="", metadata=MAY_CHANGE)
+    """The sampling rate over the run: comma-separated ``RATE@STEP`` breakpoints (the
+    rate from that optimizer step on, steps increasing, rates in (0, 1]), and between two
+    of them optionally ``ramp:N``, a linear ramp quantised into N equal phases; at most
+    32 phases. ``1.0@9000``: ``sample_rate`` then the full softmax from step 9000
+    (LVFace); ``0.1@0,ramp:4,1.0@8000``: a ramp. Empty: ``sample_rate`` throughout
+    (docs/training.md, "Sampling schedules")."""
     num_subcenters: int = field(default=1, metadata=refuse("the head's rows are the checkpoint's"))
     """Sub-centres per class (sub-center ArcFace), >= 1; 1 disables them."""
     chunk_size: int | None = field(default=None, metadata=MAY_CHANGE)
@@ -232,6 +241,9 @@ class HeadConfig(Section):
                 interclass_filtering_threshold=self.interclass_filtering_threshold,
                 interclass_filtering_mode=self.interclass_filtering_mode,
                 names=_HEAD_ARGUMENTS,
+            )
+            parse_rate_schedule(
+                self.sample_rate_schedule, self.sample_rate, name="head.sample_rate_schedule"
             )
         except OSError as exc:
             raise ConfigError(

@@ -1,7 +1,8 @@
 """Pieces shared by the auxiliary losses (:mod:`partial_fc.center_loss`,
 :mod:`partial_fc.triplet`): the partial-sum all-reduce and the distance functions.
 
-Private to those two modules; the public API is the loss classes.
+Private to the loss modules (and :mod:`partial_fc.distill`); the public API is the loss
+classes.
 """
 
 from __future__ import annotations

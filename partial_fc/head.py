@@ -320,6 +320,16 @@ class PartialFC(nn.Module):
         """Replace the margin (one value, one per class, or a ``.txt`` file) at run time."""
         self.margin.set_margins(margins, which)
 
+    def set_sample_rate(self, rate: float) -> None:
+        """Use ``rate`` (in (0, 1]) from the next training forward on: between steps
+        only (a trainer's sampling schedule, :func:`partial_fc.sampling.scheduled_rate`).
+        The sampled count S per rank (:func:`partial_fc.sampling.num_sampled_classes`) is
+        a host value derived from it, so a change costs no host sync; a step at rate 1.0
+        has a dense weight gradient, a sampled step a row-sparse one (the head's
+        optimizers take either)."""
+        check_head_options(sample_rate=rate)
+        self.sample_rate = float(rate)
+
     def _assert_labels(self, labels: torch.Tensor, real: torch.Tensor) -> None:
         """Device-side check that every real label is a class id (or ignore_index)."""
         bad = real & ((labels < 0) | (labels >= self.num_classes))

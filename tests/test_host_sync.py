@@ -81,8 +81,9 @@ def test_head_and_its_optimizer_never_read_back(
 
 
 class _StepSyncs(DispatchCounter):
-    """Records host syncs except while ``allowed`` (a log step's bookkeeping, and
-    everything after the last step: final checkpoint, verification, export)."""
+    """Records host syncs except while ``allowed``: the start-up before the first step
+    (resume, the trackers' start-up collective), a log step's bookkeeping, and
+    everything after the last step (final checkpoint, verification, export)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -94,7 +95,13 @@ class _StepSyncs(DispatchCounter):
         """A counter that allows reads only in the bookkeeping after a log step
         (``trainer._after_step``) and once ``last_step`` is done."""
         counter = cls()
+        counter.allowed = True  # start-up: until the first step begins
         real_after_step = trainer._after_step
+        real_train_step = trainer.train_step
+
+        def train_step(micro_batches):  # type: ignore[no-untyped-def]
+            counter.allowed = False
+            return real_train_step(micro_batches)
 
         def after_step(result, keys, monitor) -> None:
             counter.allowed = trainer.step % log_every == 0
@@ -104,6 +111,7 @@ class _StepSyncs(DispatchCounter):
                 counter.allowed = trainer.step >= last_step  # the end may read back
 
         trainer._after_step = after_step  # type: ignore[method-assign]
+        trainer.train_step = train_step  # type: ignore[method-assign]
         return counter
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]

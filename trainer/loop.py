@@ -57,6 +57,7 @@ from configs import Config, ConfigError, config_to_dict
 from datasets.augment import BatchAugment
 from datasets.errors import DataError
 from datasets.multi import resume_problem
+from partial_fc.sampling import RatePhases, parse_rate_schedule, scheduled_rate
 from trainer.amp import AmpPolicy
 from trainer.checkpoint import (
     Attributes,
@@ -238,6 +239,13 @@ class Trainer:
             cfg.scheduler.power,
         )
         self.schedulers = build_schedulers(self.stepper.optimizers(), self.schedule)
+        # head.sample_rate_schedule's phases (None: the head keeps its own rate); the
+        # rate of a step is a function of self.step alone, so a resume reproduces it.
+        self.sample_rates: RatePhases | None = None
+        if cfg.head.sample_rate_schedule:
+            self.sample_rates = parse_rate_schedule(
+                cfg.head.sample_rate_schedule, cfg.head.sample_rate, "head.sample_rate_schedule"
+            )
 
         self.step = 0
         self.epoch = 0
@@ -317,6 +325,11 @@ class Trainer:
                 )
                 for i, (images, labels) in enumerate(micro_batches)
             ]
+        if self.sample_rates is not None:  # host maths on the host's step count
+            rate = scheduled_rate(self.sample_rates, self.step)
+            if rate != self.head.sample_rate:
+                log.info("head.sample_rate_schedule: rate %g from step %d", rate, self.step)
+                self.head.set_sample_rate(rate)
         result = self.stepper(micro_batches)
         self.last_lr = self.opt_head.param_groups[0]["lr"]  # the LR this step used
         for scheduler in self.schedulers:
