@@ -98,6 +98,13 @@ finetune-demo: $(STAMP) $(DEMO_DATA)/meta.json
 # nodes, on loopback and (as root with `ip netns`) in two network namespaces
 # joined by a veth pair. soak: the demo config for SOAK_STEPS steps on 2 ranks
 # (default 2000; not in CI; figures in work_dirs/soak/soak.json).
+# slurm-test (docs/training.md, "Slurm"): installs slurm-wlm when run as root, starts
+# slurmctld + slurmd on localhost, runs tools/slurm/train.sbatch as a 2-task CPU job and
+# a preempted-then-requeued one; skips with a reason where Slurm cannot start.
+.PHONY: slurm-test
+slurm-test: $(STAMP)
+	bash tools/slurm/local_test.sh
+
 .PHONY: multinode-test soak
 multinode-test: $(STAMP)
 	$(BIN)/python -m pytest -m "" -v -s tests/test_multinode.py

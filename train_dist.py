@@ -6,6 +6,11 @@
     torchrun --nproc_per_node=8 train_dist.py CONFIG [key=value ...]  # one node
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 \\
         --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train_dist.py CONFIG
+    srun --ntasks-per-node=8 python train_dist.py CONFIG              # Slurm, no torchrun
+
+SIGTERM or SIGUSR1 (Slurm's ``--signal=USR1@120``, preemption) saves a checkpoint at
+the next log step and exits with code 75 (:data:`trainer.preemption.PREEMPTED_EXIT_CODE`);
+a rerun with ``checkpoint.resume=auto`` resumes there.
 
 CONFIG is a preset (``ms1mv2_r50``, ``configs/demo``, ...) or a ``.json``/``.toml``
 file; ``key=value`` overrides any field (``optimizer.lr=0.05``). The process group
@@ -59,10 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
+        from common.dist import launch_env
         from trainer.preflight import probe_output
 
         # before joining the job: an unwritable output fails every rank alike, at once
-        probe_output(cfg.train.output, int(os.environ.get("RANK", "0")))
+        # (torchrun's RANK or srun's SLURM_PROCID; bad launcher variables stop here)
+        probe_output(cfg.train.output, launch_env().rank)
     except Exception as exc:
         code = _report(exc, "error")
         if code is None:
@@ -80,6 +87,7 @@ def _run(cfg: Config) -> int:
     from configs import save_config
     from trainer.build import build_trainer
     from trainer.monitor import setup_logging
+    from trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     # the collective timeout bounds every collective: a hung or dead peer makes the
     # others fail after it instead of waiting forever
@@ -121,12 +129,20 @@ def _run(cfg: Config) -> int:
             # After the resume check, so config.json describes what actually runs.
             save_config(cfg, cfg.train.output)
         where = f"error (rank {rank})"
-        trainer.fit()
+        trainer.preemption.install()  # SIGTERM/SIGUSR1: checkpoint, exit 75
+        try:
+            trainer.fit()
+        finally:
+            trainer.preemption.restore()
         if owned is not None:
             written = _written(cfg)
             owned.commit(*written)  # the manifest, last: the directory is complete
             print(f"outputs in {cfg.train.output}: {', '.join(written)}")
         return 0
+    except Preempted as exc:  # saved at a step boundary: the requeued job resumes
+        if rank == 0:
+            print(f"{exc}; exit code {PREEMPTED_EXIT_CODE}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except dist.DistError as exc:  # a collective failed: a peer rank stopped
         print(f"{where}: {_first_line(exc)} (a peer rank failed)", file=sys.stderr)
         return 1

@@ -735,6 +735,63 @@ class AuxLossConfig(Section):
 
 
 @dataclass
+class DistillConfig(Section):
+    """Knowledge distillation from a frozen teacher backbone (see docs/training.md,
+    "Distillation"); off while ``teacher`` is empty."""
+
+    prefix: ClassVar[str] = "distill"
+    teacher: str = field(
+        default="",
+        metadata=refuse("the distillation targets and the learned projection P are the teacher's"),
+    )
+    """The teacher's backbone weights (this project's ``backbone.pt`` or arcface_torch's
+    ``backbone.pth``, read strictly by ``backbones.weights``), run frozen in inference mode
+    on the student's device under its autocast. Empty: no distillation."""
+    teacher_network: str = field(
+        default="",
+        metadata=refuse("the distillation targets and the learned projection P are the teacher's"),
+    )
+    """The teacher's network name in the backbone registry (e.g. ``r100``); empty: the
+    student's ``model.network``. Its input convention (size, mean/std, colour) may differ
+    from the student's: the batch is converted on the device."""
+    embedding_weight: NonNegative = field(default=0.0, metadata=MAY_CHANGE)
+    """Weight of the embedding term ``1 - cos(P s, t)`` (or its ``l2`` form) in the total
+    loss. With a teacher the term is always computed and logged (``distill_embedding``;
+    0: monitored only), so ``P`` exists and a resume may change the weight."""
+    relation_weight: NonNegative = field(default=0.0, metadata=MAY_CHANGE)
+    """Weight of the relation term (the global batch's student cosine-similarity matrix
+    against the teacher's, mean squared difference); 0 turns it off."""
+    embedding_kind: Literal["cosine", "l2"] = field(default="cosine", metadata=MAY_CHANGE)
+    """The embedding term: ``cosine`` (``1 - cos(P s, t)``) or ``l2`` (squared distance of
+    the normalised vectors, ``2 (1 - cos)``)."""
+
+    def check_rules(self) -> None:
+        _check(
+            isinstance(self.teacher, str),
+            "distill.teacher",
+            "must be a path to the teacher's backbone weights, or empty",
+            self.teacher,
+        )
+        for key, weight in (
+            ("distill.embedding_weight", self.embedding_weight),
+            ("distill.relation_weight", self.relation_weight),
+        ):
+            _check(
+                weight == 0 or bool(self.teacher),
+                key,
+                "is > 0 but distill.teacher is empty: set distill.teacher to the teacher's "
+                "backbone weights, or the weight to 0",
+                weight,
+            )
+        _check(
+            not self.teacher_network or bool(self.teacher),
+            "distill.teacher_network",
+            "is set but distill.teacher is empty",
+            self.teacher_network,
+        )
+
+
+@dataclass
 class Config:
     """A complete training run."""
 
@@ -768,6 +825,9 @@ class Config:
     """Auxiliary losses (center, triplet); off by default."""
     augment: AugmentConfig = field(default_factory=AugmentConfig, metadata=MAY_CHANGE)
     """Batched training augmentations on the device; off by default."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Knowledge distillation from a frozen teacher; off by default (each field declares
+    its resume policy)."""
 
     def validate(self) -> Config:
         """Check every section; raise :class:`ConfigError` naming the first bad option."""
@@ -783,6 +843,7 @@ class Config:
             self.log,
             self.aux,
             self.augment,
+            self.distill,
         ):
             section.validate()
         _check(

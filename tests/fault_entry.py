@@ -1,9 +1,10 @@
 """``train_dist.py`` with one injected SIGKILL, for the torchrun fault tests.
 
 ``PFC_FAULT=step:N:R`` kills rank R just before optimizer step N; ``PFC_FAULT=save:N:R``
-kills rank R half-way through writing its head shard of step N's checkpoint. Only the
-first attempt (``TORCHELASTIC_RESTART_COUNT=0``) is killed; the restarted one runs
-clean. Test-only: the trainer itself has no fault hooks.
+kills rank R half-way through writing its head shard of step N's checkpoint;
+``PFC_FAULT=signal:N:R`` sends rank R a SIGUSR1 (Slurm's preemption warning) just before
+step N instead of killing it. Only the first attempt (``TORCHELASTIC_RESTART_COUNT=0``)
+is hit; the restarted one runs clean. Test-only: the trainer itself has no fault hooks.
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ def install(spec: str, rank: int) -> None:
     step, victim = int(step_text), int(rank_text)
     if rank != victim:
         return
-    if kind == "step":
+    if kind == "signal":
+        real_step = Trainer.train_step
+
+        def train_step_signalled(self: Trainer, micro: Any) -> Any:
+            if self.step + 1 == step:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return real_step(self, micro)
+
+        Trainer.train_step = train_step_signalled  # type: ignore[method-assign]
+    elif kind == "step":
         real_step = Trainer.train_step
 
         def train_step(self: Trainer, micro: Any) -> Any:
@@ -58,5 +68,6 @@ if __name__ == "__main__":
 
     spec = os.environ.get("PFC_FAULT", "")
     if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        install(spec, int(os.environ.get("RANK", "0")))
+        # torchrun's RANK, or SLURM_PROCID when launched like srun
+        install(spec, int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))))
     sys.exit(train_dist.main(sys.argv[1:]))

@@ -42,7 +42,9 @@ class FakeGroup:
         monkeypatch.setattr(dist, "init_process_group", self._init)
         monkeypatch.setattr(dist, "is_initialized", lambda: self.initialized)
         monkeypatch.setattr(dist, "get_rank", lambda group=None: int(os.environ["RANK"]))
-        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+        monkeypatch.setattr(
+            dist, "get_world_size", lambda group=None: int(os.environ["WORLD_SIZE"])
+        )
         monkeypatch.setattr(dist, "destroy_process_group", self._destroy)
 
     def _init(self, backend: str, **kwargs: Any) -> None:
@@ -56,11 +58,11 @@ class FakeGroup:
 
 @pytest.fixture
 def torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """torchrun's variables for global rank 7, local rank 3 (world size 4 is all the
-    code reads; the numbers only need to differ from each other)."""
+    """torchrun's variables for global rank 7, local rank 3 of world size 8 (the
+    numbers only need to differ from each other and be a consistent layout)."""
     monkeypatch.setenv("RANK", "7")
     monkeypatch.setenv("LOCAL_RANK", "3")
-    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "8")
 
 
 def test_cuda_picks_nccl_on_local_rank_device(
@@ -69,7 +71,7 @@ def test_cuda_picks_nccl_on_local_rank_device(
     fake = FakeGroup(monkeypatch, cuda=True)
     ctx = init_distributed(timeout_s=12.5)
     cuda3 = torch.device("cuda", 3)
-    assert ctx == DistContext(7, 4, 3, cuda3, None)
+    assert ctx == DistContext(7, 8, 3, cuda3, None)
     assert fake.set_devices == [cuda3]  # before the group: object collectives need it
     [(backend, kwargs)] = fake.inits
     assert backend == "nccl"
@@ -94,7 +96,7 @@ def test_cpu_picks_gloo_and_explicit_cpu_wins_over_cuda(
 ) -> None:
     fake = FakeGroup(monkeypatch, cuda=False)
     ctx = init_distributed(timeout_s=3)
-    assert ctx.device == torch.device("cpu") and (ctx.rank, ctx.world_size) == (7, 4)
+    assert ctx.device == torch.device("cpu") and (ctx.rank, ctx.world_size) == (7, 8)
     assert fake.inits == [("gloo", {"timeout": fake.inits[0][1]["timeout"]})]  # no device_id
     fake = FakeGroup(monkeypatch, cuda=True)
     ctx = init_distributed("cpu")

@@ -94,6 +94,8 @@ CASES = [
         2,
     ),
     ("backbones", ["--list", "no_such_network"], 2),
+    ("tools.slurm", ["configs/demo", "--nodes", "0"], 2),
+    ("tools.slurm", ["configs/demo", "--out", "{missing}/job.sbatch"], 1),
 ]
 
 

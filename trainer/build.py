@@ -19,9 +19,12 @@ from datasets.multi import WeightedDatasetSampler, dataset_table, open_datasets
 from datasets.pk_sampler import PKSampler
 from eval.verification import load_bin, verify_targets
 from partial_fc import CombinedMargin, PartialFC, ShardedCenterLoss, TripletLoss, registry
+from partial_fc.distill import Distiller
+from trainer.distillation import Distillation
 from trainer.finetune import freeze_backbone, init_new_run
 from trainer.loop import AuxLosses, Evaluator, Trainer
 from trainer.preflight import OutputDirError, checkpoint_bytes_estimate, probe_output
+from trainer.teacher import Teacher
 
 if TYPE_CHECKING:
     from datasets.loader import FaceLoader
@@ -89,7 +92,52 @@ def build_aux_losses(cfg: Config, device: torch.device) -> AuxLosses:
             distance=aux.triplet_distance,
             max_local_batch=cfg.data.batch_size,
         )
-    return AuxLosses(center=center, triplet=triplet)
+    return AuxLosses(center=center, triplet=triplet, distill=build_distillation(cfg, device))
+
+
+#: Added to ``train.seed`` for the projection P's initialisation (its own stream).
+_PROJECTION_SEED = 28_002
+
+
+def build_distillation(cfg: Config, device: torch.device) -> Distillation | None:
+    """The teacher and the distillation terms of ``distill.*`` (``None`` without a
+    teacher), on ``device`` (default process group, batches padded to
+    ``data.batch_size``: no host sync).
+
+    The embedding term is always built (weight 0: logged only), so the projection ``P``
+    exists whenever the sizes differ and a resume may change the weights; the relation
+    term only with ``distill.relation_weight > 0``. ``P`` is initialised from its own
+    stream seeded by ``train.seed``: identical on every rank and for every world size.
+
+    Raises:
+        ConfigError: ``distill.teacher`` is not a file, or ``distill.teacher_network``
+            is not a known network (both name the option).
+        BackboneWeightsError, TeacherError: the file is not that network's weights, or
+            the network does not take its input (the message names the file).
+    """
+    dc = cfg.distill
+    if not dc.teacher:
+        return None
+    if not Path(dc.teacher).is_file():
+        raise ConfigError(f"distill.teacher: no such file {dc.teacher!r} (the teacher's weights)")
+    network = dc.teacher_network or cfg.model.network
+    key = "distill.teacher_network" if dc.teacher_network else "model.network"
+    try:
+        input_spec(network)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    teacher = Teacher.from_file(dc.teacher, network, cfg.model.network, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed + _PROJECTION_SEED)
+        distiller = Distiller(
+            cfg.model.embedding_size,
+            teacher.embedding_size,
+            embedding=dc.embedding_kind,
+            relation=dc.relation_weight > 0,
+            max_local_batch=cfg.data.batch_size,
+        )
+    weights = {"embedding": dc.embedding_weight, "relation": dc.relation_weight}
+    return Distillation(teacher, distiller.to(device), weights)
 
 
 def build_backbone(cfg: Config) -> torch.nn.Module:

@@ -78,9 +78,11 @@ from trainer.checkpoint import (
     nonfinite_parts,
     write_error,
 )
+from trainer.distillation import Distillation
 from trainer.finetune import backbone_param_groups
 from trainer.monitor import Monitor
 from trainer.optim import build_backbone_optimizer, build_head_optimizer
+from trainer.preemption import Preempted, PreemptionFlag
 from trainer.resume_warning import BatchLayout, batch_change_warning
 from trainer.schedule import WarmupPoly, build_schedulers
 from trainer.step import Batch, StepResult, TrainStep
@@ -145,6 +147,10 @@ class AuxLosses:
     """A :class:`partial_fc.ShardedCenterLoss` built for this rank, or ``None``."""
     triplet: nn.Module | None = None
     """A :class:`partial_fc.TripletLoss`, or ``None``."""
+    distill: Distillation | None = None
+    """The teacher and distillation terms (``distill.*``, built on the device), or
+    ``None``; its projection ``P`` trains in the backbone optimizer and is checkpointed
+    as the replicated part ``distill``."""
 
 
 class Trainer:
@@ -190,8 +196,11 @@ class Trainer:
         self.loader = loader
         self.evaluator = evaluator
         # lr x optimizer.backbone_lr_mult; frozen parameters (model.freeze_*) left out
+        self.distill = aux.distill if aux is not None else None
         self.opt_backbone = build_backbone_optimizer(
-            cfg.optimizer, backbone_param_groups(self.backbone, cfg.optimizer)
+            cfg.optimizer,
+            backbone_param_groups(self.backbone, cfg.optimizer)
+            + (self.distill.param_groups(cfg.optimizer) if self.distill is not None else []),
         )
         self.opt_head = build_head_optimizer(cfg.optimizer, self.head)
         aux = aux or AuxLosses()
@@ -219,6 +228,7 @@ class Trainer:
             self.amp,
             ctx,
             cfg.train.clip_grad_norm,
+            distill=self.distill,
         )
 
         # Derived quantities: computed here, never written back into ``cfg``.
@@ -258,6 +268,8 @@ class Trainer:
             checkpoint_storage or CheckpointStorage(self.output / "checkpoints", ctx)
         )
         self._last_saved = -1
+        # SIGTERM/SIGUSR1 noted once train_dist.py installs it; asked at log steps
+        self.preemption = PreemptionFlag()
         # The newest checkpoint known to hold finite values: the last one this run
         # saved (every save checks) or resumed from (every load checks).
         self.last_good: Path | None = None
@@ -279,6 +291,9 @@ class Trainer:
         sharded = {"head": ShardedModule(head, self.opt_head, head.num_subcenters)}
         if center is not None:
             sharded["center"] = ShardedModule(center, self.opt_center, row_keys=("centers",))
+        replicated: dict[str, ModuleState] = {}
+        if self.distill is not None and self.distill.params():  # the projection P
+            replicated["distill"] = ModuleState(self.distill.distiller)
         facts = {
             "num_classes": Fact(head.num_classes, "data.num_classes", "{} classes"),
             "embedding_size": Fact(
@@ -300,6 +315,7 @@ class Trainer:
                 "history": JsonList(self.history),
                 "tracking": JsonDict(self.tracking_runs),
                 "config": Recorded(json.dumps(config_to_dict(self.cfg))),
+                **replicated,
             },
             sharded=sharded,
             per_rank={"rng": RngState()},
@@ -542,6 +558,20 @@ class Trainer:
         if due and self.bad_streak == 0:  # never save in the middle of a bad streak
             self.save_checkpoint()
         monitor.exclude(time.perf_counter() - started)
+        if self.step % cfg.log.every_steps == 0 or self.step == self._stop:
+            self._stop_if_preempted()
+
+    def _stop_if_preempted(self) -> None:
+        """At a log step: if any rank got a preemption signal (one all-reduce), save a
+        checkpoint here (unless in a bad streak: the last good one stays) and raise
+        :class:`~trainer.preemption.Preempted` on every rank."""
+        if not self.preemption.requested(self.ctx):
+            return
+        self.settle_bad_steps()
+        if self.bad_streak == 0 and self._last_saved != self.step:
+            self.save_checkpoint()
+        last = self.last_good
+        raise Preempted(self.step, self.preemption.signal_name, str(last) if last else None)
 
     def _log_window(self, monitor: Monitor) -> None:
         """Log the means over the window's good steps (one read of the device sums); a

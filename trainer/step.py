@@ -5,10 +5,12 @@
 1. for each micro-batch: backbone forward under autocast (CUDA only), embeddings cast to
    fp32, their backward gradient multiplied by the world size
    (:func:`trainer.gradients.scale_backbone_grad`, the one place that cancels DDP's
-   averaging), head loss (global-batch mean, fp32) plus the weighted auxiliary losses,
-   backward of ``loss / k`` — so the step's gradient is that of the loss averaged over
-   the micro-batches. DDP's all-reduce runs only on the last micro-batch (``no_sync``
-   before it);
+   averaging), head loss (global-batch mean, fp32) plus the weighted auxiliary losses
+   and (with a :class:`~trainer.distillation.Distillation`) the weighted distillation
+   terms against the teacher's embeddings of the same images (the teacher's forward
+   under the same autocast), backward of ``loss / k`` — so the step's gradient is that
+   of the loss averaged over the micro-batches. DDP's all-reduce runs only on the last
+   micro-batch (``no_sync`` before it);
 2. fp16 only: unscale both gradient sets and skip the step on every rank if any is
    non-finite;
 3. clip the joint backbone + sharded gradient norm (``train.clip_grad_norm``);
@@ -36,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common.dist import DistContext
 from partial_fc.sparse_grad import grad_values
 from trainer.amp import AmpPolicy
+from trainer.distillation import Distillation
 from trainer.gradients import clip_, global_grad_norm, scale_backbone_grad
 from trainer.optim import step_unless
 
@@ -59,8 +62,9 @@ class StepResult:
     """0-dim bool, True if the step was skipped for a non-finite loss or gradient (no
     update). A device tensor: reading it is a host sync."""
     aux: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    """Unweighted auxiliary loss terms (``center``, ``triplet``) averaged over the
-    micro-batches; empty without auxiliary losses."""
+    """Unweighted auxiliary loss terms (``center``, ``triplet``, and the distillation
+    terms ``distill_embedding``, ``distill_relation``) averaged over the micro-batches;
+    empty without auxiliary losses."""
 
 
 class TrainStep:
@@ -76,6 +80,10 @@ class TrainStep:
         amp: autocast and loss scaling.
         ctx: this process's rank layout and device.
         clip: ``train.clip_grad_norm`` (``None``: no clipping).
+        distill: the teacher and distillation terms, or ``None``. Its learned
+            parameters (``P``) are replicated: they must be in ``opt_backbone`` (unscaled,
+            skipped and stepped with the backbone) and count in the norm as the
+            backbone's.
     """
 
     def __init__(
@@ -90,6 +98,7 @@ class TrainStep:
         amp: AmpPolicy,
         ctx: DistContext,
         clip: float | None,
+        distill: Distillation | None = None,
     ) -> None:
         self.model = model
         self.backbone = backbone
@@ -101,6 +110,7 @@ class TrainStep:
         self.amp = amp
         self.ctx = ctx
         self.clip = clip
+        self.distill = distill
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """Backbone, head and (if learnable centres) centre optimizers, in that order."""
@@ -113,9 +123,15 @@ class TrainStep:
         extra = self.opt_center.param_groups[0]["params"] if self.opt_center is not None else []
         return [self.head.weight, *extra]
 
+    def replicated_params(self) -> list[nn.Parameter]:
+        """Parameters identical on every rank: the backbone's, then the distillation
+        projection's (if any)."""
+        extra = self.distill.params() if self.distill is not None else []
+        return [p for p in self.backbone.parameters() if p.requires_grad] + extra
+
     def params(self) -> list[nn.Parameter]:
-        """Every trained parameter: the backbone's, then the sharded ones."""
-        return [p for p in self.backbone.parameters() if p.requires_grad] + self.sharded_params()
+        """Every trained parameter: the replicated ones, then the sharded ones."""
+        return self.replicated_params() + self.sharded_params()
 
     def __call__(self, micro_batches: Sequence[Batch]) -> StepResult:
         """Forward, backward and update over ``micro_batches`` (gradient accumulation
@@ -129,7 +145,8 @@ class TrainStep:
         self.head.train()
         for opt in self.optimizers():
             opt.zero_grad(set_to_none=True)
-        aux_sums = {name: torch.zeros((), device=device) for name in self.aux}
+        names = [*self.aux, *(self.distill.names() if self.distill is not None else ())]
+        aux_sums = {name: torch.zeros((), device=device) for name in names}
         loss_sum = torch.zeros((), device=device)
         acc_sum = torch.zeros((), device=device)
         samples = 0
@@ -150,6 +167,12 @@ class TrainStep:
                     term = module(embeddings, labels)
                     aux_sums[name] += term.detach()
                     loss = loss + weight * term
+                if self.distill is not None:
+                    with self.amp.autocast():
+                        targets = self.distill.targets(images)
+                    for name, (term, weight) in self.distill(embeddings, targets).items():
+                        aux_sums[name] += term.detach()
+                        loss = loss + weight * term
                 scaled = loss / k
                 if self.amp.scaling:
                     scaled = scaler.scale(scaled)
@@ -194,7 +217,7 @@ class TrainStep:
                     values.mul_(inv_scale)
                     grad_bad |= ~torch.isfinite(values).all()
         elif clip is not None:
-            grad_norm = global_grad_norm(self.backbone.parameters(), sharded, self.ctx)
+            grad_norm = global_grad_norm(self.replicated_params(), sharded, self.ctx)
             grad_bad = ~torch.isfinite(grad_norm)
         flags = torch.stack([~torch.isfinite(loss), grad_bad]).float()
         self.ctx.all_reduce_(flags)
@@ -210,7 +233,7 @@ class TrainStep:
         first = next(p for p in self.backbone.parameters() if p.grad is not None)
         first.grad.masked_fill_(bad, float("inf"))
         scaler.unscale_(self.opt_backbone)
-        grad_norm = global_grad_norm(self.backbone.parameters(), sharded, self.ctx)
+        grad_norm = global_grad_norm(self.replicated_params(), sharded, self.ctx)
         if clip is not None:
             clip_(self.params(), grad_norm, clip)
         scaler.step(self.opt_backbone)  # fused: the scaler passes found_inf

@@ -2,8 +2,9 @@
 inference mode on the student's device under the student's autocast, its input
 converted on the device from the student's convention to its own.
 
-The losses it feeds are :mod:`partial_fc.distill`'s. Not wired into the configuration
-or the training step yet (see docs/training.md, "Distillation").
+The losses it feeds are :mod:`partial_fc.distill`'s; ``distill.teacher`` builds it
+(:func:`trainer.build.build_distillation`) and the step calls it through
+:class:`trainer.distillation.Distillation` (see docs/training.md, "Distillation").
 """
 
 from __future__ import annotations
