@@ -141,8 +141,8 @@ MUTATION_MINUTES ?= 30
 
 .PHONY: mutation mutation-planted
 mutation: $(STAMP)
-	OMP_NUM_THREADS=1 nice -n 19 $(BIN)/python tools/mutation.py --budget-minutes $(MUTATION_MINUTES)
+	OMP_NUM_THREADS=1 nice -n 19 $(BIN)/python -m tools.mutation --budget-minutes $(MUTATION_MINUTES)
 
 mutation-planted: $(STAMP)
-	OMP_NUM_THREADS=1 nice -n 19 $(BIN)/python tools/mutation.py --planted mutation/planted.toml \
+	OMP_NUM_THREADS=1 nice -n 19 $(BIN)/python -m tools.mutation --planted mutation/planted.toml \
 	  --out work_dirs/mutation-planted

@@ -18,7 +18,8 @@ Mutants are made from each module's syntax tree, one change each:
 
 Left alone, because a change there is not a change of behaviour worth a test: strings and
 f-strings, docstrings, annotations, decorators, ``assert`` statements, logging and
-``print`` calls, and whatever sits inside a ``raise`` (its message).
+``print`` calls, ``__repr__``/``__str__``/``extra_repr``, and whatever sits inside a
+``raise`` (its message).
 
 Each mutant is written into a private copy of the working tree (``git ls-files``: tracked
 and untracked-but-not-ignored files), and the tests mapped to its module
@@ -28,10 +29,12 @@ the other heavy third-party modules starts each run, so a mutant costs its tests
 interpreter start. The mapped tests first run once unmutated (they must pass; their time
 sets the timeout and the budget).
 
-Budget: when the mutants of all modules cannot all run in ``--budget-minutes``, each
-module gets a share of the time in proportion to its mutant count (water-filling: what
-a module with few or fast mutants leaves goes to the others) and runs a seeded random
-sample of that size. The report says how many were sampled out of how many.
+Budget: the mutants of every module are shuffled (seeded); the run takes them in that
+order, in rounds, until ``--budget-minutes`` (baselines included) are spent. Each round
+shares the time left among the modules in proportion to their mutant counts, at each
+module's measured cost per mutant (water-filling: what a module with few or fast mutants
+leaves goes to the others). So the mutants run are a seeded random sample of each module,
+larger for modules with fast tests; the report says how many ran out of how many.
 
 Survivors judged equivalent (no test could tell them apart from the original) are listed
 with the reason in ``mutation/equivalent.toml``, matched by module, operator and the
@@ -61,6 +64,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.cli import run_main
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "mutation" / "config.toml"
 DEFAULT_EQUIVALENT = ROOT / "mutation" / "equivalent.toml"
@@ -83,6 +88,8 @@ _SYMBOL = {
     ast.And: "and", ast.Or: "or",
 }  # fmt: skip
 _LOGGERS = {"log", "logger", "logging", "warnings", "_log", "LOG"}
+# Methods that only describe an object to people (printed, never computed with).
+_DESCRIPTIONS = {"__repr__", "__str__", "extra_repr"}
 # Third-party modules the fork server imports once (never the project's own, never
 # triton: its interpreter mode must be chosen before the first import).
 _PRELOAD = ("numpy", "torch", "pytest", "hypothesis", "cv2", "pyarrow", "onnx", "scipy")
@@ -99,6 +106,7 @@ class Mutant:
     end: int
     replacement: str
     source_line: str  # the original line, stripped (for people and for equivalence)
+    scope: str = ""  # the enclosing class and function, e.g. "MXRecordIO.close"
 
     @property
     def id(self) -> str:
@@ -131,8 +139,12 @@ class _Collector(ast.NodeVisitor):
     """Walk a module and list every mutation (as a node, a mutated copy, a label)."""
 
     def __init__(self) -> None:
-        self.found: list[tuple[ast.AST, ast.AST | None, str]] = []
+        self.found: list[tuple[ast.AST, ast.AST | None, str, str]] = []
         self.depth = 0  # inside how many functions
+        self.scope: list[str] = []
+
+    def _add(self, node: ast.AST, new: ast.AST | None, op: str) -> None:
+        self.found.append((node, new, op, ".".join(self.scope)))
 
     # places never mutated
     def visit_JoinedStr(self, node: ast.JoinedStr) -> None:
@@ -163,19 +175,25 @@ class _Collector(ast.NodeVisitor):
         return  # annotations
 
     def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        if node.name in _DESCRIPTIONS:
+            return
         self.visit(node.args)  # defaults (annotations are skipped in visit_arg)
         self.depth += 1
+        self.scope.append(node.name)
         self._statements(node.body)
         for stmt in node.body:
             self.visit(stmt)
+        self.scope.pop()
         self.depth -= 1
 
     visit_FunctionDef = _function
     visit_AsyncFunctionDef = _function
 
     def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self.scope.append(node.name)
         for stmt in node.body:
             self.visit(stmt)
+        self.scope.pop()
 
     def visit_Module(self, node: ast.Module) -> None:
         for stmt in node.body:
@@ -231,7 +249,7 @@ class _Collector(ast.NodeVisitor):
                 continue
             if isinstance(stmt, ast.Return) and stmt.value is None:
                 continue
-            self.found.append((stmt, None, "remove statement"))
+            self._add(stmt, None, "remove statement")
 
     # the mutations
     def visit_Compare(self, node: ast.Compare) -> None:
@@ -241,7 +259,7 @@ class _Collector(ast.NodeVisitor):
                 continue
             copy = ast.Compare(node.left, list(node.ops), node.comparators)
             copy.ops[i] = new()
-            self.found.append((node, copy, f"{_SYMBOL[type(op)]} -> {_SYMBOL[new]}"))
+            self._add(node, copy, f"{_SYMBOL[type(op)]} -> {_SYMBOL[new]}")
         self.generic_visit(node)
 
     def visit_BinOp(self, node: ast.BinOp) -> None:
@@ -253,35 +271,35 @@ class _Collector(ast.NodeVisitor):
         )
         if new is not None and not strings:
             copy = ast.BinOp(node.left, new(), node.right)
-            self.found.append((node, copy, f"{_SYMBOL[type(node.op)]} -> {_SYMBOL[new]}"))
+            self._add(node, copy, f"{_SYMBOL[type(node.op)]} -> {_SYMBOL[new]}")
         self.generic_visit(node)
 
     def visit_AugAssign(self, node: ast.AugAssign) -> None:
         new = _BINARY.get(type(node.op))
         if new is not None:
             copy = ast.AugAssign(node.target, new(), node.value)
-            self.found.append((node, copy, f"{_SYMBOL[type(node.op)]}= -> {_SYMBOL[new]}="))
+            self._add(node, copy, f"{_SYMBOL[type(node.op)]}= -> {_SYMBOL[new]}=")
         self.generic_visit(node)
 
     def visit_BoolOp(self, node: ast.BoolOp) -> None:
         new = ast.Or if isinstance(node.op, ast.And) else ast.And
         copy = ast.BoolOp(new(), node.values)
-        self.found.append((node, copy, f"{_SYMBOL[type(node.op)]} -> {_SYMBOL[new]}"))
+        self._add(node, copy, f"{_SYMBOL[type(node.op)]} -> {_SYMBOL[new]}")
         self.generic_visit(node)
 
     def visit_UnaryOp(self, node: ast.UnaryOp) -> None:
         if isinstance(node.op, ast.Not):
-            self.found.append((node, node.operand, "remove not"))
+            self._add(node, node.operand, "remove not")
         elif isinstance(node.op, ast.USub):
-            self.found.append((node, node.operand, "remove unary -"))
+            self._add(node, node.operand, "remove unary -")
         self.generic_visit(node)
 
     def visit_Constant(self, node: ast.Constant) -> None:
         v = node.value
         if isinstance(v, bool):
-            self.found.append((node, ast.Constant(not v), f"const {v} -> {not v}"))
+            self._add(node, ast.Constant(not v), f"const {v} -> {not v}")
         elif isinstance(v, int | float) and not isinstance(v, complex):
-            self.found.append((node, ast.Constant(v + 1), f"const {v!r} -> {v + 1!r}"))
+            self._add(node, ast.Constant(v + 1), f"const {v!r} -> {v + 1!r}")
 
 
 def _line_starts(source: bytes) -> list[int]:
@@ -304,7 +322,7 @@ def mutants_of(path: str, root: Path = ROOT) -> list[Mutant]:
     collector.visit(tree)
     out: list[Mutant] = []
     seen: set[tuple[int, int, str]] = set()
-    for node, new, op in collector.found:
+    for node, new, op, scope in collector.found:
         start = starts[node.lineno - 1] + node.col_offset
         end = starts[node.end_lineno - 1] + node.end_col_offset
         if new is None:
@@ -327,6 +345,7 @@ def mutants_of(path: str, root: Path = ROOT) -> list[Mutant]:
             end=end,
             replacement=text,
             source_line=lines[node.lineno - 1].decode("utf-8", "replace").strip(),
+            scope=scope,
         )
         mutated = m.apply(source)
         try:
@@ -363,9 +382,12 @@ def load_equivalent(path: Path) -> list[dict[str, str]]:
 
 
 def equivalence_reason(m: Mutant, equivalent: list[dict[str, str]]) -> str | None:
+    """The reason of the entry matching ``m`` by module, operator and line text (and by
+    ``scope``, the enclosing class and function, when the entry gives one)."""
     for e in equivalent:
         if e["path"] == m.path and e["op"] == m.op and e["line_text"].strip() == m.source_line:
-            return e["reason"]
+            if e.get("scope") in (None, m.scope):
+                return e["reason"]
     return None
 
 
@@ -381,7 +403,21 @@ def tree_files(root: Path = ROOT) -> list[str]:
     return sorted({f for f in out.split("\0") if f and (root / f).is_file()})
 
 
-def copy_tree(dest: Path, root: Path = ROOT) -> None:
+def copy_tree(
+    dest: Path, root: Path = ROOT, rev: str | None = None, overlay: list[str] | None = None
+) -> None:
+    """The working tree (or, with ``rev``, that commit's tree, with the working tree's
+    ``overlay`` files copied over it) into ``dest``."""
+    if rev is not None:
+        dest.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", rev], cwd=root, check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        for rel in overlay or ():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, dest / rel)
+        return
     for rel in tree_files(root):
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -427,16 +463,21 @@ class ForkServer:
                 sys.stderr.flush()
                 os._exit(code)
         deadline = start + timeout
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return os.waitstatus_to_exitcode(status), time.monotonic() - start, log
-            if time.monotonic() > deadline:
+        try:
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    pid = 0
+                    return os.waitstatus_to_exitcode(status), time.monotonic() - start, log
+                if time.monotonic() > deadline:
+                    return None, time.monotonic() - start, log
+                time.sleep(0.05)
+        finally:  # a timeout, or this runner stopped: the child and its ranks go too
+            if pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                return None, time.monotonic() - start, log
-            time.sleep(0.05)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
 
 
 # ----------------------------------------------------------------------------- running
@@ -455,94 +496,119 @@ class ModuleRun:
     mutants: list[Mutant]
     baseline_s: float = 0.0
     baseline_ok: bool = True
-    sampled: list[Mutant] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)  # a seeded permutation of the mutants
+    times: list[float] = field(default_factory=list)  # seconds of each mutant run so far
+
+    @property
+    def sampled(self) -> list[Mutant]:
+        return [self.mutants[i] for i in self.order[: len(self.times)]]
+
+    @property
+    def cost(self) -> float:
+        """Expected seconds of the next mutant: the mean so far, else the baseline."""
+        if self.times:
+            return max(sum(self.times) / len(self.times), 0.2)
+        return max(self.baseline_s, 0.2)
 
 
-def allocate(runs: list[ModuleRun], budget_s: float, seed: int) -> None:
-    """Choose each module's sample: water-filling of ``budget_s`` over the modules in
-    proportion to their mutant counts, a mutant costing its module's baseline time."""
-    active = [r for r in runs if r.baseline_ok and r.mutants]
-    take = {id(r): 0 for r in active}
+def allocate(runs: list[ModuleRun], budget_s: float, cap: int | None) -> dict[int, int]:
+    """How many more mutants each module runs: water-filling of ``budget_s`` over the
+    modules in proportion to their mutant counts, at each module's expected cost."""
+
+    def left_of(r: ModuleRun) -> int:
+        n = len(r.mutants) if cap is None else min(cap, len(r.mutants))
+        return n - len(r.times) - extra[id(r)]
+
+    extra = {id(r): 0 for r in runs}
+    pending = [r for r in runs if r.baseline_ok and left_of(r) > 0]
     left = budget_s
-    pending = list(active)
-    while pending and left > 1:
+    while pending and left > 0:
         total = sum(len(r.mutants) for r in pending)
         spent = 0.0
-        still = []
         for r in pending:
-            share = left * len(r.mutants) / total
-            cost = max(r.baseline_s, 0.5)
-            n = min(len(r.mutants) - take[id(r)], int(share // cost))
-            take[id(r)] += n
-            spent += n * cost
-            if take[id(r)] < len(r.mutants) and n > 0:
-                still.append(r)
-        if spent == 0:
-            break
+            n = min(left_of(r), int(left * len(r.mutants) / total // r.cost))
+            extra[id(r)] += n
+            spent += n * r.cost
+        if spent == 0:  # no whole mutant fits any share: give the cheapest one its next
+            cheapest = min(pending, key=lambda r: r.cost)
+            if cheapest.cost > left:
+                break
+            extra[id(cheapest)] += 1
+            spent = cheapest.cost
         left -= spent
-        pending = still
-    for r in active:
-        rng = random.Random(f"{seed}:{r.module.path}")
-        chosen = rng.sample(range(len(r.mutants)), take[id(r)])
-        r.sampled = [r.mutants[i] for i in sorted(chosen)]
+        pending = [r for r in pending if left_of(r) > 0]
+    return extra
 
 
 def run_mutants(args: argparse.Namespace, runs: list[ModuleRun]) -> list[Result]:
+    """Baselines, then rounds: each round shares the time left among the modules
+    (:func:`allocate`, with the costs measured so far) and runs the next mutants of each
+    module's seeded permutation, until the budget is spent or every mutant has run."""
     equivalent = load_equivalent(Path(args.equivalent))
     out = Path(args.out)
     logs = out / "logs"
     shutil.rmtree(out, ignore_errors=True)
     logs.mkdir(parents=True)
     results: list[Result] = []
+    for r in runs:
+        r.order = list(range(len(r.mutants)))
+        random.Random(f"{args.seed}:{r.module.path}").shuffle(r.order)
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
         sandbox = Path(tmp) / "tree"
-        copy_tree(sandbox)
+        copy_tree(sandbox, rev=args.rev, overlay=args.overlay)
         server = ForkServer(sandbox, logs)
-        start = time.monotonic()
-        for r in runs:  # baselines: the mapped tests pass unmutated
-            code, seconds, log = server.run(r.module.tests, args.baseline_timeout, _tag(r, "base"))
+        deadline = time.monotonic() + args.budget_minutes * 60
+        baselines: dict[tuple[str, ...], tuple[int | None, float, Path]] = {}
+        for r in runs:  # baselines: the mapped tests pass unmutated (once per test list)
+            key = tuple(r.module.tests)
+            if key not in baselines:
+                baselines[key] = server.run(r.module.tests, args.baseline_timeout, _tag(r, "base"))
+            code, seconds, log = baselines[key]
             r.baseline_s, r.baseline_ok = seconds, code == 0
             print(
                 f"baseline {r.module.path}: {len(r.mutants)} mutants, tests "
                 f"{'pass' if r.baseline_ok else f'FAIL (exit {code}, {log})'} in {seconds:.1f} s",
                 flush=True,
             )
-        spent = time.monotonic() - start
-        allocate(runs, max(args.budget_minutes * 60 - spent, 0), args.seed)
-        if args.max_mutants is not None:
+        rounds = 0
+        while time.monotonic() < deadline:
+            extra = allocate(runs, deadline - time.monotonic(), args.max_mutants)
+            if not any(extra.values()):
+                break
+            rounds += 1
+            print(f"round {rounds}: {sum(extra.values())} mutants", flush=True)
             for r in runs:
-                r.sampled = r.sampled[: args.max_mutants]
-        total = sum(len(r.sampled) for r in runs)
-        print(f"running {total} mutants (of {sum(len(r.mutants) for r in runs)})", flush=True)
-        done = 0
-        for r in runs:
-            target = sandbox / r.module.path
-            original = target.read_bytes()
-            timeout = max(args.timeout_factor * r.baseline_s, args.timeout_floor)
-            try:
-                for m in r.sampled:
-                    target.write_bytes(m.apply(original))
-                    code, seconds, log = server.run(r.module.tests, timeout, _tag(r, m))
-                    if code is None:
-                        status = "timeout"
-                    elif code == 0:
-                        status = "survived"
-                    else:
-                        status = "killed"
-                    reason = equivalence_reason(m, equivalent) if status == "survived" else None
-                    results.append(Result(asdict(m), r.module.package, status, seconds, reason))
-                    done += 1
-                    mark = {"killed": ".", "timeout": "T", "survived": "S"}[status]
-                    print(
-                        f"[{done}/{total}] {mark} {m.id} ({seconds:.1f} s)"
-                        + (f"  `{m.source_line}`" if status == "survived" else ""),
-                        flush=True,
-                    )
-                    if status != "survived":
-                        log.unlink(missing_ok=True)
-            finally:
-                target.write_bytes(original)
+                if extra[id(r)] and time.monotonic() < deadline:
+                    _run_module(args, server, sandbox, r, extra[id(r)], deadline, equivalent,
+                                results)  # fmt: skip
     return results
+
+
+def _run_module(args, server, sandbox, r, count, deadline, equivalent, results) -> None:
+    target = sandbox / r.module.path
+    original = target.read_bytes()
+    timeout = max(args.timeout_factor * r.baseline_s, args.timeout_floor)
+    try:
+        for _ in range(count):
+            if time.monotonic() >= deadline:
+                break
+            m = r.mutants[r.order[len(r.times)]]
+            target.write_bytes(m.apply(original))
+            code, seconds, log = server.run(r.module.tests, timeout, _tag(r, m))
+            r.times.append(seconds)
+            status = "timeout" if code is None else "survived" if code == 0 else "killed"
+            reason = equivalence_reason(m, equivalent) if status == "survived" else None
+            results.append(Result(asdict(m), r.module.package, status, seconds, reason))
+            mark = {"killed": ".", "timeout": "T", "survived": "S"}[status]
+            print(
+                f"[{len(results)}] {mark} {m.id} ({seconds:.1f} s)"
+                + (f"  `{m.source_line}`" if status == "survived" else ""),
+                flush=True,
+            )
+            if status != "survived":
+                log.unlink(missing_ok=True)
+    finally:
+        target.write_bytes(original)
 
 
 def _tag(r: ModuleRun, what: Any) -> str:
@@ -582,7 +648,23 @@ def report(args: argparse.Namespace, runs: list[ModuleRun], results: list[Result
             f"| {name} | {p['generated']} | {p['sampled']} | {p['killed']} | {p['timeout']} | "
             f"{p['survived']} | {p['equiv']} | {rate} | {rate2} |"
         )
-    survivors = [res for res in results if res.status == "survived"]
+    lines += [
+        "",
+        "| module | mutants | run | killed | survived | s per mutant |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        mine = [res for res in results if res.mutant["path"] == r.module.path]
+        dead = sum(res.status != "survived" for res in mine)
+        per = f"{sum(r.times) / len(r.times):.1f}" if r.times else "-"
+        lines.append(
+            f"| {r.module.path} | {len(r.mutants)} | {len(mine)} | {dead} | "
+            f"{len(mine) - dead} | {per} |"
+        )
+    survivors = sorted(
+        (res for res in results if res.status == "survived"),
+        key=lambda res: (res.mutant["path"], res.mutant["line"], res.mutant["col"]),
+    )
     lines += ["", f"Survivors ({len(survivors)}):", ""]
     for res in survivors:
         m = res.mutant
@@ -633,7 +715,7 @@ def run_planted(args: argparse.Namespace) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="planted-") as tmp:
         sandbox = Path(tmp) / "tree"
-        copy_tree(sandbox)
+        copy_tree(sandbox, rev=args.rev, overlay=args.overlay)
         server = ForkServer(sandbox, logs)
         for bug in bugs:
             target = sandbox / bug["path"]
@@ -665,6 +747,24 @@ def run_planted(args: argparse.Namespace) -> int:
     return 0 if caught else 1
 
 
+def _survivors_of(report_json: Path, runs: list[ModuleRun]) -> list[ModuleRun]:
+    """Only the mutants that survived in an earlier report (found again by module,
+    operator, source line and replacement, so they survive line moves): to check that
+    new tests kill them."""
+    key = lambda d: (d["path"], d["op"], d["source_line"], d["replacement"])  # noqa: E731
+    wanted = {
+        key(r["mutant"]) for r in json.loads(report_json.read_text())["results"]
+        if r["status"] == "survived"
+    }  # fmt: skip
+    found = set()
+    for r in runs:
+        r.mutants = [m for m in r.mutants if key(asdict(m)) in wanted]
+        found |= {key(asdict(m)) for m in r.mutants}
+    for gone in sorted(wanted - found):
+        print(f"not found any more (its line changed): {gone[0]}: {gone[1]} `{gone[2]}`")
+    return [r for r in runs if r.mutants]
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -680,8 +780,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-timeout", type=float, default=600.0)
     parser.add_argument("--out", default=str(ROOT / "work_dirs" / "mutation"))
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
+    parser.add_argument(
+        "--rev", help="mutate this commit's tree (git archive) instead of the working tree"
+    )
+    parser.add_argument(
+        "--overlay", nargs="*", default=[], help="with --rev: working-tree files copied over it"
+    )
     parser.add_argument("--planted", help="a TOML file of hand-planted bugs to check instead")
+    parser.add_argument(
+        "--rerun", help="a report.json: run only its survivors again (all of them by default)"
+    )
     args = parser.parse_args(argv)
+    # SIGTERM (a killed make) unwinds like Ctrl-C: the sandbox copy is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.planted:
         return run_planted(args)
     settings, modules = load_config(Path(args.config))
@@ -699,7 +810,18 @@ def main(argv: list[str] | None = None) -> int:
         modules = [m for m in modules if m.package in args.packages]
     if not modules:
         parser.error("no module selected")
-    runs = [ModuleRun(m, mutants_of(m.path)) for m in modules]
+    root = ROOT
+    with tempfile.TemporaryDirectory(prefix="mutation-src-") as src:
+        if args.rev is not None:  # mutants of that commit's modules
+            root = Path(src) / "tree"
+            copy_tree(root, rev=args.rev)
+        runs = [ModuleRun(m, mutants_of(m.path, root)) for m in modules]
+    if args.rerun:
+        runs = _survivors_of(Path(args.rerun), runs)
+        if Path(args.out).resolve() == Path(args.rerun).resolve().parent:
+            args.out = f"{args.out}-rerun"  # keep the report being rerun
+        if args.budget_minutes == settings.get("budget_minutes", 30.0):
+            args.budget_minutes = 24 * 60.0  # all of them, unless a budget was given
     if args.list:
         for r in runs:
             print(f"# {r.module.path}: {len(r.mutants)} mutants -> {' '.join(r.module.tests)}")
@@ -712,4 +834,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog="tools.mutation"))
