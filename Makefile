@@ -20,13 +20,13 @@ $(STAMP): requirements.txt requirements-test.txt
 
 # The optional experiment trackers (mlflow, wandb), for `make test` only (training, the
 # demo and TensorBoard do not need them). A constraint holds torch at its pin: pip
-# refuses rather than replacing it. If they cannot be installed, tests/test_tracking.py
+# refuses rather than replacing it. If they cannot be installed, tests/trainer/test_tracking.py
 # skips its backend tests and says why.
 TRACKING_STAMP := $(VENV)/.tracking-stamp
 $(TRACKING_STAMP): requirements-tracking.txt | $(STAMP)
 	echo "torch==2.13.0" > $(VENV)/torch-constraint.txt
 	$(BIN)/python -m pip install --quiet -r requirements-tracking.txt -c $(VENV)/torch-constraint.txt \
-	  || echo "warning: mlflow/wandb not installed; tests/test_tracking.py skips their tests"
+	  || echo "warning: mlflow/wandb not installed; tests/trainer/test_tracking.py skips their tests"
 	touch $@
 
 # The GPU check's CPU smoke run comes first (so that bench/gpu_check/ never rots),
@@ -107,11 +107,11 @@ slurm-test: $(STAMP)
 
 .PHONY: multinode-test soak
 multinode-test: $(STAMP)
-	$(BIN)/python -m pytest -m "" -v -s tests/test_multinode.py
+	$(BIN)/python -m pytest -m "" -v -s tests/trainer/test_multinode.py
 
 SOAK_STEPS ?= 2000
 soak: $(STAMP) $(DEMO_DATA)/meta.json
-	SOAK_STEPS=$(SOAK_STEPS) SOAK_DATA=$(DEMO_DATA) $(BIN)/python -m pytest -m slow -s --timeout=0 tests/test_soak.py
+	SOAK_STEPS=$(SOAK_STEPS) SOAK_DATA=$(DEMO_DATA) $(BIN)/python -m pytest -m slow -s --timeout=0 tests/trainer/test_soak.py
 
 # ---------------------------------------------------------------------------
 # GPU check (docs/benchmarks.md, "GPU check"): on a machine with one CUDA GPU whose

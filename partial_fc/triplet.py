@@ -43,7 +43,7 @@ anchor's negative distances (``O(b * B log B)``).
 No host synchronisation: the mining is written with ``(b, B)`` masks, arg-reductions
 and gathers at valid (clamped) indices, and counts are tensor sums, so no shape
 depends on the data and a GPU step never waits for the device
-(``tests/test_aux_host_sync.py`` checks this).
+(``tests/partial_fc/test_aux_host_sync.py`` checks this).
 """
 
 from __future__ import annotations

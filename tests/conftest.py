@@ -8,7 +8,7 @@ inside spawned ranks), and :func:`tests.distributed.run_ranks` joins nccl ranks,
 each; cases with more ranks than GPUs are skipped. Tests that are neither ``on_device``
 nor ``gpu`` are skipped in that mode: they would only rerun the CPU suite.
 
-    python -m pytest --device cuda tests/test_partial_fc_optim.py
+    python -m pytest --device cuda tests/partial_fc/test_partial_fc_optim.py
 """
 
 from __future__ import annotations

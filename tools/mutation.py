@@ -1,9 +1,10 @@
 """A small mutation-testing runner: plant one bug at a time, run the tests that cover it.
 
-    .venv/bin/python tools/mutation.py                      # the run `make mutation` does
-    .venv/bin/python tools/mutation.py --list               # the mutants, nothing run
-    .venv/bin/python tools/mutation.py --modules eval/metrics.py --budget-minutes 5
-    .venv/bin/python tools/mutation.py --planted mutation/planted.toml   # hand-planted bugs
+    .venv/bin/python -m tools.mutation                      # the run `make mutation` does
+    .venv/bin/python -m tools.mutation --list               # the mutants, nothing run
+    .venv/bin/python -m tools.mutation --modules eval/metrics.py --budget-minutes 5
+    .venv/bin/python -m tools.mutation --planted mutation/planted.toml   # hand-planted bugs
+    .venv/bin/python -m tools.mutation --rerun work_dirs/mutation/report.json  # survivors again
 
 Mutants are made from each module's syntax tree, one change each:
 
@@ -451,6 +452,16 @@ class ForkServer:
                 sys.path[:] = [str(self.sandbox)] + [
                     p for p in sys.path if p and Path(p).resolve() not in (ROOT, ROOT / "tools")
                 ]
+                # the project's own modules this runner imported (tools, common) come from
+                # the sandbox from now on, like every other module of the project
+                venv = ROOT / ".venv"
+                for name, module in list(sys.modules.items()):
+                    if name in ("__main__", "__mp_main__"):  # spawned ranks need it
+                        continue
+                    file = getattr(module, "__file__", None)
+                    if file and ROOT in Path(file).resolve().parents:
+                        if venv not in Path(file).resolve().parents:
+                            del sys.modules[name]
                 import pytest
 
                 code = int(pytest.main(args))

@@ -20,10 +20,10 @@ from bench.gpu_check.clock import Clock
 from bench.gpu_check.plan import Plan, check_cap
 
 ON_DEVICE_TEST_FILES = (
-    "tests/test_partial_fc_head.py",
-    "tests/test_partial_fc_optim.py",
-    "tests/test_trainer.py",
-    "tests/test_triton_head.py",  # the triton backend's kernels compiled, against the reference
+    "tests/partial_fc/test_partial_fc_head.py",
+    "tests/partial_fc/test_partial_fc_optim.py",
+    "tests/trainer/test_trainer.py",
+    "tests/partial_fc/test_triton_head.py",  # the triton backend's kernels compiled, against the reference
 )
 # pytest's closing line: "3 passed, 1 skipped in 9.1s", "12 tests collected in 1.0s", ...
 _SUMMARY = re.compile(r"\d+ (passed|failed|skipped|deselected|errors?|tests? collected)")
