@@ -30,7 +30,8 @@ from datasets.multi import (
 from datasets.sampler import DistributedFaceSampler
 from tests.distributed import run_ranks
 
-GOLDEN = Path(__file__).parent.parent / "data" / "golden_recordio" / "faces.rec"  # 60 images, 12 ids
+# 60 images, 12 ids
+GOLDEN = Path(__file__).parent.parent / "data" / "golden_recordio" / "faces.rec"
 
 # Hand-computed from the three parts below: golden faces.rec (12 classes, 60 images), the
 # Arrow shards (3 x 4) and the image folder (2 x 5), concatenated in that order.

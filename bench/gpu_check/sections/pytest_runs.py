@@ -23,7 +23,8 @@ ON_DEVICE_TEST_FILES = (
     "tests/partial_fc/test_partial_fc_head.py",
     "tests/partial_fc/test_partial_fc_optim.py",
     "tests/trainer/test_trainer.py",
-    "tests/partial_fc/test_triton_head.py",  # the triton backend's kernels compiled, against the reference
+    # the triton backend's kernels compiled, against the reference
+    "tests/partial_fc/test_triton_head.py",
 )
 # pytest's closing line: "3 passed, 1 skipped in 9.1s", "12 tests collected in 1.0s", ...
 _SUMMARY = re.compile(r"\d+ (passed|failed|skipped|deselected|errors?|tests? collected)")
