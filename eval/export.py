@@ -51,6 +51,7 @@ from backbones.weights import save_backbone_weights
 from common.atomic import write_json, write_text
 from common.cli import run_main
 from common.errors import UsageError, UserError
+from common.outdir import OwnedDir
 from common.version import PROJECT_VERSION
 from eval.export_onnx import EXPORTERS, check_parity, export_onnx
 from eval.models import build_backbone
@@ -241,10 +242,15 @@ def export_folder(
     *,
     network: str | None = None,
     exporter: str = "dynamo",
+    overwrite: bool = False,
 ) -> tuple[Path, float]:
     """Write the model folder ``out`` from ``source``; ``network`` overrides (or supplies)
     the training config's. Returns the folder and the ONNX-vs-PyTorch max abs difference
-    (checked on the model read back from the folder)."""
+    (checked on the model read back from the folder).
+
+    ``out`` is owned (:class:`common.outdir.OwnedDir`): a non-empty folder that
+    ``eval.export`` did not make is refused unless ``overwrite``, and it is locked while
+    written; its manifest says ``complete`` once the model card, the last file, is in."""
     model_section = _section(source.training, "model")
     network = network or model_section.get("network")
     if not network:
@@ -259,7 +265,22 @@ def export_folder(
         embedding_size = int(model(torch.zeros(1, 3, spec.size, spec.size)).shape[1])
     cfg = model_config(network, embedding_size, kwargs, **folder_facts(source.training))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with OwnedDir(out, "eval.export", "--out", overwrite=overwrite) as owned:
+        owned.record(MODEL_WEIGHTS, MODEL_CONFIG, MODEL_ONNX, MODEL_CARD)
+        diff = _write_folder(out, model, network, spec, cfg, source, exporter)
+        owned.commit()
+    return out, diff
+
+
+def _write_folder(
+    out: Path,
+    model: torch.nn.Module,
+    network: str,
+    spec: Any,
+    cfg: dict[str, Any],
+    source: Source,
+    exporter: str,
+) -> float:
     save_backbone_weights(model.state_dict(), out / MODEL_WEIGHTS)
     write_json(out / MODEL_CONFIG, cfg, sort_keys=False)
     loaded = from_pretrained(out)  # the folder as a user will read it
@@ -272,7 +293,7 @@ def export_folder(
             f"(> {PARITY_TOLERANCE:g}); the ONNX export of {network} is wrong"
         )
     write_text(out / MODEL_CARD, model_card(cfg, source.history))
-    return out, diff
+    return diff
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -292,6 +313,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--network", help="backbone name (default: the training config's; needed for a bare file)"
     )
     p.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="ONNX exporter")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty folder eval.export did not make (other files are kept)",
+    )
     return p.parse_args(argv)
 
 
@@ -299,7 +325,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Command-line entry point; returns the model folder."""
     args = _parse_args(argv)
     out, diff = export_folder(
-        find_source(args.source), args.out, network=args.network, exporter=args.exporter
+        find_source(args.source),
+        args.out,
+        network=args.network,
+        exporter=args.exporter,
+        overwrite=args.overwrite,
     )
     print(f"wrote {out}: {MODEL_WEIGHTS}, {MODEL_CONFIG}, {MODEL_ONNX}, {MODEL_CARD}")
     print(f"onnxruntime vs PyTorch max abs diff: {diff:.3e}")

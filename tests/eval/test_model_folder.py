@@ -14,6 +14,7 @@ from safetensors import safe_open
 import backbones
 from backbones.pretrained import ModelFolderError
 from backbones.weights import BackboneWeightsError, save_backbone_weights
+from common.cli import run_main
 from common.errors import UsageError
 from common.face_input import ARCFACE_INPUT
 from common.version import PROJECT_VERSION
@@ -67,8 +68,10 @@ def folder(run_dir, tmp_path_factory):
 def test_folder_round_trip_config_weights_and_card(folder) -> None:
     out, model = folder
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "model.onnx", "model.safetensors"
+        ".owner.json", "README.md", "config.json", "model.onnx", "model.safetensors"
     ]  # fmt: skip
+    owner = json.loads((out / ".owner.json").read_text())
+    assert owner["command"] == "eval.export" and owner["complete"] is True
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["network"] == NETWORK and cfg["embedding_size"] == 128
     assert cfg["model_kwargs"] == {}
@@ -179,3 +182,20 @@ def test_export_sources(run_dir, tmp_path) -> None:
         export_cli.export_folder(export_cli.find_source(bare), tmp_path / "out")
     with pytest.raises(export_cli.ExportError, match=r"holds neither backbone"):
         export_cli.find_source(tmp_path / "bare")
+
+
+def test_export_owns_its_folder(run_dir, tmp_path, capsys) -> None:
+    """A folder holding someone's files is refused, naming them, and left untouched;
+    --overwrite writes into it and keeps the other files; a rerun replaces its own."""
+    run, _ = run_dir
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    argv = [str(run), "--out", str(out), "--exporter", "torchscript"]
+    assert run_main(export_cli.main, argv, prog="eval.export") == 1
+    err = capsys.readouterr().err
+    assert "--out=" in err and "not made by eval.export (it holds notes.txt)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    export_cli.main([*argv, "--overwrite"])
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "model.onnx").exists()
+    export_cli.main(argv)  # its own folder now: no --overwrite needed
