@@ -574,7 +574,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--target", default="IJBC", choices=["IJBC", "IJBB"])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="backbone state_dict saved with torch.save")
+    src.add_argument(
+        "--checkpoint",
+        "--model",
+        dest="checkpoint",
+        help="backbone state_dict saved with torch.save, or a model folder (eval.export)",
+    )
     src.add_argument("--onnx", help="an ONNX model: exported by eval.export_onnx, or insightface's")
     p.add_argument("--network", help="backbone name for --checkpoint")
     p.add_argument("--output-dir", required=True)
@@ -598,8 +603,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.onnx and any(v is not None for v in input_options(args).values()):
         p.error("--input-mean/--input-std/--input-color/--input-size apply to --onnx models only")
-    if args.checkpoint and not args.network:
-        p.error("--network is required with --checkpoint")
+    if args.checkpoint and not args.network and not os.path.isdir(args.checkpoint):
+        p.error("--network is required with --checkpoint (unless it is a model folder)")
     if min(args.batch_size, args.workers, args.chunk_size) < 1:
         p.error("--batch-size, --workers and --chunk-size must be >= 1")
     return args

@@ -20,6 +20,7 @@ from common.face_input import ARCFACE_INPUT
 from common.version import PROJECT_VERSION
 from configs import config_to_dict, load_preset
 from eval import export as export_cli
+from eval import ijb, verification
 from eval import verification as verification_cli
 from eval.faces import open_model
 from eval.models import make_embedder
@@ -199,3 +200,16 @@ def test_export_owns_its_folder(run_dir, tmp_path, capsys) -> None:
     export_cli.main([*argv, "--overwrite"])
     assert (out / "notes.txt").read_text() == "keep me" and (out / "model.onnx").exists()
     export_cli.main(argv)  # its own folder now: no --overwrite needed
+
+
+def test_ijb_and_verification_take_a_model_folder_without_network(folder, tmp_path) -> None:
+    """``--model DIR`` names a model folder; a file still needs --network."""
+    out, _ = folder
+    args = ijb._parse_args(["--root", str(tmp_path), "--model", str(out), "--output-dir", "o"])
+    assert args.checkpoint == str(out) and args.network is None
+    with pytest.raises(SystemExit):
+        ijb._parse_args(
+            ["--root", "r", "--model", str(out / "model.safetensors"), "--output-dir", "o"]
+        )
+    args = verification._parse_args(["--model", str(out), "--bin", "x.bin"])
+    assert args.checkpoint == str(out)
