@@ -1,13 +1,34 @@
-"""ROC plots as PNG files (matplotlib's Agg canvas; no global backend change)."""
+"""ROC and CMC plots as PNG files (matplotlib's Agg canvas; no global backend change)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from common.atomic import atomic_open
+
+
+def _new_axes() -> tuple[Any, Any]:
+    """A 6x5-inch figure on its own Agg canvas, and its one axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _finish(fig: Any, ax: Any, title: str, path: str | os.PathLike[str]) -> None:
+    """Title, grid and legend, then the PNG written atomically."""
+    ax.set_title(title)
+    ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
 
 
 def save_roc_png(
@@ -21,12 +42,7 @@ def save_roc_png(
 
     ``tar_at_far`` (``{far: tar}``, from the first curve) is marked on the plot.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = _new_axes()
     for label, (fpr, tpr) in curves.items():
         fpr = np.asarray(fpr, dtype=np.float64)
         keep = fpr > 0
@@ -47,12 +63,7 @@ def save_roc_png(
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("False Positive Rate")
     ax.set_ylabel("True Positive Rate")
-    ax.set_title(title)
-    ax.grid(True, which="both", lw=0.3, alpha=0.5)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
+    _finish(fig, ax, title, path)
 
 
 def save_cmc_png(
@@ -63,12 +74,7 @@ def save_cmc_png(
 ) -> None:
     """Write a CMC plot (identification rate against rank 1..R) of ``{label: (R,) rates}``
     to ``path`` (atomically)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = _new_axes()
     for label, rates in curves.items():
         rates = np.asarray(rates, dtype=np.float64)
         ax.plot(np.arange(1, rates.size + 1), rates, lw=1.2, marker=".", label=label)
@@ -76,9 +82,4 @@ def save_cmc_png(
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("Rank")
     ax.set_ylabel("Identification rate")
-    ax.set_title(title)
-    ax.grid(True, which="both", lw=0.3, alpha=0.5)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
+    _finish(fig, ax, title, path)

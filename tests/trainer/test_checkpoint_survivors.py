@@ -3,7 +3,10 @@
 * checkpoint files are read with ``weights_only``: a file holding a pickled object is
   refused, and the object's code never runs, even when its checksum is right;
 * a ``meta.json`` that does not list its files makes the checkpoint incomplete: ``auto``
-  skips it, saying why.
+  skips it, saying why, also when it is the only one;
+* ``auto``'s order: the newest lineage newest step first, then the other lineages, most
+  recently written first;
+* shards of another sub-centre count are refused when read.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer.test_trainer import TensorLoader, dataset, make_cfg, make_trainer
+from tests.trainer.test_trainer import CLASSES, TensorLoader, dataset, make_cfg, make_trainer
+from trainer.checkpoint.storage import CheckpointDir, resume_order
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,3 +73,37 @@ def test_a_meta_json_without_its_file_list_is_incomplete(
     with caplog.at_level("WARNING", logger="trainer"):
         assert t.maybe_resume().name == "step-00000001" and t.step == 1
     assert "does not list its files" in caplog.text
+
+
+def test_a_lone_incomplete_checkpoint_is_named_when_auto_finds_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _trainer(tmp_path, "train.max_steps=1", "checkpoint.every_steps=1").fit()
+    only = tmp_path / "checkpoints" / "step-00000001"
+    (only / "meta.json").unlink()
+    t = _trainer(tmp_path, "train.max_steps=1", "checkpoint.every_steps=1")
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert t.maybe_resume() is None and t.step == 0
+    assert "skipping" in caplog.text and "step-00000001" in caplog.text
+
+
+def test_auto_tries_the_newest_lineage_then_the_others_most_recent_first() -> None:
+    def ckpt(step: int, lineage: str, written: float) -> CheckpointDir:
+        meta = {"step": step, "lineage": lineage, "time": written}
+        return CheckpointDir(Path(f"/c/step-{step:08d}"), meta)
+
+    dirs = [ckpt(4, "old", 10.0), ckpt(9, "older", 5.0), ckpt(2, "new", 30.0),
+            ckpt(3, "new", 20.0), ckpt(6, "old", 15.0)]  # fmt: skip
+    dirs.append(CheckpointDir(Path("/c/step-00000099"), {"time": 99.0}, "no meta.json"))
+    order = [(d.lineage, d.step) for d in resume_order(dirs)]
+    assert order == [("new", 3), ("new", 2), ("old", 6), ("old", 4), ("older", 9)]
+
+
+def test_shards_of_another_sub_centre_count_are_refused(tmp_path: Path) -> None:
+    t = _trainer(tmp_path, "train.max_steps=1", "checkpoint.every_steps=1")
+    t.fit()
+    storage = t.checkpointer.storage
+    checkpoint = storage.open(tmp_path / "checkpoints" / "step-00000001")
+    assert storage.load_shard(checkpoint, "head", 0, CLASSES, 1)
+    with pytest.raises(ValueError, match="has 1 sub-centres per class, the head has 3"):
+        storage.load_shard(checkpoint, "head", 0, CLASSES, 3)
