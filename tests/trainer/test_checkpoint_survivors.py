@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from pathlib import Path
@@ -19,7 +20,8 @@ import pytest
 import torch
 
 from tests.trainer.test_trainer import CLASSES, TensorLoader, dataset, make_cfg, make_trainer
-from trainer.checkpoint.storage import CheckpointDir, resume_order
+from trainer.checkpoint import CheckpointError
+from trainer.checkpoint.storage import CheckpointDir, CheckpointStorage, resume_order
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,3 +109,32 @@ def test_shards_of_another_sub_centre_count_are_refused(tmp_path: Path) -> None:
     assert storage.load_shard(checkpoint, "head", 0, CLASSES, 1)
     with pytest.raises(ValueError, match="has 1 sub-centres per class, the head has 3"):
         storage.load_shard(checkpoint, "head", 0, CLASSES, 3)
+
+
+class FailingPublishStorage(CheckpointStorage):
+    """Storage whose publish step (``meta.json`` and the rename) fails while ``fail`` is set:
+    every rank's files are written, then the disk refuses the last write."""
+
+    fail = False
+
+    def _publish(self, step, tmp, final, ranges, checksums, extra):  # type: ignore[no-untyped-def]
+        if self.fail:
+            (tmp / "meta.json").write_text("{")  # half-written, as a full disk leaves it
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "meta.json"))
+        return super()._publish(step, tmp, final, ranges, checksums, extra)
+
+
+def test_a_failed_publish_leaves_no_temporary_directory(tmp_path: Path) -> None:
+    """The publish step failing is reported naming the cause, its ``.tmp-step-*``
+    directory is removed at once (not left for the next save), and the previous
+    checkpoint stays the latest."""
+    x, y = dataset()
+    t = make_trainer(make_cfg(tmp_path), TensorLoader(x, y, 8, 0, 1), storage=FailingPublishStorage)
+    t.train_step([(x[:8], y[:8])])
+    good = t.save_checkpoint()
+    t.train_step([(x[8:16], y[8:16])])
+    t.checkpointer.storage.fail = True
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        t.save_checkpoint()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [good.name]
+    assert t.checkpointer.latest() == good
