@@ -193,8 +193,18 @@ def test_missing_or_contradictory_variables_are_one_line_errors(
 def test_init_distributed_exports_the_slurm_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under srun, init_distributed joins with env:// from the Slurm layout: torchrun's
     variables are exported (DistContext.current and torch read them)."""
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    for name in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ):
+        # set, then removed: monkeypatch then removes what init_distributed exports (a
+        # RANK left behind would make every later test in this process wait for peers)
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     for name, value in SRUN.items():
         monkeypatch.setenv(name, value)
     inits: list[str] = []
