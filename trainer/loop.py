@@ -454,7 +454,12 @@ class Trainer:
                 tracking = start_tracking(self.cfg.log.active_backends(), settings)
             except (UserError, OSError) as exc:  # TrackingError; TensorBoard's dir unwritable
                 failure = str(exc)
-        failure = self.ctx.broadcast_object(failure)
+        try:  # the run's first collective: a peer hung at start-up shows here
+            failure = self.ctx.broadcast_object(failure)
+        except RuntimeError as exc:
+            raise _step_failure(
+                exc, f"start-up (before step {self.step + 1})", self.cfg.train.collective_timeout_s
+            ) from exc
         if failure is not None:
             raise TrackingError(failure)
         if self.ctx.is_main:
@@ -702,9 +707,10 @@ def _as_list(keys: Any) -> Any:
     return keys.tolist() if hasattr(keys, "tolist") else list(keys)
 
 
-def _step_failure(exc: RuntimeError, step: int, timeout_s: float) -> TrainingError:
-    """A failure during ``step`` (a collective that timed out because a peer hangs, a
-    dead peer's closed connection) as a :class:`TrainingError` naming the step."""
+def _step_failure(exc: RuntimeError, where: int | str, timeout_s: float) -> TrainingError:
+    """A failure during step ``where`` (or the named phase: a collective that timed out
+    because a peer hangs, a dead peer's closed connection) as a :class:`TrainingError`
+    naming it."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     if "timed out" in text.lower() or "timeout" in text.lower():
@@ -718,7 +724,8 @@ def _step_failure(exc: RuntimeError, step: int, timeout_s: float) -> TrainingErr
         first = peer.group(0).rstrip(".")
     else:
         what = "failed"
-    return TrainingError(f"step {step}: {what}: {first}")
+    label = f"step {where}" if isinstance(where, int) else where
+    return TrainingError(f"{label}: {what}: {first}")
 
 
 def _data_error_line(exc: BaseException) -> str:
