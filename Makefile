@@ -84,6 +84,19 @@ demo: $(STAMP) $(DEMO_DATA)/meta.json
 FT_DEMO_DATA ?= data/synthetic_new
 FT_DEMO_OUT  ?= work_dirs/finetune_demo
 
+# Distillation demo (docs/training.md "Distillation"): a teacher trained and stored by
+# the demo, its cache, and four students of the same steps (alone, embedding and
+# relation distillation online, embedding distillation from the cache).
+DISTILL_DEMO_OUT ?= work_dirs/distill_demo
+
+.PHONY: distill-demo
+distill-demo: $(STAMP) $(DEMO_DATA)/meta.json
+	@set -e; start=$$(date +%s); \
+	rm -rf $(DISTILL_DEMO_OUT); \
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(DEMO_RANKS) \
+	  -m tools.distill_demo --data $(DEMO_DATA) --out $(DISTILL_DEMO_OUT); \
+	echo "the distillation demo took $$(( $$(date +%s) - start )) s"
+
 .PHONY: finetune-demo
 finetune-demo: $(STAMP) $(DEMO_DATA)/meta.json
 	@set -e; start=$$(date +%s); \

@@ -11,9 +11,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from backbones.flops import PUBLISHED, count_macs, count_parameters
-from backbones.registry import get_model, list_models
-
 
 def _fmt(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
@@ -21,11 +18,18 @@ def _fmt(value: float | None, digits: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="python -m backbones", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m backbones",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--list", action="store_true", help="print sizes of the models")
     parser.add_argument("names", nargs="*", help="models to list (default: all)")
-    parser.add_argument("--embedding-size", type=int, default=512)
+    parser.add_argument("--embedding-size", type=int, default=512, help="D of the models")
     args = parser.parse_args(argv)
+    from backbones.flops import PUBLISHED, count_macs, count_parameters
+    from backbones.registry import get_model, list_models
+
     if not args.list:
         parser.print_help()
         return 0

@@ -38,7 +38,7 @@ BATCH = 32
 
 
 def _demo_trainer(output: str) -> tuple[Config, Trainer]:
-    from backbones import get_model
+    from backbones.registry import get_model
     from common.dist import DistContext
     from configs import load_config
     from trainer.build import build_head

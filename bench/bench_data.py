@@ -59,7 +59,7 @@ def run(
     import torch
 
     from bench.common import loader_images_per_s
-    from datasets.arrow_shards import ArrowDataset, convert_to_shards
+    from datasets.arrow_io import ArrowDataset, convert_to_shards
     from datasets.dataset import RecordIODataset
 
     torch.set_num_threads(1)

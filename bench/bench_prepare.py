@@ -11,7 +11,7 @@ random background, written to a temporary folder as one identity per 20 photos.
    ``datasets.prepare`` worker does per photo — read the file, decode (EXIF), detect
    (MTCNN, ``--min-size`` 40), choose, align, encode the crop (JPEG 95), perceptual hash —
    and its parts: decode, detection, the rest. Best of ``--repeats``.
-2. **Whole command**: ``datasets.prepare.prepare`` with ``--workers`` processes, wall time,
+2. **Whole command**: ``datasets.preparation.prepare`` with ``--workers`` processes, wall time,
    photos/s (includes worker start-up and writing the outputs).
 
 The goal (issue 18) is at least 25 photos per second per core.
@@ -57,9 +57,10 @@ def make_photos(root: Path, n: int, seed: int = 0) -> list[Path]:
 
 def per_core(paths: list[Path], min_size: float, repeats: int) -> dict[str, float]:
     """Photos per CPU-second of the per-photo work, and of its parts (best of ``repeats``)."""
-    from datasets.faces.finder import FaceFinder, FaceOptions
+    from datasets.faces.finder import FaceFinder
+    from datasets.faces.options import FaceOptions
     from datasets.faces.photos import decode_photo
-    from datasets.prepare import PhotoRecord, PrepareOptions
+    from datasets.preparation import PhotoRecord, PrepareOptions
 
     cv2.setNumThreads(1)
     options = PrepareOptions(face=FaceOptions(min_size=min_size))
@@ -99,8 +100,8 @@ def per_core(paths: list[Path], min_size: float, repeats: int) -> dict[str, floa
 
 
 def whole_command(root: Path, out: Path, workers: int, min_size: float) -> dict[str, float]:
-    from datasets.faces.finder import FaceOptions
-    from datasets.prepare import PrepareOptions, prepare
+    from datasets.faces.options import FaceOptions
+    from datasets.preparation import PrepareOptions, prepare
 
     t = time.perf_counter()
     result = prepare(

@@ -73,6 +73,7 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 Probability = Annotated[float, Range(ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Range(ge=0.0, finite=True)]
+PositiveFinite = Annotated[float, Range(gt=0.0, finite=True)]
 
 
 @dataclass
@@ -736,24 +737,38 @@ class AuxLossConfig(Section):
 
 @dataclass
 class DistillConfig(Section):
-    """Knowledge distillation from a frozen teacher backbone (see docs/training.md,
-    "Distillation"); off while ``teacher`` is empty."""
+    """Knowledge distillation from a frozen teacher backbone, online or from its cached
+    embeddings (see docs/training.md, "Distillation"); off while ``teacher`` and
+    ``cache`` are empty."""
 
     prefix: ClassVar[str] = "distill"
     teacher: str = field(
         default="",
         metadata=refuse("the distillation targets and the learned projection P are the teacher's"),
     )
-    """The teacher's backbone weights (this project's ``backbone.pt`` or arcface_torch's
-    ``backbone.pth``, read strictly by ``backbones.weights``), run frozen in inference mode
-    on the student's device under its autocast. Empty: no distillation."""
+    """The teacher: backbone weights (this project's ``backbone.pt`` or arcface_torch's
+    ``backbone.pth``, read strictly by ``backbones.weights``) run frozen in inference mode
+    on the student's device under its autocast, or an ONNX model (``.onnx``, any face
+    model, its input convention read as ``eval`` reads it) run by onnxruntime (its CUDA
+    provider on a GPU, sharing device memory). With ``cache`` it only names the teacher
+    whose SHA-256 the cache must carry. Empty: no online teacher."""
     teacher_network: str = field(
         default="",
         metadata=refuse("the distillation targets and the learned projection P are the teacher's"),
     )
     """The teacher's network name in the backbone registry (e.g. ``r100``); empty: the
-    student's ``model.network``. Its input convention (size, mean/std, colour) may differ
-    from the student's: the batch is converted on the device."""
+    student's ``model.network``; must stay empty for an ONNX teacher. Its input
+    convention (size, mean/std, colour) may differ from the student's: the batch is
+    converted on the device."""
+    cache: str = field(
+        default="",
+        metadata=refuse("the distillation targets are the cached teacher's embeddings"),
+    )
+    """A directory of the teacher's embeddings of every training record, written once
+    by ``python -m tools.teacher_embed`` (docs/training.md, "Cached teachers"): the
+    loader serves them with each batch and no teacher runs while training. Refused at
+    start-up if it was computed on other data or (with ``teacher`` set) by another
+    teacher. Empty: the teacher runs online."""
     embedding_weight: NonNegative = field(default=0.0, metadata=MAY_CHANGE)
     """Weight of the embedding term ``1 - cos(P s, t)`` (or its ``l2`` form) in the total
     loss. With a teacher the term is always computed and logged (``distill_embedding``;
@@ -761,9 +776,21 @@ class DistillConfig(Section):
     relation_weight: NonNegative = field(default=0.0, metadata=MAY_CHANGE)
     """Weight of the relation term (the global batch's student cosine-similarity matrix
     against the teacher's, mean squared difference); 0 turns it off."""
+    logit_weight: NonNegative = field(default=0.0, metadata=MAY_CHANGE)
+    """Weight of the logit term: ``T^2 KL(softmax(z_t / T) || softmax(z_s / T))`` with
+    ``z = head.scale * cos(embedding, class centre)`` over every class of every rank
+    (the head's distributed softmax; the centres are the student's, so the teacher's
+    embedding size must equal ``model.embedding_size``); 0 turns it off."""
+    temperature: PositiveFinite = field(default=1.0, metadata=MAY_CHANGE)
+    """The logit term's softmax temperature ``T`` (> 0)."""
     embedding_kind: Literal["cosine", "l2"] = field(default="cosine", metadata=MAY_CHANGE)
     """The embedding term: ``cosine`` (``1 - cos(P s, t)``) or ``l2`` (squared distance of
     the normalised vectors, ``2 (1 - cos)``)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run distils (from an online teacher or a cache)."""
+        return bool(self.teacher or self.cache)
 
     def check_rules(self) -> None:
         _check(
@@ -775,12 +802,14 @@ class DistillConfig(Section):
         for key, weight in (
             ("distill.embedding_weight", self.embedding_weight),
             ("distill.relation_weight", self.relation_weight),
+            ("distill.logit_weight", self.logit_weight),
         ):
             _check(
-                weight == 0 or bool(self.teacher),
+                weight == 0 or self.enabled,
                 key,
-                "is > 0 but distill.teacher is empty: set distill.teacher to the teacher's "
-                "backbone weights, or the weight to 0",
+                "is > 0 but distill.teacher and distill.cache are empty: set "
+                "distill.teacher to the teacher's backbone weights (or distill.cache to "
+                "its cached embeddings), or the weight to 0",
                 weight,
             )
         _check(

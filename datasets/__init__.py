@@ -14,7 +14,7 @@ Modules (one concern each):
 * :mod:`common.atomic` — atomic output files; every file the project writes goes through it.
 * :mod:`datasets.transforms` — OpenCV decode (RGB), flip, normalise to ``[-1, 1]``.
 * :mod:`datasets.dataset` — ``RecordIODataset``, ``ImageFolderDataset`` (and
-  ``datasets.arrow_shards.ArrowDataset``): ``ds[i] -> (float32 (3, 112, 112), int label)``,
+  ``datasets.arrow_io.ArrowDataset``): ``ds[i] -> (float32 (3, 112, 112), int label)``,
   ``ds.labels() -> int64 (N,)`` without decoding an image.
 * :mod:`datasets.discovery` — ``open_dataset(path)``: which of these is at a path.
 * :mod:`datasets.sampler` — ``DistributedFaceSampler``: per-rank shards of a seeded global
@@ -23,8 +23,9 @@ Modules (one concern each):
 * :mod:`datasets.multi` — several datasets as one (``data.root=[A, B]``):
   ``open_datasets``, ``ConcatFaceDataset`` (label spaces concatenated in list order),
   ``WeightedDatasetSampler`` (per-dataset sampling weights), ``resume_problem``.
-* :mod:`datasets.arrow_shards` — Arrow IPC shards, conversion commands (``python -m
-  datasets.arrow_shards --help``).
+* :mod:`datasets.arrow_io` — Arrow IPC shards, their conversions and ``ArrowDataset``;
+  :mod:`datasets.arrow_shards` the conversion commands (``python -m datasets.arrow_shards
+  --help``).
 * :mod:`datasets.synthetic` — the embedded procedural face dataset (``python -m
   datasets.synthetic OUT_DIR``), writes ``train.rec/.idx``, ``property``, ``heldout.bin``.
 * :mod:`datasets.prepare` — a folder of raw photos (one sub-folder per identity) to the face

@@ -143,6 +143,14 @@ class FaceDataset(Dataset):
         return np.fromiter((self.label_of(i) for i in range(len(self))), np.int64, len(self))
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        image, label, _ = self.fetch(item)
+        return image, label
+
+    def fetch(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        """``(image, label, index)``: ``self[item]`` and the index of the sample it
+        decoded, which differs from ``item``'s when ``skip_corrupt`` replaced a corrupt
+        sample by the next sound one (what per-sample side data, e.g. a teacher's cached
+        embedding, must be looked up by)."""
         if isinstance(item, tuple):
             index, aug_seed = int(item[0]), int(item[1])
             flip = self.flip and flip_from_seed(aug_seed)
@@ -154,7 +162,7 @@ class FaceDataset(Dataset):
         for attempt in range(attempts):
             i = (index + attempt) % n
             try:
-                return self._sample(i, flip)
+                return (*self._sample(i, flip), i)
             except LabelRangeError:
                 raise  # never skipped: the data set or num_classes is wrong
             except DataError as exc:

@@ -3,7 +3,7 @@
 A ``.rec`` file, a directory holding ``train.rec``/``train.idx``, a directory of
 ``*.arrow`` shards, or an image folder (``root/<identity>/<image>``), in that order of
 precedence. Data that ``datasets.prepare`` is still writing, or stopped writing half-way,
-is refused. Above both :mod:`datasets.dataset` and :mod:`datasets.arrow_shards`, which
+is refused. Above both :mod:`datasets.dataset` and :mod:`datasets.arrow_io`, which
 know one format each.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.outdir import check_complete, read_manifest
-from datasets.arrow_shards import ArrowDataset
+from datasets.arrow_io import ArrowDataset
 from datasets.dataset import FaceDataset, ImageFolderDataset, RecordIODataset
 from datasets.errors import DataError
 

@@ -38,13 +38,13 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datasets.arrow_shards import MANIFEST
+from datasets.arrow_io import MANIFEST
 from datasets.dataset import FaceDataset
 from datasets.errors import DataError
 from datasets.multi import ConcatFaceDataset, dataset_kind, dataset_table
@@ -71,10 +71,13 @@ class FailedBatch:
 
 
 class KeyedDataset(Dataset):
-    """``dataset[item]`` plus the sample's key: ``(image, label, key)``.
+    """``dataset[item]`` plus the sample's key and index: ``(image, label, key, index)``.
 
     The key is :meth:`datasets.dataset.FaceDataset.sample_key` of the sampled index
-    (the record key for RecordIO), so a batch can be traced back to its records.
+    (the record key for RecordIO), so a batch can be traced back to its records; the
+    index is that of the record actually decoded (:meth:`FaceDataset.fetch`: the next
+    sound one when ``skip_corrupt`` replaced a corrupt record), by which per-record side
+    data (:class:`RowLookup`) is looked up.
     """
 
     def __init__(self, dataset: FaceDataset) -> None:
@@ -85,25 +88,34 @@ class KeyedDataset(Dataset):
 
     def __getitem__(
         self, item: int | tuple[int, int]
-    ) -> tuple[torch.Tensor, int, int] | FailedBatch:
+    ) -> tuple[torch.Tensor, int, int, int] | FailedBatch:
         index = int(item[0]) if isinstance(item, tuple) else int(item)
         try:
-            image, label = self.dataset[item]
+            image, label, decoded = self.dataset.fetch(item)
         except DataError as exc:
             return FailedBatch(exc)
-        return image, label, self.dataset.sample_key(index)
+        return image, label, self.dataset.sample_key(index), decoded
 
 
 def collate_keyed(
-    batch: list[tuple[torch.Tensor, int, int] | FailedBatch],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | FailedBatch:
-    """:func:`collate_uint8` of ``(image, label, key)`` items, keys as int64 ``(B,)``;
-    the first :class:`FailedBatch` item if a sample failed."""
+    batch: list[tuple[torch.Tensor, int, int, int] | FailedBatch],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | FailedBatch:
+    """:func:`collate_uint8` of ``(image, label, key, index)`` items, keys and indices
+    as int64 ``(B,)``; the first :class:`FailedBatch` item if a sample failed."""
     for b in batch:
         if isinstance(b, FailedBatch):
             return b
     images, labels = collate_uint8([(b[0], b[1]) for b in batch])
-    return images, labels, torch.tensor([b[2] for b in batch], dtype=torch.int64)
+    keys = torch.tensor([b[2] for b in batch], dtype=torch.int64)
+    return images, labels, keys, torch.tensor([b[3] for b in batch], dtype=torch.int64)
+
+
+class RowLookup(Protocol):
+    """Per-record side data served with each batch (e.g.
+    :class:`datasets.teacher_cache.TeacherCache`): ``(b, D)`` float32 rows of records
+    ``indices``."""
+
+    def lookup(self, indices: np.ndarray) -> np.ndarray: ...
 
 
 def data_files(dataset: Any) -> list[Path]:
@@ -215,8 +227,12 @@ class FaceLoader:
             :class:`datasets.pk_sampler.PKSampler`); it yields ``(index, aug_seed)``
             items in whole batches of ``batch_size`` and has ``rank``, ``set_epoch``,
             ``state_dict(batches_done)``, ``load_state_dict`` and ``mark_epoch_done``.
+        targets: per-record rows served with each batch (a teacher's cached
+            embeddings), or ``None``.
 
-    Batches are ``(images, labels)``; after each one, :attr:`last_keys` holds its
+    Batches are ``(images, labels)``, or ``(images, labels, targets)`` with
+    ``targets`` (its ``(B, D)`` float32 rows of the batch's records, on ``device``);
+    after each one, :attr:`last_keys` holds its
     samples' keys (int64 ``(B,)``, see :class:`KeyedDataset`), which the trainer logs
     when a step has to be skipped.
     """
@@ -234,8 +250,10 @@ class FaceLoader:
         shuffle: bool = True,
         prefetch_factor: int = 4,
         sampler: Any = None,
+        targets: RowLookup | None = None,
     ) -> None:
         self.device = torch.device(device)
+        self.targets = targets
         self.dataset = copy.copy(dataset)
         self.dataset.output = "uint8"
         if getattr(self.dataset, "skip_corrupt", False):
@@ -329,7 +347,7 @@ class FaceLoader:
         """Batches the next iteration yields on this rank."""
         return len(self.sampler) // self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         self._batches_done = 0
         non_blocking = self.device.type == "cuda"
         batches = iter(self.loader)
@@ -348,12 +366,16 @@ class FaceLoader:
             if isinstance(batch, FailedBatch):
                 # the one-line DataError of the worker, not torch's wrapped traceback
                 raise batch.error
-            images, labels, keys = batch
+            images, labels, keys, indices = batch
             images = normalize_batch(images.to(self.device, non_blocking=non_blocking))
             labels = labels.to(self.device, non_blocking=non_blocking)
             self._batches_done += 1
             self.last_keys = keys
-            yield images, labels
+            if self.targets is None:
+                yield images, labels
+            else:  # rows copied out of the memory map: (B, D), never the whole table
+                rows = torch.from_numpy(self.targets.lookup(indices.numpy()))
+                yield images, labels, rows.to(self.device, non_blocking=non_blocking)
         # the epoch is finished: a checkpoint taken now resumes at the next epoch
         self.sampler.mark_epoch_done()
 

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from datasets.arrow_shards import ArrowDataset
+from datasets.arrow_io import ArrowDataset
 from datasets.dataset import FaceDataset, ImageFolderDataset, RecordIODataset
 from datasets.discovery import open_dataset
 from datasets.errors import DataError, LabelRangeError

@@ -21,8 +21,21 @@ rests on fewer than 10 impostor pairs above it: the calibration says so
 
 The result goes to the sidecar ``<model>.calibration.json`` (:func:`sidecar_path`),
 written atomically: the model file's SHA-256, the ``.bin`` (path, SHA-256) and one entry
-per target FAR (threshold, measured FAR and TAR, pair counts). ``eval.compare`` reads it
-by default (:func:`read_calibration`) and refuses one whose hash is not the model's.
+per target FAR (threshold, measured FAR and TAR, pair counts).
+
+With ``--into-model`` (an ONNX file exported by this project, recognised by its
+:data:`~eval.onnx_options.OUR_EXPORT_KEY` metadata entry) the same record goes into the
+model's own ``metadata_props`` under the key :data:`METADATA_KEY` (``calibration``, JSON),
+the file rewritten atomically; a calibration already there is replaced. Writing it
+changes the file's bytes, so the record's ``model_sha256`` is then the **graph hash**
+(:func:`model_graph_sha256`): the SHA-256 of the model serialised
+(``SerializeToString(deterministic=True)``) with its ``calibration`` metadata entry
+removed, and ``"model_hash": "onnx-without-calibration"`` says so. The sidecar is the
+default, for every model, as before.
+
+``eval.compare`` and ``eval.search`` read a calibration by default
+(:func:`read_calibration`): the model's metadata first, else the sidecar, and say which
+(:func:`calibration_source`). One whose hash is not the model's is refused, naming both.
 """
 
 from __future__ import annotations
@@ -38,10 +51,12 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic import write_json
+from common.atomic import atomic_path, write_json
 from common.cli import run_main
+from common.digest import sha256_file
 from common.errors import UserError
-from eval.onnx_options import add_input_arguments, input_options
+from eval.jsonio import printable
+from eval.onnx_options import OUR_EXPORT_KEY, add_input_arguments, input_options
 
 #: The target FARs calibrated by default.
 DEFAULT_FARS = (1e-3, 1e-4)
@@ -49,6 +64,10 @@ DEFAULT_FARS = (1e-3, 1e-4)
 MIN_IMPOSTORS_ABOVE = 10
 #: ``"format"`` of the sidecar file.
 FORMAT = "eval.calibrate/1"
+#: The ONNX ``metadata_props`` key of a calibration written with ``--into-model``.
+METADATA_KEY = "calibration"
+#: ``"model_hash"`` of a record whose ``model_sha256`` is :func:`model_graph_sha256`'s.
+GRAPH_HASH = "onnx-without-calibration"
 
 
 class CalibrationError(UserError, ValueError):
@@ -62,8 +81,8 @@ def sidecar_path(model: str | os.PathLike[str]) -> str:
     return os.fspath(model).rstrip("/\\") + ".calibration.json"
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes; of a model folder (``eval.export``), of its files'
+def model_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a model file's bytes; of a model folder (``eval.export``), of its files'
     relative names and bytes in sorted order (calibrations left out)."""
     h = hashlib.sha256()
     if os.path.isdir(path):
@@ -75,10 +94,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
                     h.update(os.path.relpath(full, path).encode() + b"\0")
                     h.update(sha256_file(full).encode())
         return h.hexdigest()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def threshold_at_far(impostor: np.ndarray, far: float) -> float:
@@ -135,35 +151,135 @@ def describe_entry(e: dict[str, Any]) -> str:
     return line
 
 
+def _load_onnx(model: str | os.PathLike[str]) -> Any:
+    """The ``onnx.ModelProto`` of ``model`` (its weights included); a file onnx cannot
+    parse is a :class:`CalibrationError` naming it."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(os.fspath(model))
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise CalibrationError(f"{os.fspath(model)}: not an ONNX model ({exc})") from None
+
+
+def _without_calibration(proto: Any) -> Any:
+    """``proto`` with its :data:`METADATA_KEY` metadata entries removed (in place)."""
+    kept = [(e.key, e.value) for e in proto.metadata_props if e.key != METADATA_KEY]
+    del proto.metadata_props[:]
+    for key, value in kept:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return proto
+
+
+def model_graph_sha256(proto: Any) -> str:
+    """The graph hash of an ONNX model (an ``onnx.ModelProto``): hex SHA-256 of
+    ``SerializeToString(deterministic=True)`` of a copy without its :data:`METADATA_KEY`
+    metadata entry, so that writing a calibration into the model does not change it."""
+    copy = type(proto)()
+    copy.CopyFrom(proto)
+    return hashlib.sha256(
+        _without_calibration(copy).SerializeToString(deterministic=True)
+    ).hexdigest()
+
+
+def is_our_onnx(model: str | os.PathLike[str]) -> bool:
+    """Whether ``model`` is an ONNX file exported by this project (its metadata has
+    :data:`~eval.onnx_options.OUR_EXPORT_KEY`)."""
+    if not (os.path.isfile(model) and os.fspath(model).lower().endswith(".onnx")):
+        return False
+    try:
+        return any(e.key == OUR_EXPORT_KEY for e in _load_onnx(model).metadata_props)
+    except CalibrationError:
+        return False
+
+
+def _check_record(record: Any, where: str) -> dict[str, Any]:
+    """``record`` if it is a valid calibration, else a :class:`CalibrationError`."""
+    try:
+        entries = record["entries"]
+        if not isinstance(record["model_sha256"], str):
+            raise TypeError("model_sha256")
+        if record.get("format") != FORMAT or not entries:
+            raise KeyError("format")
+        for e in entries:
+            if not 0 < float(e["far_target"]) < 1 or not math.isfinite(float(e["threshold"])):
+                raise ValueError(f"entry {e!r:.80}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CalibrationError(f"{where}: not a calibration ({exc})") from None
+    return record
+
+
+def _metadata_calibration(model: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The calibration in an ONNX model's metadata (checked against its graph hash), or
+    None when the file is not an ONNX model onnx can parse, or has none."""
+    if not (os.path.isfile(model) and os.fspath(model).lower().endswith(".onnx")):
+        return None
+    try:
+        proto = _load_onnx(model)
+    except CalibrationError:  # not parseable: the model's loader says why, if it is used
+        return None
+    text = next((e.value for e in proto.metadata_props if e.key == METADATA_KEY), None)
+    if text is None:
+        return None
+    where = f"{os.fspath(model)} (metadata {METADATA_KEY!r})"
+    try:
+        record = _check_record(json.loads(text), where)
+    except ValueError as exc:
+        raise CalibrationError(f"{where}: not a calibration ({exc})") from None
+    if record.get("model_hash") != GRAPH_HASH:
+        raise CalibrationError(f"{where}: not a calibration (model_hash {GRAPH_HASH!r} expected)")
+    wanted, actual = record["model_sha256"], model_graph_sha256(proto)
+    if actual != wanted:
+        raise CalibrationError(
+            f"{where} was made for a model whose graph SHA-256 (without its calibration) is "
+            f"{wanted}, but {os.fspath(model)}'s is {actual}: the model was changed after "
+            "calibrating; recalibrate with python -m eval.calibrate --into-model"
+        )
+    record["path"] = os.fspath(model)
+    record["source"] = "metadata"
+    return record
+
+
+def calibration_source(record: dict[str, Any]) -> str:
+    """Where a record of :func:`read_calibration` comes from, in words."""
+    if record.get("source") == "metadata":
+        return f"in the metadata of {printable(record['path'])}"
+    return printable(record["path"])
+
+
 def read_calibration(model: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """``model``'s sidecar calibration (with ``"path"`` added), or None when there is none.
+    """``model``'s calibration, or None when there is none: the one in an ONNX model's
+    metadata (:data:`METADATA_KEY`) first, else the sidecar; ``"path"`` (the model, or
+    the sidecar) and ``"source"`` (``"metadata"`` or ``"sidecar"``) added.
 
     Raises:
-        CalibrationError: the sidecar is not a valid calibration, or was made for another
-            model file (its SHA-256 differs: both hashes named).
+        CalibrationError: the calibration is not valid, or was made for another model
+            (the sidecar's file SHA-256, or the metadata's graph hash, differs: both
+            hashes named).
     """
+    record = _metadata_calibration(model)
+    if record is not None:
+        return record
     path = sidecar_path(model)
     if not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
-        entries = record["entries"]
-        wanted = record["model_sha256"]
-        if record.get("format") != FORMAT or not entries:
-            raise KeyError("format")
-        for e in entries:
-            if not 0 < float(e["far_target"]) < 1 or not math.isfinite(float(e["threshold"])):
-                raise ValueError(f"entry {e!r:.80}")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise CalibrationError(f"{path}: not a calibration file ({exc})") from None
-    actual = sha256_file(model)
+    record = _check_record(record, path)
+    wanted = record["model_sha256"]
+    actual = model_sha256(model)
     if actual != wanted:
         raise CalibrationError(
             f"{path} was made for a model file with SHA-256 {wanted}, but {os.fspath(model)} "
             f"has SHA-256 {actual}: recalibrate with python -m eval.calibrate"
         )
     record["path"] = path
+    record["source"] = "sidecar"
     return record
 
 
@@ -182,7 +298,7 @@ def write_calibration(
         {
             "format": FORMAT,
             "model": os.path.basename(os.fspath(model)),
-            "model_sha256": sha256_file(model),
+            "model_sha256": model_sha256(model),
             "bin": os.path.abspath(bin_path),
             "bin_sha256": sha256_file(bin_path),
             "entries": entries,
@@ -190,6 +306,41 @@ def write_calibration(
         },
     )
     return path
+
+
+def write_calibration_into_model(
+    model: str | os.PathLike[str], bin_path: str, entries: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    """Write the calibration into an ONNX model's metadata (:data:`METADATA_KEY`,
+    replacing one already there), the file rewritten atomically; returns the record.
+
+    Raises:
+        CalibrationError: ``model`` is not an ONNX file exported by this project.
+    """
+    import onnx
+
+    proto = _load_onnx(model)
+    if not any(e.key == OUR_EXPORT_KEY for e in proto.metadata_props):
+        raise CalibrationError(
+            f"{os.fspath(model)}: --into-model writes into ONNX files exported by this "
+            f"project (metadata {OUR_EXPORT_KEY!r}); this one is not: use the sidecar"
+        )
+    _without_calibration(proto)
+    record = {
+        "format": FORMAT,
+        "model": os.path.basename(os.fspath(model)),
+        "model_sha256": model_graph_sha256(proto),
+        "model_hash": GRAPH_HASH,
+        "bin": os.path.abspath(bin_path),
+        "bin_sha256": sha256_file(bin_path),
+        "entries": entries,
+        **extra,
+    }
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(record, allow_nan=False)
+    with atomic_path(model) as tmp:
+        onnx.save(proto, str(tmp))
+    return record
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -205,6 +356,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--far", type=float, nargs="+", default=list(DEFAULT_FARS), help="target FARs")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--batch-size", type=int, default=64, help="faces per model call")
+    p.add_argument(
+        "--into-model",
+        action="store_true",
+        help=f"write the calibration into the ONNX model's metadata (key {METADATA_KEY!r}; "
+        "ONNX files exported by this project) instead of the sidecar",
+    )
     add_input_arguments(p)
     args = p.parse_args(argv)
     bad = [f for f in args.far if not 0 < f < 1]
@@ -219,8 +376,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns the sidecar's content."""
     args = _parse_args(argv)
     from eval.bin_io import load_bin
-    from eval.faces import embed_aligned, open_model, printable
+    from eval.faces import embed_aligned, open_model
 
+    if args.into_model and not is_our_onnx(args.model):  # before any work
+        raise CalibrationError(
+            f"{printable(args.model)}: --into-model writes into ONNX files exported by this "
+            f"project (metadata {OUR_EXPORT_KEY!r}); this one is not: leave --into-model out "
+            "for the sidecar"
+        )
     embed, size = open_model(args.model, args.network, args.device, input_options(args))
     if hasattr(embed, "describe"):
         print(embed.describe(), file=sys.stderr)
@@ -234,15 +397,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     scores = np.einsum("ij,ij->i", emb[0::2], emb[1::2])
     entries = calibrate_scores(scores, same, sorted(set(args.far), reverse=True))
     convention = embed.convention() if hasattr(embed, "convention") else None
-    path = write_calibration(args.model, args.bin, entries, input_convention=convention)
+    if args.into_model:
+        record = write_calibration_into_model(
+            args.model, args.bin, entries, input_convention=convention
+        )
+        where = f"the metadata of {printable(args.model)} (key {METADATA_KEY!r})"
+    else:
+        path = write_calibration(args.model, args.bin, entries, input_convention=convention)
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        where = printable(path)
     print(f"{printable(args.model)} on {printable(args.bin)}:")
     for e in entries:
         print("  " + describe_entry(e))
         if e["few_impostors"]:
             print(f"warning: {describe_entry(e)}", file=sys.stderr)
-    print(f"calibration -> {printable(path)}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    print(f"calibration -> {where}")
+    return record
 
 
 if __name__ == "__main__":

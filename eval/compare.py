@@ -18,9 +18,10 @@ The threshold is ``--threshold``, or is calibrated on the spot on a verification
 false-accept rate reaches ``--far`` on the grid ``0, 0.001, ..., 3.999``, linearly
 interpolated between the grid points that bracket it: :func:`eval.metrics.threshold_at_far`,
 the rule of the protocol's VAL@FAR, as a cosine ``1 - d / 2``). Without either, the
-model's calibration ``<model>.calibration.json`` written once by ``eval.calibrate`` is
-used by default (its entry at ``--far``, else the closest), and the output names it; one
-made for another model file (by SHA-256) is refused, naming both hashes.
+model's calibration written once by ``eval.calibrate`` is used by default (its entry at
+``--far``, else the closest): the one in an ONNX model's metadata (``--into-model``), else
+the sidecar ``<model>.calibration.json``; the output says which. One made for another
+model (by SHA-256) is refused, naming both hashes.
 
 Failures are one line naming the photo, the model or the file (exit code 1; 2 for a bad
 option): a photo without a face (:class:`NoFaceError`), a model that does not load or
@@ -39,7 +40,7 @@ from typing import Any
 
 from common.cli import run_main
 from datasets.faces.arguments import add_face_arguments
-from eval.calibrate import pick_entry, read_calibration
+from eval.calibrate import calibration_source, pick_entry, read_calibration
 from eval.errors import NoFaceError
 from eval.onnx_options import add_input_arguments, input_options
 
@@ -51,7 +52,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m eval.compare",
         description="Cosine similarity of the faces of two photos, and same/different "
         "(threshold: --threshold, --calibrate-bin, else by default the model's calibration "
-        "<model>.calibration.json from eval.calibrate).",
+        "from eval.calibrate: in its ONNX metadata, else <model>.calibration.json).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("photo_a")
@@ -89,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns what it printed, as a dict (``--json``'s content)."""
     args = _parse_args(argv)
     from datasets.faces.finder import FaceFinder
-    from eval.faces import finder_options, open_model, printable
-    from eval.jsonio import write_json
+    from eval.faces import finder_options, open_model
+    from eval.jsonio import printable, write_json
     from eval.photo_pairs import calibrate, compare, describe_face
 
     embed, size = open_model(args.model, args.network, args.device, input_options(args))
@@ -137,10 +138,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     elif record is not None:
         entry = pick_entry(record, args.far)
         threshold = float(entry["threshold"])
-        out["calibration"] = {"file": printable(record["path"]), "bin": record["bin"], **entry}
+        out["calibration"] = {
+            "file": printable(record["path"]),
+            "source": record["source"],
+            "bin": record["bin"],
+            **entry,
+        }
         tar = "n/a" if entry.get("tar") is None else f"{entry['tar']:.4f}"
         print(
-            f"threshold {threshold:.4f}: calibration {printable(record['path'])} at target "
+            f"threshold {threshold:.4f}: calibration {calibration_source(record)} at target "
             f"FAR {entry['far_target']:g} (measured FAR {entry['far']:.6f}, TAR {tar}; "
             f"{entry['genuine']} genuine, {entry['impostor']} impostor pairs of "
             f"{printable(record['bin'])})"

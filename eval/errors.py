@@ -4,7 +4,7 @@ Each derives from :class:`common.errors.UserError` (exit code 1) or
 :class:`common.errors.UsageError` (a bad option, exit code 2), together with the builtin
 it refines (``ValueError``), so that ``except ValueError`` keeps working and
 :func:`common.cli.run_main` prints it as one line. The others live next to what they
-describe: :class:`eval.bin_io.BinFileError`, :class:`eval.export_onnx.ParityError`,
+describe: :class:`eval.bin_io.BinFileError`, :class:`eval.onnx_export.ParityError`,
 :class:`eval.ijb_data.IJBDataError`.
 """
 

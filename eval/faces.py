@@ -29,7 +29,7 @@ from backbones.pretrained import folder_input_spec, read_model_config
 from backbones.registry import input_spec
 from common.dist import resolve_device
 from datasets.faces.arguments import face_options
-from datasets.faces.finder import FaceOptions
+from datasets.faces.options import FaceOptions
 from eval.errors import EvalUsageError, ModelError, NonFiniteEmbeddingError
 from eval.extract import Embedder, embedder_name, normalize_pixels
 from eval.metrics import l2_normalize
@@ -95,12 +95,6 @@ def finder_options(args: argparse.Namespace, size: int, model: str) -> FaceOptio
         return face_options(args, image_size=size)
     except ValueError as exc:  # FaceOptions' checks: each message names its option
         raise EvalUsageError(str(exc)) from None
-
-
-def printable(path: str | os.PathLike[str]) -> str:
-    """``path`` as valid UTF-8 text: a file name that is not UTF-8 shows its
-    undecodable bytes as ``\\xNN`` (for output files, messages and JSON)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def embed_aligned_rows(

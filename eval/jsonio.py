@@ -5,6 +5,7 @@ Every JSON file or text that ``eval`` writes goes through :func:`dumps` (or
 strict JSON readers reject) are never written. The commands check their numbers before
 (a non-finite embedding, score or label is refused with a message naming the model or
 the file), so a non-finite value here is a bug: it is reported with its key.
+:func:`printable` shows a file name as valid UTF-8 text, for output files, messages and JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ import os
 from typing import Any
 
 from common.atomic import write_text
+
+
+def printable(path: str | os.PathLike[str]) -> str:
+    """``path`` as valid UTF-8 text: a file name that is not UTF-8 shows its
+    undecodable bytes as ``\\xNN`` (for output files, messages and JSON)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _first_non_finite(obj: Any, where: str = "") -> str | None:

@@ -44,6 +44,7 @@ import numpy as np
 
 from common.atomic import write_bytes, write_json
 from common.cli import run_main
+from common.digest import sha256_file
 from common.errors import UsageError, UserError
 
 #: The protocol's fold count (LFW: 10 folds of 300 genuine and 300 impostor pairs).
@@ -71,15 +72,6 @@ class Photo:
 def manifest_path(out: str | os.PathLike[str]) -> str:
     """The record written next to ``out``: ``<out>.pairs.json``."""
     return os.fspath(out) + ".pairs.json"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def made_by_us(out: str | os.PathLike[str]) -> bool:

@@ -3,8 +3,8 @@
 Checkpoints are backbone ``state_dict`` files (``torch.save`` files read with
 ``weights_only=True``, or ``.safetensors``), ours or arcface_torch's, read and checked
 by :mod:`backbones.weights`. A model folder (``python -m eval.export``) loads through
-:func:`backbones.from_pretrained`, which reads the network from its ``config.json``.
-Backbones come from ``backbones.get_model(name, **kwargs)``.
+:func:`backbones.pretrained.from_pretrained`, which reads the network from its ``config.json``.
+Backbones come from ``backbones.registry.get_model(name, **kwargs)``.
 
 Every embedder made here checks its outputs (:func:`eval.extract.check_embeddings`):
 a NaN or infinite embedding is a :class:`~eval.errors.NonFiniteEmbeddingError` naming
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import backbones
+from backbones import pretrained, registry
 from backbones.weights import infer_model_kwargs, load_backbone_state, read_backbone_weights
 from common.dist import distributed_command, resolve_device
 from eval.errors import EvalUsageError
@@ -52,7 +52,8 @@ def build_backbone(
     device: str | torch.device = "cpu",
     **kwargs: Any,
 ) -> nn.Module:
-    """``backbones.get_model(network, **kwargs)`` with optional checkpoint weights, in eval mode.
+    """``backbones.registry.get_model(network, **kwargs)`` with optional checkpoint weights,
+    in eval mode.
 
     The weights may be ours or arcface_torch's (the same names); the embedding size the
     file implies (:func:`backbones.weights.infer_model_kwargs`) is added unless given. Weights of
@@ -63,9 +64,9 @@ def build_backbone(
         state = load_state_dict(checkpoint)
         kwargs = {**infer_model_kwargs(state), **kwargs}
     try:
-        model = backbones.get_model(network, **kwargs)
+        model = registry.get_model(network, **kwargs)
     except ValueError as exc:  # an unknown name: an option error, not a bug
-        if network in backbones.list_models():
+        if network in registry.list_models():
             raise
         raise EvalUsageError(f"--network {network!r}: {exc}") from None
     if state is not None:
@@ -88,7 +89,7 @@ def make_embedder(
     if onnx_path is not None:
         return OnnxEmbedder(onnx_path, device=device, **(onnx_input or {}))
     if checkpoint is not None and os.path.isdir(checkpoint):
-        folder = backbones.from_pretrained(checkpoint).to(device).eval()
+        folder = pretrained.from_pretrained(checkpoint).to(device).eval()
         return CheckedEmbedder(module_embedder(folder), os.fspath(checkpoint))
     if network is None:
         raise EvalUsageError("--network is required with --checkpoint")

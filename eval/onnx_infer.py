@@ -50,19 +50,15 @@ import torch.nn.functional as F
 from common.face_input import ARCFACE_INPUT
 from eval.errors import EvalUsageError, ModelError
 from eval.extract import check_embeddings
-from eval.onnx_options import add_input_arguments, input_options
+from eval.onnx_options import MAX_INPUT_SIDE
 
-__all__ = ["GraphInput", "OnnxEmbedder", "add_input_arguments", "input_options"]
+__all__ = ["GraphInput", "OnnxEmbedder"]
 
 #: A model without metadata reads arcface_torch's input (insightface's convention too).
 DEFAULT_MEAN = ARCFACE_INPUT.mean
 DEFAULT_STD = ARCFACE_INPUT.std
 DEFAULT_SIZE = ARCFACE_INPUT.size
 DEFAULT_COLOR = ARCFACE_INPUT.color
-#: The largest side of a model input (and of ``--input-size``/``--image-size``), in
-#: pixels: evaluation feeds aligned face crops (112 for the ArcFace template), and a
-#: 1024x1024 float input already takes 12 MiB per face. The one cap of model input sizes.
-MAX_INPUT_SIDE = 1024
 #: onnxruntime's input element types the embedder can feed.
 _FLOAT_INPUTS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -377,6 +373,20 @@ def _metadata_float(path: str, meta: dict[str, str], key: str, default: float) -
         raise ModelError(f"{path}: metadata {key}={meta[key]!r} is not a number") from None
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask), shared evenly among the
+    local ranks of a torchrun job (``LOCAL_WORLD_SIZE``); at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks = 1
+    return max(1, cores // ranks)
+
+
 class OnnxEmbedder:
     """An onnxruntime session usable wherever an :data:`~eval.extract.Embedder` is.
 
@@ -384,7 +394,8 @@ class OnnxEmbedder:
         path: the ``.onnx`` file.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (falls back to CPU without the
             CUDA provider).
-        intra_op_threads: onnxruntime intra-op threads (0 = its default).
+        intra_op_threads: onnxruntime intra-op threads; None: one per usable core
+            (:func:`usable_cores`), 0: onnxruntime's own default.
         input_mean, input_std: the model's input is ``(pixel - mean) / std`` for 0..255
             pixels; None: from the metadata, else the insightface convention.
         input_color: ``"RGB"`` or ``"BGR"`` channel order; None: metadata, else RGB.
@@ -403,7 +414,7 @@ class OnnxEmbedder:
         self,
         path: str | os.PathLike[str],
         device: str = "cpu",
-        intra_op_threads: int = 0,
+        intra_op_threads: int | None = None,
         *,
         input_mean: float | None = None,
         input_std: float | None = None,
@@ -416,14 +427,18 @@ class OnnxEmbedder:
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"{self.path}: no such ONNX file")
         opts = ort.SessionOptions()
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
+        #: onnxruntime's intra-op threads (0: its own default)
+        self.threads = usable_cores() if intra_op_threads is None else int(intra_op_threads)
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
         try:
             self.session = ort.InferenceSession(self.path, opts, providers=_providers(device))
         except _ort_errors() as exc:
             raise ModelError(
                 f"{self.path}: onnxruntime cannot load this model: {_ort_reason(exc, self.path)}"
             ) from None
+        #: whether the session runs on the CPU (its first provider)
+        self.on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             names = ", ".join(repr(i.name) for i in inputs)

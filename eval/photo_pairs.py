@@ -16,7 +16,8 @@ from datasets.faces.photos import PhotoError, read_photo
 from eval.bin_io import BinFileError, load_bin
 from eval.errors import NoFaceError
 from eval.extract import Embedder
-from eval.faces import embed_aligned, printable, resize_crop
+from eval.faces import embed_aligned, resize_crop
+from eval.jsonio import printable
 from eval.metrics import VAL_THRESHOLDS_STEP, pair_distances, threshold_at_far
 
 

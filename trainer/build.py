@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from backbones import get_model, input_spec
+from backbones.registry import get_model, input_spec
+from common.digest import sha256_file
 from common.dist import DistContext
 from common.rng import seed_everything
 from configs import Config, ConfigError, HeadConfig
+from datasets.dataset import FaceDataset
 from datasets.errors import DataError
 from datasets.loader import FaceLoader
 from datasets.multi import WeightedDatasetSampler, dataset_table, open_datasets
 from datasets.pk_sampler import PKSampler
-from eval.verification import load_bin, verify_targets
+from datasets.teacher_cache import TeacherCache, dataset_signature
+from eval.bin_io import load_bin
+from eval.pair_verification import verify_targets
 from partial_fc import CombinedMargin, PartialFC, ShardedCenterLoss, TripletLoss, registry
 from partial_fc.distill import Distiller
 from trainer.distillation import Distillation
@@ -25,9 +28,6 @@ from trainer.finetune import freeze_backbone, init_new_run
 from trainer.loop import AuxLosses, Evaluator, Trainer
 from trainer.preflight import OutputDirError, checkpoint_bytes_estimate, probe_output
 from trainer.teacher import Teacher
-
-if TYPE_CHECKING:
-    from datasets.loader import FaceLoader
 
 log = logging.getLogger("trainer")
 
@@ -66,11 +66,14 @@ def build_head(cfg: Config, device: torch.device) -> torch.nn.Module:
     )
 
 
-def build_aux_losses(cfg: Config, device: torch.device) -> AuxLosses:
+def build_aux_losses(
+    cfg: Config, device: torch.device, teacher_cache: TeacherCache | None = None
+) -> AuxLosses:
     """The auxiliary losses whose ``aux.*_weight`` is non-zero (default process group).
 
     Like the head, they pad every rank's batch to ``data.batch_size``; the centres are
-    seeded by ``train.seed`` (identical for every world size)."""
+    seeded by ``train.seed`` (identical for every world size). ``teacher_cache`` is the
+    loader's (``distill.cache``): the distillation then runs no teacher."""
 
     aux = cfg.aux
     center = triplet = None
@@ -92,17 +95,21 @@ def build_aux_losses(cfg: Config, device: torch.device) -> AuxLosses:
             distance=aux.triplet_distance,
             max_local_batch=cfg.data.batch_size,
         )
-    return AuxLosses(center=center, triplet=triplet, distill=build_distillation(cfg, device))
+    distill = build_distillation(cfg, device, teacher_cache)
+    return AuxLosses(center=center, triplet=triplet, distill=distill)
 
 
 #: Added to ``train.seed`` for the projection P's initialisation (its own stream).
 _PROJECTION_SEED = 28_002
 
 
-def build_distillation(cfg: Config, device: torch.device) -> Distillation | None:
+def build_distillation(
+    cfg: Config, device: torch.device, teacher_cache: TeacherCache | None = None
+) -> Distillation | None:
     """The teacher and the distillation terms of ``distill.*`` (``None`` without a
-    teacher), on ``device`` (default process group, batches padded to
-    ``data.batch_size``: no host sync).
+    teacher or a cache), on ``device`` (default process group, batches padded to
+    ``data.batch_size``: no host sync). With ``teacher_cache`` (opened and checked by
+    :func:`open_teacher_cache`) no teacher is built: the loader serves its rows.
 
     The embedding term is always built (weight 0: logged only), so the projection ``P``
     exists whenever the sizes differ and a resume may change the weights; the relation
@@ -116,28 +123,84 @@ def build_distillation(cfg: Config, device: torch.device) -> Distillation | None
             the network does not take its input (the message names the file).
     """
     dc = cfg.distill
-    if not dc.teacher:
+    if not dc.enabled:
         return None
-    if not Path(dc.teacher).is_file():
-        raise ConfigError(f"distill.teacher: no such file {dc.teacher!r} (the teacher's weights)")
-    network = dc.teacher_network or cfg.model.network
-    key = "distill.teacher_network" if dc.teacher_network else "model.network"
-    try:
-        input_spec(network)
-    except ValueError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
-    teacher = Teacher.from_file(dc.teacher, network, cfg.model.network, device)
+    if dc.cache and teacher_cache is None:
+        raise ValueError("distill.cache is set: pass the loader's opened teacher cache")
+    teacher: Teacher | None = None
+    if teacher_cache is not None:
+        teacher_size = teacher_cache.embedding_size
+    else:
+        _check_teacher_file(dc.teacher)
+        network = dc.teacher_network or cfg.model.network
+        key = "distill.teacher_network" if dc.teacher_network else "model.network"
+        try:
+            input_spec(network)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        teacher = Teacher.from_file(dc.teacher, network, input_spec(cfg.model.network), device)
+        teacher_size = teacher.embedding_size
+    if dc.logit_weight > 0 and teacher_size != cfg.model.embedding_size:
+        raise ConfigError(
+            f"distill.logit_weight: the logit term needs the teacher's embeddings "
+            f"({teacher_size} dimensions, {dc.cache or dc.teacher}) in the student's class "
+            f"space (model.embedding_size={cfg.model.embedding_size}); set it to 0 or use a "
+            "teacher of the student's embedding size"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + _PROJECTION_SEED)
         distiller = Distiller(
             cfg.model.embedding_size,
-            teacher.embedding_size,
+            teacher_size,
             embedding=dc.embedding_kind,
             relation=dc.relation_weight > 0,
             max_local_batch=cfg.data.batch_size,
+            logit=dc.logit_weight > 0,
+            logit_scale=cfg.head.scale,
+            temperature=dc.temperature,
+            num_subcenters=cfg.head.num_subcenters,
+            chunk_classes=cfg.head.chunk_size,
         )
-    weights = {"embedding": dc.embedding_weight, "relation": dc.relation_weight}
+    weights = {
+        "embedding": dc.embedding_weight,
+        "relation": dc.relation_weight,
+        "logit": dc.logit_weight,
+    }
     return Distillation(teacher, distiller.to(device), weights)
+
+
+def _check_teacher_file(path: str) -> None:
+    if not Path(path).is_file():
+        raise ConfigError(f"distill.teacher: no such file {path!r} (the teacher's weights)")
+
+
+def open_teacher_cache(cfg: Config, dataset: FaceDataset) -> TeacherCache | None:
+    """``distill.cache`` opened and checked against the training data (record count,
+    labels, data files) and, when ``distill.teacher`` is set, against that file's
+    SHA-256; ``None`` without a cache.
+
+    Raises:
+        TeacherCacheError: a malformed cache, or one of other data or another teacher
+            (naming ``distill.cache``, the file and the mismatch).
+    """
+    dc = cfg.distill
+    if not dc.cache:
+        return None
+    cache = TeacherCache.open(dc.cache, option="distill.cache")
+    teacher_sha256 = None
+    if dc.teacher:
+        _check_teacher_file(dc.teacher)
+        teacher_sha256 = sha256_file(dc.teacher)
+    cache.check_matches(dataset_signature(dataset), teacher_sha256, option="distill.cache")
+    log.info(
+        "distill.cache: %d records' embeddings (D=%d) of teacher %s (sha256 %s...)%s",
+        cache.records,
+        cache.embedding_size,
+        cache.manifest.get("teacher", "?"),
+        cache.manifest["teacher_sha256"][:16],
+        ", flip-averaged" if cache.manifest["flip"] else "",
+    )
+    return cache
 
 
 def build_backbone(cfg: Config) -> torch.nn.Module:
@@ -238,6 +301,7 @@ def build_loader(cfg: Config, ctx: DistContext) -> FaceLoader:
             raise ConfigError(f"data.sampler=pk: {exc}") from None
     return FaceLoader(
         dataset,
+        targets=open_teacher_cache(cfg, dataset),
         sampler=sampler,
         batch_size=cfg.data.batch_size,
         rank=ctx.rank,
@@ -379,7 +443,7 @@ def build_trainer(cfg: Config, ctx: DistContext) -> Trainer:
             len(freeze.eval_norms or ()),
         )
     head = build_head(cfg, ctx.device)
-    aux = build_aux_losses(cfg, ctx.device)
+    aux = build_aux_losses(cfg, ctx.device, teacher_cache=loader.targets)
     seed_everything(cfg.train.seed + 1_000_003 * (ctx.rank + 1))  # per-rank streams
     trainer = Trainer(cfg, backbone, head, loader, ctx, evaluator, aux)
     check_output_space(trainer, ctx)

@@ -1,7 +1,10 @@
-"""Online distillation in the training step: a frozen :class:`~trainer.teacher.Teacher`
-and the :class:`partial_fc.distill.Distiller` terms, weighted by ``distill.*``.
+"""Distillation in the training step: the teacher's embeddings (from a frozen
+:class:`~trainer.teacher.Teacher` online, or served by the loader from a cache written
+by ``tools.teacher_embed``) and the :class:`partial_fc.distill.Distiller` terms,
+weighted by ``distill.*``.
 
-:class:`Distillation` is what the step sees: from the micro-batch's images (student
+:class:`Distillation` is what the step sees: from the micro-batch's teacher targets
+(the batch's cached rows, else the teacher's forward on its images in the student's
 convention) and the student's embeddings (already scaled for DDP's averaging, as the
 head gets them) it returns each term with its weight; the step adds ``weight * term``
 to the loss and logs the unweighted term with the auxiliary ones
@@ -35,13 +38,16 @@ class Distillation:
     """A teacher, the distillation terms and their weights.
 
     Args:
-        teacher: the frozen teacher (called on the student's images).
+        teacher: the frozen teacher (called on the student's images), or ``None`` when
+            the loader serves cached targets with every batch.
         distiller: the terms (its ``terms()`` are the ones computed).
         weights: each term's weight, by the distiller's term name (``embedding``,
             ``relation``); a term without a weight counts 0 (logged, not trained on).
     """
 
-    def __init__(self, teacher: Teacher, distiller: Distiller, weights: dict[str, float]) -> None:
+    def __init__(
+        self, teacher: Teacher | None, distiller: Distiller, weights: dict[str, float]
+    ) -> None:
         self.teacher = teacher
         self.distiller = distiller
         self.weights = {name: float(weights.get(name, 0.0)) for name in distiller.terms()}
@@ -63,13 +69,24 @@ class Distillation:
 
     def targets(self, images: torch.Tensor) -> torch.Tensor:
         """The teacher's ``(b, D_t)`` fp32 embeddings of ``images`` (no autograd
-        history; call it under the student's autocast)."""
+        history; call it under the student's autocast).
+
+        Raises:
+            RuntimeError: there is no online teacher (a cached run's batches carry their
+                targets; a batch without them is a bug of the loader).
+        """
+        if self.teacher is None:
+            raise RuntimeError("distill.cache: a batch came without its cached teacher rows")
         return self.teacher(images)
 
     def __call__(
-        self, embeddings: torch.Tensor, targets: torch.Tensor
+        self,
+        embeddings: torch.Tensor,
+        targets: torch.Tensor,
+        class_centres: torch.Tensor | None = None,
     ) -> dict[str, tuple[torch.Tensor, float]]:
         """``{logged name: (unweighted term, weight)}`` for this micro-batch (0-dim
-        device tensors, the global values on every rank)."""
-        terms = self.distiller(embeddings, targets)
+        device tensors, the global values on every rank). ``class_centres`` is the
+        head's weight shard, read (detached) by the logit term."""
+        terms = self.distiller(embeddings, targets, class_centres=class_centres)
         return {TERM_PREFIX + name: (term, self.weights[name]) for name, term in terms.items()}

@@ -338,8 +338,9 @@ class Trainer:
                         micro=i,
                     ),
                     labels,
+                    *cached,  # a teacher's cached rows: those of the unaugmented images
                 )
-                for i, (images, labels) in enumerate(micro_batches)
+                for i, (images, labels, *cached) in enumerate(micro_batches)
             ]
         if self.sample_rates is not None:  # host maths on the host's step count
             rate = scheduled_rate(self.sample_rates, self.step)

@@ -59,9 +59,18 @@ def summarize(output: Path, min_accuracy: float | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m trainer.report", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.report",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("output", type=Path, help="the run's train.output directory")
-    parser.add_argument("--min-accuracy", type=float, default=None)
+    parser.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=None,
+        help="fail (exit 1) when a target's last accuracy is below it",
+    )
     args = parser.parse_args(argv)
     return summarize(args.output, args.min_accuracy)
 

@@ -42,7 +42,9 @@ from trainer.distillation import Distillation
 from trainer.gradients import clip_, global_grad_norm, scale_backbone_grad
 from trainer.optim import step_unless
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]
+"""``(images, labels)``, or ``(images, labels, targets)`` when the loader serves the
+teacher's cached ``(b, D_t)`` embeddings with each batch (``distill.cache``)."""
 
 
 @dataclass
@@ -153,7 +155,7 @@ class TrainStep:
         # BatchNorm statistics are updated by the forward: kept to undo a bad step
         buffers = [b.detach().clone() for b in self.backbone.buffers()]
         ddp = isinstance(self.model, DDP)
-        for i, (images, labels) in enumerate(micro_batches):
+        for i, (images, labels, *cached) in enumerate(micro_batches):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             last = i == k - 1
@@ -168,9 +170,13 @@ class TrainStep:
                     aux_sums[name] += term.detach()
                     loss = loss + weight * term
                 if self.distill is not None:
-                    with self.amp.autocast():
-                        targets = self.distill.targets(images)
-                    for name, (term, weight) in self.distill(embeddings, targets).items():
+                    if cached:
+                        targets = cached[0].to(device, non_blocking=True)
+                    else:
+                        with self.amp.autocast():
+                            targets = self.distill.targets(images)
+                    terms = self.distill(embeddings, targets, class_centres=self.head.weight)
+                    for name, (term, weight) in terms.items():
                         aux_sums[name] += term.detach()
                         loss = loss + weight * term
                 scaled = loss / k

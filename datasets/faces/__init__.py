@@ -16,6 +16,8 @@ Modules (one concern each):
 * :mod:`datasets.faces.scrfd` — insightface SCRFD / RetinaFace ``.onnx`` files
   (``det_10g.onnx`` of its model packs);
 * :mod:`datasets.faces.align` — 5-point similarity alignment onto the ArcFace template;
+* :mod:`datasets.faces.options` — :class:`FaceOptions`, how a face is found (no image
+  library: a command builds one before its heavy imports);
 * :mod:`datasets.faces.finder` — :class:`FaceFinder`: photo -> the aligned face to keep,
   or the reason there is none (:data:`REASONS`), by :class:`FaceOptions`;
   :func:`open_detector` (``"mtcnn"`` or an ``.onnx`` path);
@@ -26,40 +28,15 @@ Modules (one concern each):
 
 ::
 
-    from datasets.faces import FaceFinder, FaceOptions, iter_faces
+    from datasets.faces.finder import FaceFinder
+    from datasets.faces.options import FaceOptions
+    from datasets.faces.pool import iter_faces
 
     face = FaceFinder(FaceOptions(policy="central")).find_file("photo.jpg")
     if face.ok:
         crop = face.crop                  # BGR uint8 (112, 112, 3), aligned
     results = list(iter_faces(paths, FaceOptions(), workers=4))   # in order
+
+Importing this package loads nothing else (no OpenCV): each module is imported by name,
+so that a command importing :mod:`datasets.faces.arguments` answers ``--help`` fast.
 """
-
-from __future__ import annotations
-
-from datasets.faces.align import ARCFACE_TEMPLATE, align_face, similarity_transform
-from datasets.faces.arguments import add_face_arguments, face_options
-from datasets.faces.detection import POLICIES, Detections, FaceDetector, choose_face
-from datasets.faces.finder import REASONS, FaceFinder, FaceOptions, FaceResult, open_detector
-from datasets.faces.photos import PHOTO_SUFFIXES, PhotoError, read_photo
-from datasets.faces.pool import iter_faces
-
-__all__ = [
-    "ARCFACE_TEMPLATE",
-    "PHOTO_SUFFIXES",
-    "POLICIES",
-    "REASONS",
-    "Detections",
-    "FaceDetector",
-    "FaceFinder",
-    "FaceOptions",
-    "FaceResult",
-    "PhotoError",
-    "add_face_arguments",
-    "align_face",
-    "choose_face",
-    "face_options",
-    "iter_faces",
-    "open_detector",
-    "read_photo",
-    "similarity_transform",
-]

@@ -1,7 +1,7 @@
 """The command-line options of face finding, shared by every command that finds faces
 (``datasets.prepare``, ``eval.compare``, ``eval.embed``): :func:`add_face_arguments`
 declares them, :func:`face_options` turns the parsed flags into
-:class:`~datasets.faces.finder.FaceOptions`."""
+:class:`~datasets.faces.options.FaceOptions`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import argparse
 
 from common.face_input import ARCFACE_INPUT
 from datasets.faces.detection import POLICIES
-from datasets.faces.finder import FaceOptions
-from datasets.faces.photos import DEFAULT_MAX_PIXELS
+from datasets.faces.options import DEFAULT_MAX_PIXELS, FaceOptions
 
 #: The one default of ``--min-size`` (pixels, the shorter side of a face's box), shared
 #: by every command that finds faces: :class:`FaceOptions`' own default.

@@ -38,13 +38,11 @@ import cv2
 import numpy as np
 
 from common.errors import UserError
+from datasets.faces.options import DEFAULT_MAX_PIXELS
 
 #: Photo files by (lower-case) suffix.
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
-#: Default pixel cap (width x height, as the header says): larger images are refused
-#: as ``too_large`` before decoding (``--max-pixels``).
-DEFAULT_MAX_PIXELS = 40_000_000
 _MIN_MAX_BYTES = 16 << 20
 
 _ORIENTATION_TAG = 0x0112

@@ -16,7 +16,8 @@ from typing import Any
 
 import cv2
 
-from datasets.faces.finder import FaceFinder, FaceOptions, FaceResult
+from datasets.faces.finder import FaceFinder, FaceResult
+from datasets.faces.options import FaceOptions
 
 _worker: dict[str, Any] = {}
 

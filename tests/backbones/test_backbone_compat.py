@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones import freeze_batchnorm, get_model
+from backbones.norm import freeze_batchnorm
+from backbones.registry import get_model
 from backbones.weights import (
     BackboneWeightsError,
     infer_model_kwargs,

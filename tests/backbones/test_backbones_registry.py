@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbones import get_model, group_matcher, input_spec, list_models
 from backbones.groups import GroupMatcher
+from backbones.registry import get_model, group_matcher, input_spec, list_models
 from common.face_input import ARCFACE_INPUT
 
 

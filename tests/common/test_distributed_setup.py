@@ -209,7 +209,7 @@ def test_rank_lookup_check_sees_calls(tmp_path: Path) -> None:
 def command_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A tiny synthetic dataset (with heldout.bin), a random mbf_tiny backbone and a
     (C, K, D) head, shared by the command tests."""
-    from backbones import get_model
+    from backbones.registry import get_model
     from datasets.synthetic import SyntheticConfig, generate
 
     root = tmp_path_factory.mktemp("commands")

@@ -225,7 +225,8 @@ def test_head_options_reach_the_head(tmp_path) -> None:
     )
     head = build_head(cfg, torch.device("cpu"))
     assert head.margin.easy_margin
-    assert torch.allclose(head.margin.m2[:2].float(), torch.tensor([0.10, 0.11]))
+    # parsed from the file's decimals into float64: exactly the nearest doubles
+    assert torch.equal(head.margin.m2[:2], torch.tensor([0.10, 0.11], dtype=torch.float64))
     assert (head.interclass_filtering_threshold, head.interclass_filtering_mode) == (0.4, "zero")
     assert head.matmul_dtype == torch.bfloat16 and head.chunk_classes == 16
     assert head.max_local_batch == 8

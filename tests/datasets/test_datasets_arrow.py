@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datasets.arrow_shards import (
+from datasets.arrow_io import (
     ArrowDataset,
     convert_to_shards,
-    main,
     read_manifest,
     shards_to_rec,
     shuffled_rec,
     split_shards,
 )
+from datasets.arrow_shards import main
 from datasets.dataset import ImageFolderDataset, RecordIODataset
 from datasets.discovery import open_dataset
 from datasets.recordio import IndexedRecordIO, unpack

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from configs import ConfigError, load_config
-from datasets.arrow_shards import convert_to_shards
+from datasets.arrow_io import convert_to_shards
 from datasets.discovery import open_dataset
 from datasets.errors import DataError, LabelRangeError
 from datasets.loader import FaceLoader

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from datasets.arrow_shards import ArrowDataset, convert_to_shards
+from datasets.arrow_io import ArrowDataset, convert_to_shards
 from datasets.dataset import FaceDataset
 from datasets.errors import LabelRangeError
 from datasets.faces.align import ARCFACE_TEMPLATE, align_face, similarity_transform

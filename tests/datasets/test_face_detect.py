@@ -14,8 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from datasets.faces.align import ARCFACE_TEMPLATE, align_face, similarity_transform
 from datasets.faces.detection import Detections
-from datasets.faces.finder import FaceFinder, FaceOptions
+from datasets.faces.finder import FaceFinder
 from datasets.faces.mtcnn import weights_dir
+from datasets.faces.options import FaceOptions
 from datasets.faces.photos import PhotoError, apply_orientation, exif_orientation, read_photo
 from datasets.faces.scrfd import SCRFD
 from tests.face_photos import apply, background, place, source

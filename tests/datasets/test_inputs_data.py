@@ -17,7 +17,7 @@ from common.cli import run_main
 from common.dist import DistContext
 from configs import Config, ConfigError
 from datasets import DataError, recordio
-from datasets.arrow_shards import ArrowDataset, convert_to_shards
+from datasets.arrow_io import ArrowDataset, convert_to_shards
 from datasets.arrow_shards import main as arrow_main
 from datasets.dataset import LabelRangeError, RecordIODataset
 from datasets.discovery import open_dataset

@@ -30,11 +30,13 @@ from onnx import TensorProto, helper, numpy_helper
 import common.outdir
 from common.cli import run_main
 from common.outdir import MANIFEST_NAME, OutputDirError, OwnedDir, check_complete
+from datasets import preparation
 from datasets import prepare as prep
 from datasets.discovery import open_dataset
 from datasets.face_layout import FaceRecWriter
 from datasets.faces.arguments import face_options
-from datasets.faces.finder import FaceFinder, FaceOptions
+from datasets.faces.finder import FaceFinder
+from datasets.faces.options import FaceOptions
 from datasets.faces.photos import PhotoError, read_photo, read_photo_bytes
 from datasets.faces.pool import iter_faces
 from datasets.faces.scrfd import SCRFD
@@ -118,7 +120,7 @@ def test_a_second_run_is_refused_while_the_first_holds_out_dir(raw_face, tmp_pat
     out = tmp_path / "out"
     first = OwnedDir(out, "datasets.prepare", "OUT_DIR").open()  # a run in progress
     try:
-        chunk = out / prep.CACHE_DIR / ("0" * 64 + ".chunk")  # its work so far
+        chunk = out / preparation.CACHE_DIR / ("0" * 64 + ".chunk")  # its work so far
         chunk.parent.mkdir()
         chunk.write_bytes(b"first run's chunk")
         code, line = _cli([str(raw_face), str(out)], capsys)
@@ -214,7 +216,8 @@ _CHILD = """
 import json, resource, signal, sys
 signal.alarm(60)
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
-from datasets.faces.finder import FaceFinder, FaceOptions
+from datasets.faces.finder import FaceFinder
+from datasets.faces.options import FaceOptions
 def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 out = {}
@@ -487,7 +490,7 @@ def odd(raw_face, tmp_path_factory) -> Path:
     (root / "linked").symlink_to(root / BYTE_NAME)
     (root / TEXT_NAME / "sub").symlink_to(root / BYTE_NAME)
     out = tmp_path_factory.mktemp("odd_out")
-    prep.prepare(root, out, workers=1, progress=False)
+    preparation.prepare(root, out, workers=1, progress=False)
     return out
 
 
@@ -511,25 +514,26 @@ def odd(raw_face, tmp_path_factory) -> Path:
     ],
 )
 def test_escaped_names_round_trip(name):
-    text = prep.escape_name(name)
-    assert prep.unescape_name(text) == name
+    text = preparation.escape_name(name)
+    assert preparation.unescape_name(text) == name
     text.encode("utf-8")  # strict: no lone surrogate left
     assert "\t" not in text and "\n" not in text and "\r" not in text
 
 
 def test_escaping_tells_a_byte_from_its_escaped_text():
-    assert prep.escape_name(BYTE_NAME) == "\\xff"
-    assert prep.escape_name(TEXT_NAME) == "\\\\xff"
+    assert preparation.escape_name(BYTE_NAME) == "\\xff"
+    assert preparation.escape_name(TEXT_NAME) == "\\\\xff"
     names = [BYTE_NAME, TEXT_NAME, "\\" + BYTE_NAME, "\\\\xff", "\t", "\\t"]
-    assert len({prep.escape_name(n) for n in names}) == len(names)
+    assert len({preparation.escape_name(n) for n in names}) == len(names)
 
 
 def test_labels_tsv_names_are_unambiguous(odd):
     rows = [r.split("\t") for r in (odd / "labels.tsv").read_text("utf-8").splitlines()[1:]]
     assert rows == [["0", "\\\\xff", "1"], ["1", "\\xff", "1"]]
-    assert [os.fsencode(prep.unescape_name(r[1])) for r in rows] == [b"\\xff", b"\xff"]
+    assert [os.fsencode(preparation.unescape_name(r[1])) for r in rows] == [b"\\xff", b"\xff"]
     files = [r.split("\t")[2] for r in (odd / "faces.tsv").read_text("utf-8").splitlines()[1:]]
-    assert [os.fsencode(prep.unescape_name(f)) for f in files] == [b"\\xff/a.jpg", b"\xff/a.jpg"]
+    names = [os.fsencode(preparation.unescape_name(f)) for f in files]
+    assert names == [b"\\xff/a.jpg", b"\xff/a.jpg"]
 
 
 def _strings(value):

@@ -14,10 +14,12 @@ import pytest
 
 from common.cli import run_main
 from common.outdir import MANIFEST_NAME
+from datasets import preparation
 from datasets import prepare as prep
 from datasets.dataset import RecordIODataset
 from datasets.face_layout import inspect_layout, read_property
-from datasets.faces.finder import FaceFinder, FaceOptions
+from datasets.faces.finder import FaceFinder
+from datasets.faces.options import FaceOptions
 from datasets.recordio import IndexedRecordIO, unpack, unpack_img
 from tests.face_photos import (
     background,
@@ -108,14 +110,14 @@ def raw(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
 def prepared(raw, tmp_path_factory):
     root, _ = raw
     out = tmp_path_factory.mktemp("out")
-    result = prep.prepare(root, out, workers=1, progress=False)
+    result = preparation.prepare(root, out, workers=1, progress=False)
     return out, result
 
 
 def _copy_cache(ref: Path, out: Path) -> None:
     """Seed ``out`` with the cache of ``ref`` and its ownership manifest (a folder
     holding anything without the manifest is not ``datasets.prepare``'s to write into)."""
-    shutil.copytree(ref / prep.CACHE_DIR, out / prep.CACHE_DIR)
+    shutil.copytree(ref / preparation.CACHE_DIR, out / preparation.CACHE_DIR)
     shutil.copy2(ref / MANIFEST_NAME, out / MANIFEST_NAME)
 
 
@@ -222,21 +224,21 @@ def test_interrupted_run_resumes_to_the_same_bytes(prepared, raw, tmp_path):
     ref, _ = prepared
     root, _ = raw
     out = tmp_path / "out"
-    with pytest.raises(prep.PrepareInterrupted):
-        prep.prepare(root, out, workers=2, progress=False, chunk_photos=2, interrupt_after=2)
+    with pytest.raises(preparation.PrepareInterrupted):
+        preparation.prepare(root, out, workers=2, progress=False, chunk_photos=2, interrupt_after=2)
     assert not (out / "train.rec").exists() and not (out / "report.json").exists()
-    chunks = sorted((out / prep.CACHE_DIR).glob("*.chunk"))
+    chunks = sorted((out / preparation.CACHE_DIR).glob("*.chunk"))
     assert len(chunks) == 2  # two chunks finished before the "crash"
     # a torn chunk (a copy made by hand, say) and a stray temporary file of a killed write
     chunks[0].write_bytes(chunks[0].read_bytes()[:-10])
-    (out / prep.CACHE_DIR / ".x.chunk.abc.tmp").write_bytes(b"partial")
-    result = prep.prepare(root, out, workers=2, progress=False, chunk_photos=2)
+    (out / preparation.CACHE_DIR / ".x.chunk.abc.tmp").write_bytes(b"partial")
+    result = preparation.prepare(root, out, workers=2, progress=False, chunk_photos=2)
     # 8 chunks of up to 2 photos (alice 7, bob 4, carol 3): one was valid
     assert (result.cached_chunks, result.computed_chunks) == (1, 7)
     for name in OUTPUT_FILES:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     # the cache holds exactly the 8 chunks of this run: the stray temporary file is gone
-    left = sorted(p.name for p in (out / prep.CACHE_DIR).iterdir())
+    left = sorted(p.name for p in (out / preparation.CACHE_DIR).iterdir())
     assert len(left) == 8 and all(n.endswith(".chunk") and not n.startswith(".") for n in left)
 
 
@@ -245,14 +247,14 @@ def test_rerun_is_idempotent_and_uses_the_cache(prepared, raw, tmp_path):
     root, _ = raw
     out = tmp_path / "again"
     shutil.copytree(ref, out)
-    result = prep.prepare(root, out, workers=1, progress=False)
+    result = preparation.prepare(root, out, workers=1, progress=False)
     assert (result.computed_chunks, result.cached_chunks) == (0, 3)
     for name in OUTPUT_FILES:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     # a changed photo is detected again; the outputs follow
     (root / "carol/noise.png").unlink()
     try:
-        result = prep.prepare(root, out, workers=1, progress=False)
+        result = preparation.prepare(root, out, workers=1, progress=False)
         assert (result.computed_chunks, result.cached_chunks) == (1, 2)
         report = json.loads((out / "report.json").read_text())
         assert report["totals"]["photos"] == 13 and report["identities"]["carol"]["photos"] == 2
@@ -261,14 +263,14 @@ def test_rerun_is_idempotent_and_uses_the_cache(prepared, raw, tmp_path):
 
 
 def test_arrow_shards_hold_the_same_images(raw, prepared, tmp_path):
-    from datasets.arrow_shards import ArrowDataset
+    from datasets.arrow_io import ArrowDataset
 
     root, _ = raw
     ref, _ = prepared
     out = tmp_path / "arrow_out"
     _copy_cache(ref, out)  # cached: no detection
-    opts = prep.PrepareOptions(arrow=True, shard_size=3)
-    prep.prepare(root, out, opts, workers=1, progress=False)
+    opts = preparation.PrepareOptions(arrow=True, shard_size=3)
+    preparation.prepare(root, out, opts, workers=1, progress=False)
     shards = ArrowDataset(out / "arrow", flip=False)
     rec = RecordIODataset(ref / "train.rec", flip=False)
     assert (len(shards), shards.num_classes) == (8, 2)

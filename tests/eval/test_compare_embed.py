@@ -13,17 +13,18 @@ import pytest
 import torch
 
 from datasets.faces.arguments import DEFAULT_MIN_SIZE
-from datasets.faces.finder import FaceFinder, FaceOptions
+from datasets.faces.finder import FaceFinder
+from datasets.faces.options import FaceOptions
 from datasets.synthetic import make_identity, render_face
 from eval import compare as compare_cli
 from eval import embed as embed_cli
-from eval.export_onnx import export_onnx
+from eval.onnx_export import export_onnx
 from tests.face_photos import background, place, source, write_photo
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from backbones import get_model
+    from backbones.registry import get_model
 
     torch.manual_seed(0)
     net = get_model("mbf_tiny").eval()

@@ -14,12 +14,16 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from common.cli import run_main
 from eval import calibrate as calibrate_cli
 from eval import compare as compare_cli
 from eval import make_bin
 from eval.calibrate import CalibrationError, calibrate_scores, threshold_at_far
+from eval.models import build_backbone
+from eval.onnx_export import export_onnx
 from tests.eval.test_eval_make_bin import _folder
 
 SIDE = 112
@@ -133,3 +137,95 @@ def test_calibrate_writes_the_sidecar_and_compare_uses_it(tmp_path, capsys):
         )["threshold"]
         == 0.5
     )
+
+
+# ------------------------------------------------- calibration in the ONNX metadata
+
+
+@pytest.fixture(scope="module")
+def our_model(tmp_path_factory):
+    """An ``mbf_tiny`` exported by this project's exporter, and a .bin of our people."""
+    root = tmp_path_factory.mktemp("ours")
+    model = root / "ours.onnx"
+    torch.manual_seed(0)
+    export_onnx(build_backbone("mbf_tiny"), model, exporter="torchscript")
+    src = _folder(root / "people")
+    out = root / "mine.bin"
+    make_bin.main([str(src), "--out", str(out), "--pairs", "40"])
+    return model, out, src
+
+
+def _graph_hash_by_hand(path):
+    """SHA-256 of the model serialised deterministically without its calibration entry."""
+    proto = onnx.load(str(path))
+    kept = [(e.key, e.value) for e in proto.metadata_props if e.key != "calibration"]
+    del proto.metadata_props[:]
+    for key, value in kept:
+        proto.metadata_props.add(key=key, value=value)
+    return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+
+
+def test_calibration_into_our_model_round_trips(our_model, tmp_path, capsys):
+    model, out, src = our_model
+    mine = tmp_path / "m.onnx"
+    mine.write_bytes(model.read_bytes())
+    before = _graph_hash_by_hand(mine)
+    argv = ["--model", str(mine), "--bin", str(out), "--far", "0.1", "--into-model"]
+    record = calibrate_cli.main(argv)
+    assert "calibration -> the metadata of" in capsys.readouterr().out
+    assert not (tmp_path / "m.onnx.calibration.json").exists()  # no sidecar
+    meta = {e.key: e.value for e in onnx.load(str(mine)).metadata_props}
+    assert json.loads(meta["calibration"]) == record
+    assert meta["input_formula"]  # the rest of the metadata is kept
+    assert record["model_hash"] == "onnx-without-calibration"
+    assert record["model_sha256"] == before == _graph_hash_by_hand(mine)
+    assert record["bin_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    # calibrating again replaces the entry: one calibration, the same graph hash
+    calibrate_cli.main(argv)
+    capsys.readouterr()
+    keys = [e.key for e in onnx.load(str(mine)).metadata_props]
+    assert keys.count("calibration") == 1 and _graph_hash_by_hand(mine) == before
+
+    # compare finds it by default and says where it is
+    a, b = src / "id1" / "0.png", src / "id1" / "1.png"
+    got = compare_cli.main([str(a), str(b), "--model", str(mine), "--aligned", "--far", "0.1"])
+    text = capsys.readouterr().out
+    assert got["threshold"] == record["entries"][0]["threshold"]
+    assert got["calibration"]["source"] == "metadata"
+    assert "calibration in the metadata of" in text and "m.onnx" in text
+    assert text.splitlines()[-1] in ("same person", "different people")
+
+
+def test_a_tampered_model_refuses_its_calibration(our_model, tmp_path):
+    model, out, src = our_model
+    mine = tmp_path / "m.onnx"
+    mine.write_bytes(model.read_bytes())
+    record = calibrate_cli.main(
+        ["--model", str(mine), "--bin", str(out), "--far", "0.1", "--into-model"]
+    )
+    proto = onnx.load(str(mine))
+    w = proto.graph.initializer[0]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, w.name))
+    onnx.save(proto, str(mine))
+    changed = _graph_hash_by_hand(mine)
+    a, b = src / "id1" / "0.png", src / "id1" / "1.png"
+    with pytest.raises(CalibrationError) as info:
+        compare_cli.main([str(a), str(b), "--model", str(mine), "--aligned"])
+    message = str(info.value)
+    assert record["model_sha256"] in message and changed in message
+    assert "m.onnx" in message and "\n" not in message
+
+
+def test_into_model_refuses_a_model_we_did_not_export(tmp_path, capsys):
+    src = _folder(tmp_path / "people")
+    model = tmp_path / "m.onnx"
+    _model(model)
+    before = model.read_bytes()
+    out = tmp_path / "mine.bin"
+    make_bin.main([str(src), "--out", str(out), "--pairs", "40"])
+    argv = ["--model", str(model), "--bin", str(out), "--into-model"]
+    assert run_main(calibrate_cli.main, argv, prog="eval.calibrate") == 1
+    err = capsys.readouterr().err.strip()
+    assert "m.onnx" in err and "--into-model" in err and len(err.splitlines()) == 1
+    assert model.read_bytes() == before
+    assert not (tmp_path / "m.onnx.calibration.json").exists()

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from datasets.faces.align import ARCFACE_TEMPLATE, align_face, similarity_transform
-from eval import ijb
-from eval.export_onnx import export_onnx
+from eval import ijb, ijb_protocol
 from eval.extract import normalize_pixels
 from eval.ijb_data import load_aligned, read_ijb_meta
 from eval.metrics import IJB_FAR_TARGETS, roc_curve, tar_at_far
+from eval.onnx_export import export_onnx
 
 # ---------------------------------------------------------------- alignment
 
@@ -82,15 +82,17 @@ def test_template_pooling_hand_checked():
     feats = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, -5.0], [4.0, 0.0]])
     templates = np.array([7, 7, 7, 3, 3])
     medias = np.array([5, 5, 6, 1, 2])
-    ids, pooled = ijb.template_features(feats, templates, medias)
+    ids, pooled = ijb_protocol.template_features(feats, templates, medias)
     assert ids.tolist() == [3, 7]
     # template 7: mean([1,0],[3,0]) + [0,2] = [2,2]; template 3: [0,-5] + [4,0]
     np.testing.assert_allclose(pooled[1], np.array([2, 2]) / np.sqrt(8))
     np.testing.assert_allclose(pooled[0], np.array([4, -5]) / np.sqrt(41))
-    scores = ijb.pair_scores(ids, pooled, np.array([7, 3, 7]), np.array([3, 3, 7]), chunk_size=2)
+    scores = ijb_protocol.pair_scores(
+        ids, pooled, np.array([7, 3, 7]), np.array([3, 3, 7]), chunk_size=2
+    )
     np.testing.assert_allclose(scores, [(8 - 10) / np.sqrt(8 * 41), 1, 1])
     with pytest.raises(ValueError, match="template 9"):
-        ijb.pair_scores(ids, pooled, np.array([9]), np.array([3]))
+        ijb_protocol.pair_scores(ids, pooled, np.array([9]), np.array([3]))
 
 
 def test_roc_and_tar_at_far_match_sklearn_and_reference_selection():
@@ -206,7 +208,9 @@ def test_pipeline_scores_and_table(ijb_root):
     root, _ = ijb_root
     meta = read_ijb_meta(root)
     model = PoolNet()
-    result = ijb.evaluate_ijb(model, meta, batch_size=5, workers=2, chunk_size=7, progress=False)
+    result = ijb_protocol.evaluate_ijb(
+        model, meta, batch_size=5, workers=2, chunk_size=7, progress=False
+    )
     # Independent recomputation of every step.
     faces = torch.from_numpy(np.stack([load_aligned(meta, i) for i in range(24)]))
     x = normalize_pixels(faces.permute(0, 3, 1, 2))
@@ -242,7 +246,7 @@ def test_command_with_onnx(ijb_root, tmp_path, capsys):
     scores = np.load(out / "ijbc_scores.npy")
     np.testing.assert_allclose(scores, result.scores)
     meta = read_ijb_meta(root)
-    reference = ijb.evaluate_ijb(PoolNet(), meta, progress=False)
+    reference = ijb_protocol.evaluate_ijb(PoolNet(), meta, progress=False)
     np.testing.assert_allclose(scores, reference.scores, rtol=1e-5, atol=1e-6)
     table = json.loads((out / "ijbc_result.json").read_text())
     assert table["num_pairs"] == 28 and table["num_genuine"] == 4
@@ -280,7 +284,7 @@ def test_command_shares_features_across_ranks(ijb_root, tmp_path):
         *("--root", str(root), "--onnx", onnx_path, "--output-dir", str(tmp_path / "out")),
         *("--no-progress", "--batch-size", "5", "--workers", "1"),
     ]
-    reference = ijb.evaluate_ijb(PoolNet(), read_ijb_meta(root), progress=False)
+    reference = ijb_protocol.evaluate_ijb(PoolNet(), read_ijb_meta(root), progress=False)
     ranks = run_ranks(_ijb_command_on_ranks, 2, argv)
     for got in ranks:
         np.testing.assert_allclose(got["scores"], reference.scores, rtol=1e-5, atol=1e-6)

@@ -16,12 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datasets.faces.align import ARCFACE_TEMPLATE
-from eval import ijb
-from eval.export_onnx import export_onnx
+from eval import ijb, ijb_protocol
 from eval.extract import normalize_pixels
+from eval.gallery_search import mate_search
 from eval.ijb_data import IJBDataError, load_aligned, read_1n_meta, read_ijb_meta
 from eval.metrics import cmc_curve, nonmates_needed, tpir_at_fpir
-from eval.search import mate_search
+from eval.onnx_export import export_onnx
 from tests.eval.test_eval_ijb import PoolNet, _apply, _face, _similarity
 
 
@@ -182,7 +182,9 @@ def test_1n_protocol_equals_reference_restatement(ijb_1n_root):
     meta = read_ijb_meta(ijb_1n_root, pairs=False)
     sets = read_1n_meta(ijb_1n_root, meta)
     model = PoolNet()
-    result = ijb.evaluate_ijb_1n(model, meta, sets, batch_size=7, chunk_size=4, progress=False)
+    result = ijb_protocol.evaluate_ijb_1n(
+        model, meta, sets, batch_size=7, chunk_size=4, progress=False
+    )
     rank, tpir, ranks, pos = _reference_1n(meta, sets, model)
     np.testing.assert_allclose(result.mate_scores, pos, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(result.ranks, ranks)
@@ -220,4 +222,4 @@ def test_1n_probe_without_a_gallery_mate_is_refused(ijb_1n_root, tmp_path):
     sets.probe_subjects = sets.probe_subjects.copy()
     sets.probe_subjects[3] = 99
     with pytest.raises(IJBDataError, match=r"probe_mixed\.csv: probe subject 99 has 0 templates"):
-        ijb.evaluate_ijb_1n(PoolNet(), meta, sets, progress=False)
+        ijb_protocol.evaluate_ijb_1n(PoolNet(), meta, sets, progress=False)

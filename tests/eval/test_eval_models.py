@@ -10,14 +10,14 @@ from tests.eval.test_eval_verification import TinyNet
 
 
 def test_load_state_dict_strips_ddp_prefix_and_names_bad_files(tmp_path, monkeypatch):
-    import backbones
+    from backbones import registry
 
     model = TinyNet()
     ddp_style = tmp_path / "ddp.pt"
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, ddp_style)
     assert set(load_state_dict(ddp_style)) == set(model.state_dict())
 
-    monkeypatch.setattr(backbones, "get_model", lambda name, **kw: TinyNet())
+    monkeypatch.setattr(registry, "get_model", lambda name, **kw: TinyNet())
     loaded = build_backbone("tiny", ddp_style)
     assert not loaded.training
     for k, v in model.state_dict().items():

@@ -16,7 +16,7 @@ import torch
 from common.face_input import ARCFACE_INPUT
 from eval import export_onnx as export_cli
 from eval import verification as verification_cli
-from eval.export_onnx import check_parity, export_onnx
+from eval.onnx_export import check_parity, export_onnx
 from eval.onnx_infer import OnnxEmbedder
 from tests.eval.test_eval_verification import TinyNet
 
@@ -112,12 +112,12 @@ def _write_bin(path, n_pairs: int, seed: int = 0) -> None:
 
 
 def test_export_and_verification_commands(tmp_path, capsys, monkeypatch):
-    # The commands build `backbones.get_model(name)`; a tiny stand-in keeps this fast
+    # The commands build `backbones.registry.get_model(name)`; a tiny stand-in keeps this fast
     # (the real backbones are exercised by their own tests).
-    import backbones
+    from backbones import registry
 
-    monkeypatch.setattr(backbones, "get_model", lambda name, **kw: TinyNet())
-    monkeypatch.setattr(export_cli, "input_spec", lambda name: ARCFACE_INPUT)  # a 112 model
+    monkeypatch.setattr(registry, "get_model", lambda name, **kw: TinyNet())
+    monkeypatch.setattr(registry, "input_spec", lambda name: ARCFACE_INPUT)  # a 112 model
     model = TinyNet()
     with torch.no_grad():
         for p in model.parameters():

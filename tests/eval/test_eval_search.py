@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import UserError
-from eval import search
+from eval import gallery_search, search
 
 
 def _brute_topk(gallery: np.ndarray, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,7 +39,7 @@ def test_exact_topk_equals_brute_force_with_ties_and_chunk_edges(g, p, k, gc, pc
     gallery = rng.integers(-2, 3, (g, 3)).astype(np.float64)
     gallery[rng.random(g) < 0.3] = gallery[0]  # repeated rows: ties across chunks
     probes = rng.integers(-2, 3, (p, 3)).astype(np.float64)
-    scores, idx = search.exact_topk(gallery, probes, k, gallery_chunk=gc, probe_chunk=pc)
+    scores, idx = gallery_search.exact_topk(gallery, probes, k, gallery_chunk=gc, probe_chunk=pc)
     e_scores, e_idx = _brute_topk(gallery, probes, k)
     assert idx.shape == (p, min(k, g))
     np.testing.assert_array_equal(scores, e_scores)
@@ -48,9 +48,9 @@ def test_exact_topk_equals_brute_force_with_ties_and_chunk_edges(g, p, k, gc, pc
 
 def test_exact_topk_float32_random_matches_float64():
     rng = np.random.default_rng(0)
-    gallery = search._unit(rng.normal(size=(1000, 64)).astype(np.float32))
-    probes = search._unit(rng.normal(size=(37, 64)).astype(np.float32))
-    scores, idx = search.exact_topk(gallery, probes, 10, gallery_chunk=97, probe_chunk=8)
+    gallery = gallery_search._unit(rng.normal(size=(1000, 64)).astype(np.float32))
+    probes = gallery_search._unit(rng.normal(size=(37, 64)).astype(np.float32))
+    scores, idx = gallery_search.exact_topk(gallery, probes, 10, gallery_chunk=97, probe_chunk=8)
     e_scores, e_idx = _brute_topk(gallery, probes, 10)
     assert scores.dtype == np.float32
     np.testing.assert_allclose(scores, e_scores, atol=1e-5)
@@ -59,7 +59,7 @@ def test_exact_topk_float32_random_matches_float64():
 
 def test_templates_are_mean_of_unit_rows_normalised():
     emb = np.array([[3.0, 0.0], [0.0, 1.0], [0.0, -2.0], [1.0, 1.0]], np.float32)
-    names, t = search.make_templates(["b", "b", "a", "a"], emb)
+    names, t = gallery_search.make_templates(["b", "b", "a", "a"], emb)
     assert names == ["a", "b"]
     np.testing.assert_allclose(t[1], np.array([1, 1]) / np.sqrt(2), rtol=1e-6)
     a = np.array([0, -1]) + np.array([1, 1]) / np.sqrt(2)
@@ -85,7 +85,7 @@ def _embed_parquet(path, paths, emb, *, identity=None, drop=()):
 def sets(tmp_path):
     """3 identities x 2 photos (one photo without a face), and 4 probes."""
     rng = np.random.default_rng(3)
-    centres = search._unit(rng.normal(size=(3, 16)).astype(np.float32))
+    centres = gallery_search._unit(rng.normal(size=(3, 16)).astype(np.float32))
     gp, ge = [], []
     for i, name in enumerate(["ann", "bob", "cy"]):
         for j in range(2):
@@ -112,9 +112,9 @@ def test_search_command_prints_and_writes_csv_and_parquet(sets, tmp_path, capsys
     # scores against templates and probes computed here
     templates = []
     for i in range(3):
-        u = search._unit(np.array(ge[2 * i : 2 * i + 2], np.float32)).astype(np.float64)
+        u = gallery_search._unit(np.array(ge[2 * i : 2 * i + 2], np.float32)).astype(np.float64)
         templates.append(u.mean(0) / np.linalg.norm(u.mean(0)))
-    probe_rows = search.read_embeddings(probes, need_identity=False).embeddings
+    probe_rows = gallery_search.read_embeddings(probes, need_identity=False).embeddings
     expected = probe_rows.astype(np.float64) @ np.array(templates).T
     np.testing.assert_allclose(m.scores, -np.sort(-expected, 1)[:, :2], atol=1e-5)
     rows = list(csv.DictReader(out.open()))
@@ -135,7 +135,7 @@ def test_search_command_prints_and_writes_csv_and_parquet(sets, tmp_path, capsys
 
 def test_identity_column_wins_over_folder(tmp_path):
     rng = np.random.default_rng(0)
-    e = search._unit(rng.normal(size=(2, 8)).astype(np.float32))
+    e = gallery_search._unit(rng.normal(size=(2, 8)).astype(np.float32))
     g = _embed_parquet(tmp_path / "g.parquet", ["a/1.jpg", "a/2.jpg"], e, identity=["p", "q"])
     p = _embed_parquet(tmp_path / "p.parquet", ["x.jpg"], e[1:])
     m = search.main([g, p, "--top-k", "1"])
@@ -147,16 +147,20 @@ def test_refusals_name_the_file_and_numbers(sets, tmp_path):
     gallery, probes, _, _ = sets
     other = _embed_parquet(tmp_path / "o.parquet", ["a.jpg"], [np.ones(8)])
     out = tmp_path / "r.csv"
-    with pytest.raises(search.SearchError, match=r"g\.parquet has 16-d .*/o\.parquet has 8-d"):
+    with pytest.raises(
+        gallery_search.SearchError, match=r"g\.parquet has 16-d .*/o\.parquet has 8-d"
+    ):
         search.main([gallery, other, "--out", str(out)])
     empty = _embed_parquet(tmp_path / "e.parquet", ["a.jpg"], [None])
-    with pytest.raises(search.SearchError, match=r"PROBES .*e\.parquet: no photo with an embed"):
+    with pytest.raises(
+        gallery_search.SearchError, match=r"PROBES .*e\.parquet: no photo with an embed"
+    ):
         search.main([gallery, empty, "--out", str(out)])
     nocol = _embed_parquet(tmp_path / "c.parquet", ["a/b.jpg"], [np.ones(16)], drop=["embedding"])
-    with pytest.raises(search.SearchError, match=r"c\.parquet: no 'embedding' column"):
+    with pytest.raises(gallery_search.SearchError, match=r"c\.parquet: no 'embedding' column"):
         search.main([nocol, probes, "--out", str(out)])
     top = _embed_parquet(tmp_path / "t.parquet", ["b.jpg"], [np.ones(16)])
-    with pytest.raises(search.SearchError, match=r"t\.parquet: 1 photos have no identity"):
+    with pytest.raises(gallery_search.SearchError, match=r"t\.parquet: 1 photos have no identity"):
         search.main([top, probes, "--out", str(out)])
     folder = tmp_path / "probes"
     folder.mkdir()

@@ -23,7 +23,7 @@ from eval.metrics import (
     l2_normalize,
     threshold_at_far,
 )
-from eval.verification import summarize, verify_targets
+from eval.pair_verification import summarize, verify_targets
 from tests.distributed import run_ranks
 
 # ---------------------------------------------------------------- restricted unpickler

@@ -16,7 +16,7 @@ from torch import nn
 
 from configs import Config, ConfigError, apply_overrides
 from eval.bin_io import BinFileError, BinLimits, load_bin, restricted_loads
-from eval.export_onnx import ParityError, check_parity, export_onnx
+from eval.onnx_export import ParityError, check_parity, export_onnx
 from trainer.build import build_evaluator
 
 # ---------------------------------------------------------------- export parity

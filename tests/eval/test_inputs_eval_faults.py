@@ -31,6 +31,7 @@ from datasets.faces.align import ARCFACE_TEMPLATE
 from eval import compare as compare_cli
 from eval import embed as embed_cli
 from eval import ijb as ijb_cli
+from eval import ijb_protocol
 from eval import verification as verification_cli
 from eval.bin_io import load_bin
 from eval.onnx_infer import OnnxEmbedder
@@ -140,7 +141,7 @@ def test_compare_with_a_nan_onnx_model_is_an_error_naming_model_and_photo(tmp_pa
 
 
 def test_compare_with_a_nan_checkpoint_is_an_error(tmp_path, crops, capsys):
-    from backbones import get_model
+    from backbones.registry import get_model
 
     state = get_model("mbf_tiny").state_dict()
     for v in state.values():
@@ -255,10 +256,10 @@ def test_ijb_never_scores_from_a_non_finite_feature(tmp_path):
         return torch.full((x.shape[0], 4), 3e38)  # + its mirror: inf
 
     with pytest.raises(ValueError, match=r"non-finite embedding .*loose_crop/1\.jpg"):
-        ijb_cli.evaluate_ijb(overflowing, meta, workers=1, progress=False)
+        ijb_protocol.evaluate_ijb(overflowing, meta, workers=1, progress=False)
     meta.faceness[1] = np.nan  # set after reading: checked again before scoring
     with pytest.raises(ValueError, match=r"2\.jpg: faceness score nan is not a finite"):
-        ijb_cli.evaluate_ijb(lambda x: x.mean(dim=(2, 3)), meta, workers=1, progress=False)
+        ijb_protocol.evaluate_ijb(lambda x: x.mean(dim=(2, 3)), meta, workers=1, progress=False)
 
 
 def _png() -> bytes:
@@ -422,7 +423,7 @@ def test_a_one_pair_bin_names_the_file_and_the_fold_count(tmp_path, capsys):
 
 
 def test_a_bin_with_one_kind_of_pair_is_refused(tmp_path):
-    from eval.verification import verify_pairset
+    from eval.pair_verification import verify_pairset
 
     path = tmp_path / "same.bin"
     path.write_bytes(pickle.dumps(([_png()] * 20, [True] * 10), protocol=4))
@@ -462,8 +463,8 @@ def test_eval_errors_are_user_errors_keeping_their_builtin_base():
     from common.errors import UsageError, UserError
     from eval.bin_io import BinFileError, BinPickleError
     from eval.errors import EvalUsageError, ModelError, NonFiniteEmbeddingError
-    from eval.export_onnx import ParityError
     from eval.ijb_data import IJBDataError
+    from eval.onnx_export import ParityError
 
     for cls in (
         compare_cli.NoFaceError,

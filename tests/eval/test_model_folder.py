@@ -1,5 +1,6 @@
 """The model folder (issue 29, item 3): ``python -m eval.export`` writes weights, config,
-ONNX and a model card; ``backbones.from_pretrained`` and the eval commands load it."""
+ONNX and a model card; ``backbones.pretrained.from_pretrained`` and the eval commands load
+it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import backbones
-from backbones.pretrained import ModelFolderError
+from backbones.pretrained import ModelFolderError, from_pretrained
+from backbones.registry import get_model
 from backbones.weights import BackboneWeightsError, save_backbone_weights
 from common.cli import run_main
 from common.errors import UsageError
@@ -20,7 +21,7 @@ from common.face_input import ARCFACE_INPUT
 from common.version import PROJECT_VERSION
 from configs import config_to_dict, load_preset
 from eval import export as export_cli
-from eval import ijb, verification
+from eval import ijb, model_folder, verification
 from eval import verification as verification_cli
 from eval.faces import open_model
 from eval.models import make_embedder
@@ -31,7 +32,7 @@ NETWORK = "mbf_tiny"
 
 def _trained_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    model = backbones.get_model(NETWORK, embedding_size=128)
+    model = get_model(NETWORK, embedding_size=128)
     with torch.no_grad():  # BatchNorm statistics away from their defaults
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
@@ -95,7 +96,7 @@ def test_folder_round_trip_config_weights_and_card(folder) -> None:
         assert torch.equal(
             fh.get_tensor("conv_sep.layers.0.weight"), model.conv_sep.layers[0].weight
         )
-    loaded = backbones.from_pretrained(out)
+    loaded = from_pretrained(out)
     assert not loaded.training
     x = torch.rand(3, 3, 112, 112) * 2 - 1
     with torch.no_grad():
@@ -145,22 +146,22 @@ def test_folder_whose_config_and_weights_disagree_names_the_files(folder, tmp_pa
     with pytest.raises(
         BackboneWeightsError, match=r"bad/model\.safetensors \(against .*bad/config\.json"
     ):
-        backbones.from_pretrained(bad)
+        from_pretrained(bad)
     (bad / "config.json").write_text(json.dumps(cfg | {"network": "r18"}))
     with pytest.raises(BackboneWeightsError, match=r"model\.safetensors .*network 'r18'"):
-        backbones.from_pretrained(bad)
+        from_pretrained(bad)
     (bad / "config.json").write_text(json.dumps(cfg | {"network": "nope"}))
     with pytest.raises(ModelFolderError, match=r"bad/config\.json: network 'nope'"):
-        backbones.from_pretrained(bad)
+        from_pretrained(bad)
     (bad / "config.json").write_text(json.dumps(cfg | {"input": {**cfg["input"], "std": 1.0}}))
     with pytest.raises(ModelFolderError, match=r"config\.json: input .* differs"):
-        backbones.from_pretrained(bad)
+        from_pretrained(bad)
     (bad / "config.json").write_text("{")
     with pytest.raises(ModelFolderError, match=r"config\.json: not a JSON file"):
-        backbones.from_pretrained(bad)
+        from_pretrained(bad)
     (bad / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"config\.json: no such file"):
-        backbones.from_pretrained(bad)
+        from_pretrained(bad)
 
 
 def test_export_sources(run_dir, tmp_path) -> None:
@@ -173,16 +174,16 @@ def test_export_sources(run_dir, tmp_path) -> None:
         {"backbone": model.state_dict(), "config": json.dumps(cfg), "history": "[]"},
         ckpt / "trainer.pt",
     )
-    source = export_cli.find_source(ckpt)
+    source = model_folder.find_source(ckpt)
     assert source.weights == ckpt / "trainer.pt" and source.training["model"]["network"] == NETWORK
     # a bare weights file needs --network
     bare = tmp_path / "bare" / "w.safetensors"
     bare.parent.mkdir()
     save_backbone_weights(model.state_dict(), bare)
     with pytest.raises(UsageError, match=r"w\.safetensors: no training config\.json .*--network"):
-        export_cli.export_folder(export_cli.find_source(bare), tmp_path / "out")
-    with pytest.raises(export_cli.ExportError, match=r"holds neither backbone"):
-        export_cli.find_source(tmp_path / "bare")
+        model_folder.export_folder(model_folder.find_source(bare), tmp_path / "out")
+    with pytest.raises(model_folder.ExportError, match=r"holds neither backbone"):
+        model_folder.find_source(tmp_path / "bare")
 
 
 def test_export_owns_its_folder(run_dir, tmp_path, capsys) -> None:

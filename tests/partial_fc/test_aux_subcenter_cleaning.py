@@ -22,6 +22,7 @@ from datasets.face_layout import FaceRecWriter
 from partial_fc.sharding import class_range
 from partial_fc.subcenter_cleaning import embed_samples
 from tests.distributed import run_ranks
+from tools import cleaning
 from tools import subcenter_cleaning as sc
 
 IDENTITIES, IMAGES, NOISE_RATE, K, D = 24, 10, 0.1, 3, 32
@@ -100,7 +101,7 @@ def _removed(out_dir) -> set[int]:
 
 def test_cleaning_finds_injected_label_noise(noisy_data, tmp_path) -> None:
     ds = open_dataset(noisy_data["dir"], flip=False)
-    report = sc.clean_dataset(
+    report = cleaning.clean_dataset(
         ds, noisy_data["subcenters"], NUM_CLASSES, LookupEmbedding(noisy_data["table"]),
         tmp_path, batch_size=32,
     )  # fmt: skip
@@ -132,7 +133,7 @@ def test_cleaning_finds_injected_label_noise(noisy_data, tmp_path) -> None:
 def _run_sharded(rank: int, world_size: int, data: dict, out_dir: str) -> dict:
     ds = open_dataset(data["dir"], flip=False)
     start, count = class_range(NUM_CLASSES, rank, world_size)
-    return sc.clean_dataset(
+    return cleaning.clean_dataset(
         ds, data["subcenters"][start : start + count], NUM_CLASSES,
         LookupEmbedding(data["table"]), out_dir, threshold_degrees=70.0, batch_size=16,
     )  # fmt: skip
@@ -153,8 +154,9 @@ def test_cleaning_sharded_over_ranks_equals_one_process(noisy_data, tmp_path) ->
 def test_cleaning_command_with_trainer_checkpoint_and_head_weights(noisy_data, tmp_path) -> None:
     """The CLI end to end with a real (random) backbone: head rows from a 2-shard trainer
     checkpoint (read back for 1 rank) or from a (C*K, D) file give the same report."""
-    from backbones import get_model
-    from trainer.checkpoint import FORMAT_VERSION, file_digest, shard_state
+    from backbones.registry import get_model
+    from common.digest import sha256_file
+    from trainer.checkpoint import FORMAT_VERSION, shard_state
 
     # a small copy (4 classes x 5 images): the backbone's CPU forward dominates the time
     classes, per_class = 4, 5
@@ -191,7 +193,7 @@ def test_cleaning_command_with_trainer_checkpoint_and_head_weights(noisy_data, t
             {"file": f"head-{r:05d}.pt", "class_start": start, "num_local": count, "K": K}
         )
     files = {p.name: p.stat().st_size for p in ckpt.iterdir()}
-    sha256 = {p.name: file_digest(p) for p in ckpt.iterdir()}
+    sha256 = {p.name: sha256_file(p) for p in ckpt.iterdir()}
     meta = {"format": FORMAT_VERSION, "shards": shards, "files": files, "sha256": sha256}
     (ckpt / "meta.json").write_text(json.dumps(meta))
 

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.dist import DistContext
 from configs import Config, ConfigError
 from configs.resume_policy import resume_policies
 from partial_fc.sampling import (
@@ -23,8 +24,8 @@ from partial_fc.sampling import (
 from tests.distributed import device_under_test, run_ranks
 from tests.trainer.test_host_sync import _StepSyncs
 from tests.trainer.test_trainer import TensorLoader, dataset, gather_state, make_backbone, make_cfg
-from trainer import DistContext, Trainer
 from trainer.build import build_head
+from trainer.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,14 +16,15 @@ from unittest import mock
 import pytest
 import torch
 
+from common.dist import DistContext
 from partial_fc import ArcFace, CombinedMargin, PartialFC
 from partial_fc.optim import PartialFCAdamW, PartialFCSGD
 from tests.dispatch_count import DispatchCounter
 from tests.distributed import device_under_test, run_ranks
 from tests.trainer.test_trainer import TensorLoader, dataset, make_backbone, make_cfg
-from trainer import DistContext, Trainer
 from trainer.amp import AmpPolicy
 from trainer.build import build_aux_losses, build_head
+from trainer.loop import Trainer
 
 pytestmark = pytest.mark.on_device
 
@@ -167,15 +168,36 @@ def test_training_steps_never_read_back_between_log_steps(
         assert r["allowed"] > 0  # the log steps did read back: the counter was live
 
 
+@pytest.mark.parametrize("distill", ["none", "online", "cached"])
 def test_real_pipeline_steps_never_read_back_between_log_steps(
-    synthetic_data, tmp_path_factory: pytest.TempPathFactory, device: torch.device
+    synthetic_data, tmp_path_factory: pytest.TempPathFactory, device: torch.device, distill: str
 ) -> None:
     """The demo configuration as ``train_dist`` builds it: RecordIO loader (its hand-off
-    to the device), MobileFaceNet with BatchNorm in train mode, sampled head."""
+    to the device), MobileFaceNet with BatchNorm in train mode, sampled head; then with
+    every distillation term (embedding with a projection, relation, logit) from an
+    online teacher, and from a teacher's cache served by the loader."""
+    from backbones.registry import get_model
+    from backbones.weights import save_backbone_weights
     from configs import load_config
+    from tools.teacher_embed import main as teacher_embed
     from trainer.build import build_trainer
 
     data = synthetic_data(8, 4, 4, 2, seed=5)
+    extra: list[str] = []
+    if distill != "none":
+        work = tmp_path_factory.mktemp("teacher")
+        torch.manual_seed(0)
+        teachers = {d: work / f"teacher{d}.pt" for d in (16, 512)}
+        for dim, path in teachers.items():
+            save_backbone_weights(get_model("mbf_tiny", embedding_size=dim).state_dict(), path)
+        terms = ["distill.embedding_weight=1", "distill.relation_weight=1"]
+        extra = [f"distill.teacher={teachers[16]}", "distill.teacher_network=mbf_tiny", *terms]
+        if distill == "cached":  # the student's size: the logit term too
+            argv = [str(data), "--teacher", str(teachers[512]), "--teacher-network", "mbf_tiny"]
+            teacher_embed(
+                [*argv, "--out", str(work / "cache"), "--num-workers", "0", "--no-progress"]
+            )
+            extra = [f"distill.cache={work / 'cache'}", *terms, "distill.logit_weight=1"]
     cfg = load_config(
         "configs/demo",
         [
@@ -193,9 +215,11 @@ def test_real_pipeline_steps_never_read_back_between_log_steps(
             "eval.targets=",
             "eval.at_start=false",
             "checkpoint.every_steps=0",
+            *extra,
         ],
     )
     t = build_trainer(cfg, DistContext(device=device))
+    assert (t.distill is None) == (distill == "none")
     counter = _StepSyncs.watching(t, cfg.log.every_steps, last_step=4)
     # Each epoch's DataLoader iterator draws its base seed with .item() on a CPU
     # generator: host memory, no device involved (on CPU the counter cannot tell).

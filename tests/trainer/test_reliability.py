@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import train_dist
+from common.digest import sha256_file
 from common.dist import init_distributed
 from configs import ConfigError, load_config
 from tests.distributed import run_ranks
@@ -31,7 +32,7 @@ from tests.trainer.test_trainer import (
     make_trainer,
 )
 from trainer.build import check_embedding_size
-from trainer.checkpoint import CheckpointError, CheckpointStorage, file_digest
+from trainer.checkpoint import CheckpointError, CheckpointStorage
 from trainer.loop import TrainingError
 from trainer.preflight import OutputDirError, probe_output
 
@@ -272,7 +273,7 @@ def _forge(ckpt: Path, name: str, data: bytes) -> None:
     (ckpt / name).write_bytes(data)
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["files"][name] = len(data)
-    meta["sha256"][name] = file_digest(ckpt / name)  # checksum too
+    meta["sha256"][name] = sha256_file(ckpt / name)  # checksum too
     (ckpt / "meta.json").write_text(json.dumps(meta))
 
 

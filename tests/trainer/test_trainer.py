@@ -18,13 +18,14 @@ import pytest
 import torch
 from torch import nn
 
+from common.dist import DistContext
 from configs import Config, load_config
 from datasets.sampler import DistributedFaceSampler
 from partial_fc import ArcFace, PartialFC
 from tests.distributed import device_under_test, run_ranks
-from trainer import DistContext, Trainer
 from trainer.amp import AmpPolicy
 from trainer.checkpoint import CheckpointStorage
+from trainer.loop import Trainer
 from trainer.monitor import Monitor
 from trainer.schedule import WarmupPoly
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.dist import DistContext
 from configs import ConfigError, load_config
 from tests.distributed import run_ranks
+from tests.tolerances import gamma
 from tests.trainer.test_trainer import (
     CLASSES,
     EMB,
@@ -21,8 +23,8 @@ from tests.trainer.test_trainer import (
     make_backbone,
     make_cfg,
 )
-from trainer import DistContext, Trainer
 from trainer.build import build_aux_losses
+from trainer.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,9 +101,17 @@ def test_step_loss_is_head_plus_weighted_terms(tmp_path: Path) -> None:
         triplet = (hardest_pos - hardest_neg + 0.3).clamp_min(0).mean()
     expected = head_loss + 0.1 * center + 0.5 * triplet
     result = t.train_step([(xb, yb)])
-    torch.testing.assert_close(result.loss.double(), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(result.aux["center"].double(), center, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(result.aux["triplet"].double(), triplet, atol=1e-5, rtol=1e-5)
+    # fp32 terms against float64 ones on the same fp32 embeddings: a squared distance of
+    # EMB differences carries EMB + 2 fp32 roundings of the squared scale S, cdist's
+    # |a|^2 + |b|^2 - 2 a.b form EMB + 4; the hinge terms and the mean of 8 add 10.
+    scale = 4 * max(float(e.pow(2).sum(1).max()), float(centres.double().pow(2).sum(1).max()))
+    center_atol = scale * gamma(EMB + 12, torch.float32)
+    triplet_atol = 2 * scale * gamma(EMB + 14, torch.float32)
+    # the same fp32 head on the same input; the weighted sum adds 4 roundings
+    loss_atol = 0.1 * center_atol + 0.5 * triplet_atol + float(expected) * gamma(4, torch.float32)
+    torch.testing.assert_close(result.loss.double(), expected, atol=loss_atol, rtol=0)
+    torch.testing.assert_close(result.aux["center"].double(), center, atol=center_atol, rtol=0)
+    torch.testing.assert_close(result.aux["triplet"].double(), triplet, atol=triplet_atol, rtol=0)
     assert not torch.equal(t.center.centers.detach(), centres)  # the centres learned
     assert len(t.schedulers) == 3
     lrs = {o.param_groups[0]["lr"] for o in t.stepper.optimizers()}

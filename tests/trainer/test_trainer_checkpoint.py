@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.dist import DistContext
 from configs import ConfigError
 from partial_fc import ArcFace, PartialFC
 from tests.distributed import run_ranks
@@ -25,13 +26,13 @@ from tests.trainer.test_trainer import (
     make_trainer,
 )
 from tests.trainer.test_trainer_aux import make_aux_trainer
-from trainer import DistContext, Trainer
 from trainer.checkpoint import (
     CheckpointError,
     CheckpointStorage,
     DamagedCheckpointError,
     UnusableCheckpointError,
 )
+from trainer.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

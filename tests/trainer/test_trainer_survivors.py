@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from common.dist import DistContext
 from configs import Config, config_to_dict
 from configs.overrides import valid_keys
 from configs.resume_policy import resume_policies
@@ -26,8 +27,8 @@ from datasets.augment import BatchAugment
 from partial_fc import ArcFace, PartialFC
 from tests.distributed import device_under_test, run_ranks
 from tests.trainer.test_trainer import CLASSES, EMB, TensorLoader, dataset, make_cfg, make_trainer
-from trainer import DistContext, Trainer
 from trainer.checkpoint import compare_configs
+from trainer.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,6 +48,8 @@ CHANGEABLE: dict[str, str] = {
     "distill.embedding_kind": "how the embedding term is measured; P exists either way",
     "distill.embedding_weight": "a loss weight; P exists whenever a teacher is set",
     "distill.relation_weight": "a loss weight; the relation term has no state",
+    "distill.logit_weight": "a loss weight; the logit term has no state (it reads the head)",
+    "distill.temperature": "the logit term's softmax temperature; no state",
     "log.backends": "where the run is reported, not what it trains",
     "log.experiment": "the tracker's experiment name",
     "log.mlflow_uri": "where MLflow records the run",

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbones import BackboneWeightsError, get_model, save_backbone_weights
+from backbones.registry import get_model, input_spec
+from backbones.weights import BackboneWeightsError, save_backbone_weights
 from common.face_input import ARCFACE_INPUT, InputSpec
 from partial_fc.distill import Distiller
 from trainer.teacher import Teacher, TeacherError, convert_input
@@ -26,7 +27,7 @@ def teacher_file(tmp_path_factory) -> tuple[str, torch.nn.Module]:
 
 def test_teacher_is_frozen_and_matches_its_backbone(teacher_file) -> None:
     path, model = teacher_file
-    teacher = Teacher.from_file(path, "mbf_tiny", "r18", CPU)
+    teacher = Teacher.from_file(path, "mbf_tiny", input_spec("r18"), CPU)
     assert teacher.embedding_size == 24
     assert not teacher.model.training
     assert not any(p.requires_grad for p in teacher.model.parameters())
@@ -50,7 +51,7 @@ def test_teacher_runs_under_the_students_autocast(teacher_file) -> None:
         used.append(True)
         return torch.autocast("cpu", dtype=torch.bfloat16)
 
-    teacher = Teacher.from_file(path, "mbf_tiny", "mbf_tiny", CPU, autocast=autocast)
+    teacher = Teacher.from_file(path, "mbf_tiny", input_spec("mbf_tiny"), CPU, autocast=autocast)
     out = teacher(torch.zeros(2, 3, 112, 112))
     assert used and out.dtype == torch.float32
 
@@ -70,13 +71,13 @@ def test_convert_input_between_conventions() -> None:
 def test_teacher_of_another_architecture_refused(teacher_file) -> None:
     path, _ = teacher_file
     with pytest.raises(BackboneWeightsError, match=r"teacher\.pt"):
-        Teacher.from_file(path, "mbf", "mbf_tiny", CPU)
+        Teacher.from_file(path, "mbf", input_spec("mbf_tiny"), CPU)
 
 
 def test_teacher_of_another_embedding_size_refused(teacher_file) -> None:
     path, _ = teacher_file
     with pytest.raises(TeacherError, match=r"teacher\.pt.*24 dimensions, expected 512"):
-        Teacher.from_file(path, "mbf_tiny", "mbf_tiny", CPU, embedding_size=512)
+        Teacher.from_file(path, "mbf_tiny", input_spec("mbf_tiny"), CPU, embedding_size=512)
 
 
 def test_teacher_that_rejects_its_input_size_refused(teacher_file) -> None:
@@ -89,4 +90,4 @@ def test_teacher_that_rejects_its_input_size_refused(teacher_file) -> None:
 
 def test_missing_teacher_file(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nope\.pt"):
-        Teacher.from_file(tmp_path / "nope.pt", "mbf_tiny", "mbf_tiny", CPU)
+        Teacher.from_file(tmp_path / "nope.pt", "mbf_tiny", input_spec("mbf_tiny"), CPU)

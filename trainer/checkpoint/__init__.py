@@ -21,7 +21,7 @@ from trainer.checkpoint.errors import (
     NonFiniteStateError,
     UnusableCheckpointError,
 )
-from trainer.checkpoint.files import file_digest, write_error
+from trainer.checkpoint.files import write_error
 from trainer.checkpoint.manager import CheckpointManager, RunState
 from trainer.checkpoint.policy import Fact, compare_configs
 from trainer.checkpoint.resharding import reshard, shard_state, split_shard
@@ -64,7 +64,6 @@ __all__ = [
     "Stateful",
     "UnusableCheckpointError",
     "compare_configs",
-    "file_digest",
     "nonfinite_parts",
     "reshard",
     "shard_state",

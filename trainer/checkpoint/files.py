@@ -24,8 +24,6 @@ from common.atomic import OutputWriteError
 from trainer.checkpoint.errors import CheckpointError
 from trainer.preflight import _size
 
-#: Bytes per read when hashing a file.
-HASH_CHUNK_BYTES = 1 << 22
 
 #: Free space under which a write error that names no cause is taken for a full disk.
 LOW_SPACE_BYTES = 16 << 20
@@ -44,15 +42,6 @@ class _HashingWriter:
 
     def flush(self) -> None:
         self.fh.flush()
-
-
-def file_digest(path: Path) -> str:
-    """The SHA-256 of a file's bytes, as hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_file(obj: Any, path: Path) -> str:

@@ -44,11 +44,11 @@ from typing import Any
 
 import torch
 
+from common.digest import sha256_file
 from common.dist import DistContext
 from trainer.checkpoint.errors import CheckpointError, DamagedCheckpointError
 from trainer.checkpoint.files import (
     attempt,
-    file_digest,
     fsync_path,
     load_file,
     save_file,
@@ -199,7 +199,7 @@ class CheckpointStorage:
 
     def digest(self, path: Path) -> str:
         """The SHA-256 of ``path``'s bytes."""
-        return file_digest(path)
+        return sha256_file(path)
 
     def write_file(self, obj: Any, path: Path) -> str:
         """Write ``obj`` durably to ``path`` (:func:`files.save_file`); return the
