@@ -24,7 +24,6 @@ from common.atomic import OutputWriteError
 from trainer.checkpoint.errors import CheckpointError
 from trainer.preflight import _size
 
-
 #: Free space under which a write error that names no cause is taken for a full disk.
 LOW_SPACE_BYTES = 16 << 20
 
