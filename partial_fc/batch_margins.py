@@ -217,7 +217,9 @@ class MagFace(BatchMargin):
         inside = (norms > self.l_a) & (norms < self.u_a)
         gain = (self.u_m - self.l_m) / (self.u_a - self.l_a)
         phi, dphi_dc, dphi_dm = _arc(cos, self.l_m + gain * (a - self.l_a))
-        dm_dnorm = torch.where(inside, gain, 0.0)
+        # a tensor in cos's dtype: torch.where of two Python numbers would take the
+        # default dtype (float32) and round a float64 head's gradient
+        dm_dnorm = inside.to(cos.dtype) * gain
         reg, count = _valid_mean(a / self.u_a**2 + 1.0 / a, batch.valid)
         dreg = torch.where(
             batch.valid & inside, (1.0 / self.u_a**2 - 1.0 / a**2) / count.clamp(min=1), 0.0

@@ -189,11 +189,7 @@ def _check_case(name: str, k: int, rate: float, results: list[dict], sizes: list
             # log-sum-exp has condition 1: the logits' error, + the mean over the batch
             torch.testing.assert_close(p["loss"], loss, rtol=gamma(8), atol=LOGIT_ATOL, msg=where)
         got_x = torch.cat([p["x_grad"] for p in per_rank])
-        # MagFace's embedding gradient differs from the reference by up to 7.5e-9 of its
-        # largest entry (7e7 unit roundoffs): not rounding, kept at the old 1e-7 until
-        # explained (docs/testing.md, "Tolerances").
-        x_rtol = 1e-7 if name == "magface" else GRAD_RTOL
-        atol = x_rtol * float(x_grad.abs().max())
+        atol = GRAD_RTOL * float(x_grad.abs().max())
         torch.testing.assert_close(got_x, x_grad, rtol=0, atol=atol, msg=where)
         got_w = torch.cat([p["w_grad"] for p in per_rank])
         atol = GRAD_RTOL * float(w_grad.abs().max())
