@@ -25,7 +25,6 @@ Run it under torchrun (every rank runs the same runs in-process; rank 0 writes):
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shutil
 import sys
@@ -36,6 +35,7 @@ from typing import Any
 
 from common.atomic import write_json
 from common.cli import run_main
+from tools.demo_runs import run
 
 
 def _steps(history: list[dict[str, Any]]) -> int:
@@ -74,32 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from backbones.registry import input_spec
     from common.digest import sha256_file
     from common.dist import distributed_command
-    from configs import load_config
     from datasets.multi import open_datasets
     from datasets.teacher_cache import dataset_signature, write_manifest
-    from trainer.build import build_trainer
-    from trainer.monitor import setup_logging
     from trainer.teacher import Teacher, write_teacher_cache
-
-    def run(name: str, overrides: list[str], ctx: Any) -> tuple[list[dict[str, Any]], float]:
-        """Train ``configs/demo`` with ``overrides`` (a fresh output directory); the
-        verification history and the wall time."""
-        cfg = load_config("demo", overrides)
-        if ctx.is_main:
-            shutil.rmtree(cfg.train.output, ignore_errors=True)
-        ctx.barrier()
-        setup_logging(cfg.train.output, ctx.rank)
-        begun = time.perf_counter()
-        trainer = build_trainer(cfg, ctx)
-        trainer.fit()
-        history = list(trainer.history)
-        del trainer
-        gc.collect()
-        seconds = time.perf_counter() - begun
-        if ctx.is_main:
-            acc = history[-1]["results"]["heldout"]["accuracy"]
-            print(f"== {name}: {seconds:.0f} s, held-out accuracy {acc:.3f}", flush=True)
-        return history, seconds
 
     started = time.perf_counter()
     out = Path(args.out)
@@ -214,6 +191,7 @@ def report(
                 **{name: r["seconds"] for name, r in runs.items()},
             },
         },
+        sort_keys=False,
     )
     print(f"wrote {out / 'distill_demo.json'}")
 

@@ -25,11 +25,9 @@ Run it under torchrun (every rank runs the same runs in-process; rank 0 writes):
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import pickle
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -39,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from common.atomic import write_bytes, write_json
+from tools.demo_runs import run
 
 log = logging.getLogger("finetune_demo")
 
@@ -149,33 +148,6 @@ def new_identities(
     }
     write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
     return meta
-
-
-# --------------------------------------------------------------------------- runs
-def run(name: str, overrides: list[str], ctx: Any) -> tuple[list[dict[str, Any]], float]:
-    """Train ``configs/demo`` with ``overrides`` (a fresh output directory); return the
-    verification history and the wall time."""
-    from configs import load_config, save_config
-    from trainer.build import build_trainer
-    from trainer.monitor import setup_logging
-
-    cfg = load_config("demo", overrides)
-    if ctx.is_main:
-        shutil.rmtree(cfg.train.output, ignore_errors=True)
-    ctx.barrier()
-    setup_logging(cfg.train.output, ctx.rank)
-    started = time.perf_counter()
-    trainer = build_trainer(cfg, ctx)
-    if ctx.is_main:
-        save_config(cfg, cfg.train.output)
-    trainer.fit()
-    history = list(trainer.history)
-    trainer = None
-    gc.collect()
-    seconds = time.perf_counter() - started
-    if ctx.is_main:
-        print(f"== {name}: {seconds:.0f} s", flush=True)
-    return history, seconds
 
 
 def _accuracy(history: list[dict[str, Any]], index: int, target: str) -> dict[str, float]:
