@@ -1,13 +1,13 @@
 """The distillation demo (``make distill-demo``, docs/training.md "Distillation").
 
-1. **Teacher**: ``configs/demo``'s ``mbf_tiny`` (512-d) trained on the demo's synthetic
-   identities (``data/synthetic``), stored by the demo in
+1. **Teacher**: ``configs/demo``'s ``mbf_tiny`` (512-d) trained on synthetic identities
+   (``make distill-demo``: 200 identities x 30 images), stored by the demo in
    ``<out>/teacher/backbone.pt`` and verified on the held-out identities.
-   ``--teacher-epochs`` at the demo's batch (1 epoch = 187 steps).
+   ``--teacher-epochs`` at the demo's batch (32 images per rank).
 2. **Cache**: the teacher's embeddings of every record, once, in ``<out>/cache``, each
    rank embedding its shards as ``torchrun -m tools.teacher_embed`` does.
 3. **Students**, four runs of the same steps (``--student-epochs`` at a per-rank batch of
-   ``--student-batch-size``: 93 steps, the whole LR schedule) and seed: a smaller
+   ``--student-batch-size``: the whole LR schedule) and seed: a smaller
    MobileFaceNet (``width_mult`` ``--student-width``, ``--student-dim``-d embeddings, so
    the embedding term learns a projection) trained
    * alone (the head only),
@@ -53,11 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--data", default="data/synthetic")
+    parser.add_argument("--data", default="data/synthetic_distill")
     parser.add_argument("--out", default="work_dirs/distill_demo")
     parser.add_argument("--teacher-epochs", type=int, default=1, help="at the demo's batch")
     parser.add_argument(
-        "--student-batch-size", type=int, default=64, help="per rank: 1 epoch = 93 steps"
+        "--student-batch-size", type=int, default=32, help="images per rank and step"
     )
     parser.add_argument("--student-epochs", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=None, help="stop every run there")

@@ -190,3 +190,9 @@ def test_bad_inputs_refused() -> None:
         Distiller(4, 4, embedding="l1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="teacher embeddings"):
         Distiller(4, 3)(torch.randn(2, 4), torch.randn(2, 4))
+
+
+def test_distiller_refuses_empty_embeddings() -> None:
+    for student_dim, teacher_dim in ((0, 8), (8, 0)):
+        with pytest.raises(ValueError, match="embedding sizes must be >= 1"):
+            Distiller(student_dim, teacher_dim)

@@ -239,6 +239,44 @@ def test_margin_and_head_argument_boundaries() -> None:
     for std in (-0.01, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="std must be a finite value >= 0"):
             ElasticFace(std=std)
+    # each head option at its ends, and just past them
+    PartialFC(10, 4, ArcFace(), num_subcenters=1, sample_rate=1.0, max_local_batch=1)
+    PartialFC(10, 4, ArcFace(), ignore_index=10)  # the first id outside [0, 10)
+    PartialFC(10, 4, ArcFace(), ignore_index=-1)
+    for kwargs, named in (
+        ({"num_subcenters": 0}, "num_subcenters"),
+        ({"sample_rate": 1.5}, "sample_rate"),
+        ({"sample_rate": 0.0}, "sample_rate"),
+        ({"max_local_batch": 0}, "max_local_batch"),
+        ({"ignore_index": 9}, "ignore_index=9"),
+        ({"ignore_index": 0}, "ignore_index=0"),
+    ):
+        with pytest.raises(ValueError, match=named):
+            PartialFC(10, 4, ArcFace(), **kwargs)
+
+
+def test_batch_margin_defaults_and_argument_checks() -> None:
+    """The published defaults (MagFace: Meng et al. 2021, their code's ranges;
+    CurricularFace: Huang et al. 2020), the ends of each range accepted, values past
+    them refused."""
+    from partial_fc import CurricularFace, MagFace
+
+    mag = MagFace()
+    assert (mag.scale, mag.l_a, mag.u_a, mag.l_m, mag.u_m) == (64.0, 10.0, 110.0, 0.45, 0.8)
+    assert mag.lambda_g == 35.0
+    cur = CurricularFace()
+    assert (cur.scale, cur.t_alpha) == (64.0, 0.01)
+    assert float(cur._scalar("m2", torch.float64)) == 0.5
+    MagFace(l_a=1.0, u_a=1.5, l_m=0.3, u_m=0.3, lambda_g=0.0)  # equal margins, no regulariser
+    for kwargs in (
+        {"l_a": 10.0, "u_a": 10.0},
+        {"l_a": 0.0},
+        {"lambda_g": -1.0},
+        {"lambda_g": float("inf")},
+        {"lambda_g": float("nan")},
+    ):
+        with pytest.raises(ValueError):
+            MagFace(**kwargs)
 
 
 def test_batch_margin_edges() -> None:
