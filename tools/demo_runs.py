@@ -33,9 +33,6 @@ def run(name: str, overrides: list[str], ctx: Any) -> tuple[list[dict[str, Any]]
     seconds = time.perf_counter() - started
     if ctx.is_main:
         results = history[-1]["results"] if history else {}
-        accuracy = ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in results.items())
-        print(
-            f"== {name}: {seconds:.0f} s" + (f", held-out {accuracy}" if accuracy else ""),
-            flush=True,
-        )
+        tail = "".join(f", {t} accuracy {r['accuracy']:.3f}" for t, r in results.items())
+        print(f"== {name}: {seconds:.0f} s{tail}", flush=True)
     return history, seconds
