@@ -250,6 +250,8 @@ def test_margin_and_head_argument_boundaries() -> None:
         ({"max_local_batch": 0}, "max_local_batch"),
         ({"ignore_index": 9}, "ignore_index=9"),
         ({"ignore_index": 0}, "ignore_index=0"),
+        ({"chunk_classes": 0}, "chunk_classes"),
+        ({"interclass_filtering_mode": "drop"}, "interclass_filtering_mode"),
     ):
         with pytest.raises(ValueError, match=named):
             PartialFC(10, 4, ArcFace(), **kwargs)
