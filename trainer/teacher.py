@@ -61,7 +61,8 @@ class OnnxForward:
 
     On a CUDA device with onnxruntime's CUDA provider, input and output stay on the GPU:
     onnxruntime reads the images' memory and writes into a torch tensor through I/O
-    binding on their device pointers, with no host copy. Otherwise the batch goes
+    binding on their device pointers, with no host copy; torch's stream is synchronised
+    before each run, since onnxruntime computes on a stream of its own. Otherwise the batch goes
     through the CPU session (a host copy each way).
 
     Args:
@@ -100,6 +101,9 @@ class OnnxForward:
         binding.bind_output(
             self.embedder.output_name, "cuda", index, np.float32, list(out.shape), out.data_ptr()
         )
+        # onnxruntime runs on its own CUDA stream: the images must be written first
+        # (a wait on the device, per teacher call; the session returns when done)
+        torch.cuda.current_stream(chunk.device).synchronize()
         session.run_with_iobinding(binding)
         return out[:n]
 
