@@ -138,3 +138,19 @@ def test_a_failed_publish_leaves_no_temporary_directory(tmp_path: Path) -> None:
         t.save_checkpoint()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [good.name]
     assert t.checkpointer.latest() == good
+
+
+def test_a_full_disk_is_named_with_the_space_left(tmp_path: Path, monkeypatch) -> None:
+    """ENOSPC names the cause and the free space there; torch's writer error without an
+    errno on a nearly full disk is taken for ENOSPC; with space, it is named as raised."""
+    from trainer.checkpoint import files
+
+    monkeypatch.setattr(files, "_free_bytes", lambda path: 3 << 20)
+    error = files.write_error(tmp_path / "x.pt", OSError(errno.ENOSPC, "no space"))
+    assert error.errno == errno.ENOSPC
+    assert "No space left on device (3.00 MiB free there)" in str(error), str(error)
+    error = files.write_error(tmp_path / "x.pt", RuntimeError("unexpected pos 128"))
+    assert error.errno == errno.ENOSPC and "(3.00 MiB free there)" in str(error)
+    monkeypatch.setattr(files, "_free_bytes", lambda path: 1 << 40)
+    error = files.write_error(tmp_path / "x.pt", RuntimeError("unexpected pos 128"))
+    assert error.errno is None and "RuntimeError: unexpected pos 128" in str(error)
