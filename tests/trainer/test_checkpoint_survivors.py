@@ -154,3 +154,20 @@ def test_a_full_disk_is_named_with_the_space_left(tmp_path: Path, monkeypatch) -
     monkeypatch.setattr(files, "_free_bytes", lambda path: 1 << 40)
     error = files.write_error(tmp_path / "x.pt", RuntimeError("unexpected pos 128"))
     assert error.errno is None and "RuntimeError: unexpected pos 128" in str(error)
+
+
+def test_attempt_reports_a_failed_write_as_one_line_naming_the_file(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from trainer.checkpoint import files
+
+    monkeypatch.setattr(files, "_free_bytes", lambda path: 3 << 20)
+    target = tmp_path / "head-00000.pt"
+
+    def full(path: Path) -> None:
+        raise OSError(errno.ENOSPC, "disk quota", str(path))
+
+    line = files.attempt(full, target)
+    assert line is not None and str(target) in line
+    assert "No space left on device (3.00 MiB free there)" in line, line
+    assert files.attempt(lambda: None) is None
