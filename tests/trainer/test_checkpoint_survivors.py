@@ -171,3 +171,16 @@ def test_attempt_reports_a_failed_write_as_one_line_naming_the_file(
     assert line is not None and str(target) in line
     assert "No space left on device (3.00 MiB free there)" in line, line
     assert files.attempt(lambda: None) is None
+
+
+def test_the_grad_scalers_state_round_trips() -> None:
+    from trainer.checkpoint.states import ScalerState
+
+    saved = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=7)
+    restored = torch.amp.GradScaler("cpu")
+    state = ScalerState(saved).state_dict()
+    assert state["scale"] == 256.0 and state["growth_interval"] == 7
+    ScalerState(restored).load_state_dict(state)
+    assert restored.get_scale() == 256.0 and restored.get_growth_interval() == 7
+    ScalerState(restored).load_state_dict({})  # a disabled scaler's empty state: no change
+    assert restored.get_scale() == 256.0
