@@ -184,3 +184,10 @@ def test_the_grad_scalers_state_round_trips() -> None:
     assert restored.get_scale() == 256.0 and restored.get_growth_interval() == 7
     ScalerState(restored).load_state_dict({})  # a disabled scaler's empty state: no change
     assert restored.get_scale() == 256.0
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"step"', "null"])
+def test_a_meta_json_that_is_not_an_object_is_refused(tmp_path: Path, text: str) -> None:
+    (tmp_path / "meta.json").write_text(text)
+    with pytest.raises(ValueError, match="not an object"):
+        CheckpointStorage(tmp_path.parent).read_meta(tmp_path)
