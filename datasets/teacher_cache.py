@@ -209,9 +209,17 @@ class TeacherCache:
         expected_start = 0
         for entry in manifest["shards"]:
             name = entry.get("name") if isinstance(entry, dict) else None
-            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".arrow"):
+            rows = entry.get("rows") if isinstance(entry, dict) else None
+            if (
+                not isinstance(name, str)
+                or Path(name).name != name
+                or not name.endswith(".arrow")
+                or not isinstance(rows, int)
+                or isinstance(rows, bool)
+                or rows < 0
+            ):
                 raise TeacherCacheError(f"{where}: bad shard entry {entry!r}", path=where)
-            array = _map_shard(root / name, size, int(entry.get("rows", -1)), expected_start)
+            array = _map_shard(root / name, size, rows, expected_start)
             arrays.append(array)
             expected_start += len(array)
         records = manifest["dataset"].get("records")

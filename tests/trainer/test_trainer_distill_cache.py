@@ -172,6 +172,7 @@ def _copy_cache(cache: Path, tmp_path: Path) -> Path:
         (lambda d: _edit(d, embedding_size=8), "schema"),
         (lambda d: _edit(d, shards=[{"name": "../x.arrow", "rows": 32}]), "bad shard entry"),
         (lambda d: _edit(d, shards=[{"name": shard_name(0), "rows": 31}]), "32 rows"),
+        (lambda d: _edit(d, shards=[{"name": shard_name(0), "rows": "32"}]), "bad shard entry"),
         (lambda d: _edit(d, teacher_sha256=None), "'teacher_sha256' is missing"),
     ],
 )
