@@ -125,6 +125,34 @@ def _is_docstring(node: ast.stmt) -> bool:
     )
 
 
+def _returns_none(stmt: ast.stmt) -> bool:
+    """``return`` or ``return None``."""
+    return isinstance(stmt, ast.Return) and (
+        stmt.value is None or (isinstance(stmt.value, ast.Constant) and stmt.value.value is None)
+    )
+
+
+def _tail_statements(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements of a function ``body`` after which control leaves the function by
+    falling off its end: removing a ``return None`` there is an equivalent mutant by
+    construction (the function still returns ``None``), so none is generated. Loop
+    bodies are never tails (the loop goes on); a ``try`` body is one only without an
+    ``else``."""
+    if not body:
+        return []
+    last = body[-1]
+    found = [last]
+    if isinstance(last, ast.If):
+        found += _tail_statements(last.body) + _tail_statements(last.orelse)
+    elif isinstance(last, ast.With | ast.AsyncWith):
+        found += _tail_statements(last.body)
+    elif isinstance(last, ast.Try):
+        found += _tail_statements(last.orelse or last.body)
+        for handler in last.handlers:
+            found += _tail_statements(handler.body)
+    return found
+
+
 def _is_log_call(node: ast.AST) -> bool:
     if not isinstance(node, ast.Call):
         return False
@@ -143,6 +171,7 @@ class _Collector(ast.NodeVisitor):
         self.found: list[tuple[ast.AST, ast.AST | None, str, str]] = []
         self.depth = 0  # inside how many functions
         self.scope: list[str] = []
+        self.tail_returns: set[int] = set()  # ids of `return None`s that end a function
 
     def _add(self, node: ast.AST, new: ast.AST | None, op: str) -> None:
         self.found.append((node, new, op, ".".join(self.scope)))
@@ -181,6 +210,7 @@ class _Collector(ast.NodeVisitor):
         self.visit(node.args)  # defaults (annotations are skipped in visit_arg)
         self.depth += 1
         self.scope.append(node.name)
+        self.tail_returns |= {id(s) for s in _tail_statements(node.body) if _returns_none(s)}
         self._statements(node.body)
         for stmt in node.body:
             self.visit(stmt)
@@ -248,7 +278,7 @@ class _Collector(ast.NodeVisitor):
                 continue
             if isinstance(stmt, ast.AnnAssign) and stmt.value is None:
                 continue
-            if isinstance(stmt, ast.Return) and stmt.value is None:
+            if id(stmt) in self.tail_returns:
                 continue
             self._add(stmt, None, "remove statement")
 

@@ -14,13 +14,19 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from common.dist import DistContext
+from configs import ConfigError
 from tests.trainer.test_trainer import CLASSES, TensorLoader, dataset, make_cfg, make_trainer
-from trainer.checkpoint import CheckpointError
+from trainer.checkpoint import CheckpointError, DamagedCheckpointError, UnusableCheckpointError
 from trainer.checkpoint.storage import CheckpointDir, CheckpointStorage, resume_order
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -191,3 +197,284 @@ def test_a_meta_json_that_is_not_an_object_is_refused(tmp_path: Path, text: str)
     (tmp_path / "meta.json").write_text(text)
     with pytest.raises(ValueError, match="not an object"):
         CheckpointStorage(tmp_path.parent).read_meta(tmp_path)
+
+
+# ------------------------------------------------------- resuming: what is chosen, and why
+def _saved_twice(out: Path) -> tuple[Path, Path]:
+    """Steps 1 and 2 of one run (1 rank)."""
+    _trainer(out, "train.max_steps=2", "checkpoint.every_steps=1").fit()
+    return out / "checkpoints" / "step-00000001", out / "checkpoints" / "step-00000002"
+
+
+def test_resume_none_starts_afresh_beside_the_existing_checkpoints(tmp_path: Path) -> None:
+    first, second = _saved_twice(tmp_path)
+    saved_lineage = json.loads((second / "meta.json").read_text())["lineage"]
+    t = _trainer(tmp_path, "checkpoint.resume=none")
+    assert t.maybe_resume() is None and t.step == 0
+    assert t.checkpointer.lineage != saved_lineage and t.checkpointer.parent is None
+    assert first.is_dir() and second.is_dir()
+
+
+def test_a_named_incomplete_checkpoint_is_refused_naming_the_option(tmp_path: Path) -> None:
+    _, second = _saved_twice(tmp_path)
+    (second / "meta.json").unlink()
+    t = _trainer(tmp_path / "other", f"checkpoint.resume={second}")
+    with pytest.raises(ConfigError, match=r"checkpoint\.resume: .* is not a complete checkpoint"):
+        t.maybe_resume()
+    assert t.step == 0
+
+
+def _break_checksum(checkpoint: Path, name: str) -> None:
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta["sha256"][name] = "0" * 64
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+
+
+def test_auto_stops_naming_every_checkpoint_when_none_can_be_resumed(tmp_path: Path) -> None:
+    """Every checkpoint damaged: the run stops (it must not start afresh over them),
+    naming each one's reason."""
+    first, second = _saved_twice(tmp_path)
+    _break_checksum(first, "trainer.pt")
+    _break_checksum(second, "head-00000.pt")
+    t = _trainer(tmp_path)
+    with pytest.raises(UnusableCheckpointError, match="can be resumed") as info:
+        t.maybe_resume()
+    message = str(info.value)
+    assert f"{first / 'trainer.pt'} fails its checksum" in message, message
+    assert f"{second / 'head-00000.pt'} fails its checksum" in message, message
+    assert "checkpoint.resume=none" in message and t.step == 0
+
+
+def test_auto_names_only_the_incomplete_checkpoints_newer_than_the_one_it_resumes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = _saved_twice(tmp_path)
+    meta = json.loads((first / "meta.json").read_text())
+    del meta["files"]  # step 1 is incomplete, but older than the step 2 resumed
+    (first / "meta.json").write_text(json.dumps(meta))
+    t = _trainer(tmp_path)
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert t.maybe_resume() == second and t.step == 2
+    assert "skipping" not in caplog.text, caplog.text
+
+
+def _shared_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "trainer.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("config", ["{not json", "[1, 2]", 7])
+def test_a_saved_config_that_cannot_be_read_is_refused(tmp_path: Path, config: object) -> None:
+    """Without the saved configuration nothing could be compared, so the checkpoint is
+    unusable (the checksum is right: only the reader's rules refuse it)."""
+    _, second = _saved_twice(tmp_path)
+    shared = _shared_state(second)
+    shared["config"] = config
+    _rewrite(second, "trainer.pt", shared)
+    t = _trainer(tmp_path / "other", f"checkpoint.resume={second}")
+    with pytest.raises(UnusableCheckpointError, match="config that is not a JSON object"):
+        t.maybe_resume()
+    assert t.step == 0
+
+
+def test_a_refused_fact_is_named_once(tmp_path: Path) -> None:
+    """data.num_classes is a recorded fact and a config field: its refusal is one line."""
+    _saved_twice(tmp_path)
+    t = _trainer(tmp_path, f"data.num_classes={CLASSES + 1}")
+    with pytest.raises(ConfigError) as info:
+        t.maybe_resume()
+    lines = [x for x in str(info.value).splitlines() if "data.num_classes" in x]
+    assert len(lines) == 1, str(info.value)
+
+
+def test_a_checkpoint_from_before_the_trackers_were_saved_resumes(tmp_path: Path) -> None:
+    """The trackers' run ids are optional state: without them the resume keeps the
+    current ones; every required part missing is refused."""
+    _, second = _saved_twice(tmp_path)
+    shared = _shared_state(second)
+    del shared["tracking"]
+    _rewrite(second, "trainer.pt", shared)
+    t = _trainer(tmp_path)
+    t.tracking_runs["mlflow"] = "run-7"
+    assert t.maybe_resume() == second and t.step == 2
+    assert t.tracking_runs == {"mlflow": "run-7"}
+    del shared["history"]
+    _rewrite(second, "trainer.pt", shared)
+    with pytest.raises(CheckpointError, match=r"trainer\.pt lacks history"):
+        _trainer(tmp_path).maybe_resume()
+
+
+# ------------------------------------------------------------ reading a damaged checkpoint
+@pytest.mark.parametrize("sums", [None, ["trainer.pt"], "sha"])
+def test_checksums_that_are_not_a_mapping_fail_verify(tmp_path: Path, sums: object) -> None:
+    _, second = _saved_twice(tmp_path)
+    meta = json.loads((second / "meta.json").read_text())
+    if sums is None:
+        del meta["sha256"]
+    else:
+        meta["sha256"] = sums
+    (second / "meta.json").write_text(json.dumps(meta))
+    storage = CheckpointStorage(second.parent)
+    with pytest.raises(DamagedCheckpointError, match=r"trainer\.pt has no SHA-256"):
+        storage.verify(storage.open(second), ["trainer.pt"])
+
+
+def test_reading_shards_a_checkpoint_does_not_hold_is_refused(tmp_path: Path) -> None:
+    _, second = _saved_twice(tmp_path)
+    storage = CheckpointStorage(second.parent)
+    with pytest.raises(CheckpointError, match="holds no center shards"):
+        storage.load_shard(storage.open(second), "center", 0, CLASSES, 1)
+
+
+# ---------------------------------------------------------------- writing: faults, durability
+@dataclass(frozen=True)
+class _RankZeroOfTwo(DistContext):
+    """Rank 0 of two, without a process group: the collectives answer as a rank 1 whose
+    writes failed with ``peer_error`` would."""
+
+    peer_error: str = ""
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj, (self.peer_error, {}, {})]
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+
+def test_a_save_failing_on_another_rank_names_that_rank(tmp_path: Path) -> None:
+    ctx = _RankZeroOfTwo(rank=0, world_size=2, peer_error="cannot write head-00001.pt: EIO")
+    storage = CheckpointStorage(tmp_path, ctx)
+    with pytest.raises(CheckpointError, match=r"rank 1: cannot write head-00001\.pt: EIO"):
+        storage.save(3, {"x": torch.ones(2)}, {}, {})
+    assert list(tmp_path.iterdir()) == []  # the temporary directory is gone
+
+
+class VanishingStorage(CheckpointStorage):
+    """The checkpoints directory is emptied under the run (a cleanup job, a file system
+    gone away) while ``stage`` is being written, which then fails."""
+
+    stage = "files"
+
+    def _gone(self) -> OSError:
+        shutil.rmtree(self.directory)
+        return OSError(errno.EIO, "Input/output error", str(self.directory))
+
+    def write_file(self, obj, path: Path) -> str:  # type: ignore[no-untyped-def]
+        if self.stage == "files":
+            raise self._gone()
+        return super().write_file(obj, path)
+
+    def _publish(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.stage == "publish":
+            raise self._gone()
+        return super()._publish(*args, **kwargs)
+
+
+@pytest.mark.parametrize("stage", ["files", "publish"])
+def test_a_save_whose_directory_vanished_reports_the_write_error(
+    tmp_path: Path, stage: str
+) -> None:
+    """The cleanup of the temporary directory never hides the failure that caused it."""
+    storage = VanishingStorage(tmp_path / "checkpoints")
+    storage.stage = stage
+    with pytest.raises(CheckpointError, match="Input/output error"):
+        storage.save(1, {"x": torch.ones(2)}, {}, {})
+
+
+def test_a_save_is_durable_before_it_is_published_and_leaks_no_descriptor(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Every file, then the temporary directory, is fsynced before the rename that
+    publishes the checkpoint; the checkpoints directory after it. No save leaves a file
+    descriptor open."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src, dst) -> None:  # type: ignore[no-untyped-def]
+        events.append(("rename", str(src)))
+        real_rename(src, dst)
+
+    storage = CheckpointStorage(tmp_path / "checkpoints")
+    storage.save(1, {"x": torch.ones(2)}, {}, {})  # the directory exists from here on
+    descriptors = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    final = storage.save(2, {"x": torch.ones(2)}, {}, {"y": torch.zeros(1)})
+    monkeypatch.undo()
+    tmp = str(tmp_path / "checkpoints" / ".tmp-step-00000002")
+    publish = events.index(("rename", tmp))
+    synced_before = {Path(p).name for kind, p in events[:publish] if kind == "fsync"}
+    assert synced_before == {p.name for p in final.iterdir()} | {Path(tmp).name}, events
+    assert ("fsync", str(tmp_path / "checkpoints")) in events[publish:], events
+    for step in (3, 4, 5):
+        storage.save(step, {"x": torch.ones(2)}, {}, {})
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
+def test_write_error_passes_a_named_write_error_unchanged(tmp_path: Path) -> None:
+    from trainer.checkpoint import files
+
+    named = files.write_error(tmp_path / "a.pt", OSError(errno.EIO, "Input/output error"))
+    assert files.write_error(tmp_path / "b.pt", named) is named
+
+
+# ------------------------------------------------------------------ shard states
+def _trained_rows(rows: int = 6, dim: int = 4) -> tuple[torch.nn.Linear, torch.optim.AdamW]:
+    """A head-like module of ``rows`` rows with two AdamW steps of state (its ``step`` is
+    replicated, its moments are row-indexed)."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(dim, rows, bias=False)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1)
+    for _ in range(2):
+        module(torch.randn(3, dim)).square().sum().backward()
+        optimizer.step()
+    return module, optimizer
+
+
+def test_resharding_slices_rows_and_keeps_the_replicated_state() -> None:
+    from trainer.checkpoint.resharding import reshard, shard_state
+
+    module, optimizer = _trained_rows()
+    full = shard_state(module, optimizer, 0, 6, 1)
+    halves = [reshard([full], lo, 3, 1, "full") for lo in (0, 3)]
+    part = reshard(halves[::-1], 2, 3, 1, "halves")  # classes 2..4 span both halves
+    assert torch.equal(part["model"]["weight"], full["model"]["weight"][2:5])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(part["optim_state"][key], full["optim_state"][key][2:5])
+    assert torch.equal(part["optim_state"]["step"], full["optim_state"]["step"])
+    del halves[1]["optim_state"]["exp_avg"]
+    with pytest.raises(ValueError, match="halves: shard at row 3 lacks 'exp_avg'"):
+        reshard(halves, 0, 6, 1, "halves")
+
+
+def test_a_sharded_optimizer_holding_more_than_one_parameter_is_refused() -> None:
+    from trainer.checkpoint.resharding import shard_state
+
+    module, _ = _trained_rows()
+    extra = torch.nn.Parameter(torch.zeros(6, 4))
+    two_groups = torch.optim.SGD([{"params": [module.weight]}, {"params": [extra]}], lr=0.1)
+    with pytest.raises(ValueError, match="exactly one parameter"):
+        shard_state(module, two_groups, 0, 6, 1)
+    two_params = torch.optim.SGD([module.weight, extra], lr=0.1, momentum=0.9)
+    (module.weight.sum() + extra.sum()).backward()
+    two_params.step()  # both parameters now have state
+    with pytest.raises(ValueError, match="exactly one parameter"):
+        shard_state(module, two_params, 0, 6, 1)
+
+
+def test_a_sharded_module_has_one_row_per_class_by_default_and_loads_without_optimizer() -> None:
+    """A plain head's shard records K = 1; a module without an optimizer (export, eval)
+    takes the rows of a trained shard and ignores its optimizer state."""
+    from trainer.checkpoint.states import ShardedModule
+
+    module, optimizer = _trained_rows()
+    module.class_start, module.num_local = 0, 6
+    state = ShardedModule(module, optimizer).state_dict()
+    assert state["num_subcenters"] == 1 and state["rows"] == 6
+    reader = torch.nn.Linear(4, 6, bias=False)
+    reader.class_start, reader.num_local = 0, 6
+    ShardedModule(reader, None).load_state_dict(state)
+    assert torch.equal(reader.weight, module.weight)

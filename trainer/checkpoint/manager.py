@@ -335,20 +335,29 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------- loading
     @staticmethod
-    def _config_of(raw: Any) -> dict[str, Any] | None:
-        """A configuration saved as JSON text, or ``None``."""
-        if not isinstance(raw, str):
+    def _config_of(raw: Any, source: str) -> dict[str, Any] | None:
+        """The configuration saved as JSON text in ``source``; ``None`` if none was
+        saved. Anything else is refused (:class:`UnusableCheckpointError` naming
+        ``source``): a configuration that cannot be read cannot be compared, and a resume
+        without the comparison could silently change the run."""
+        if raw is None:
             return None
         try:
-            value = json.loads(raw)
+            value = json.loads(raw) if isinstance(raw, str) else None
         except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+            value = None
+        if not isinstance(value, dict):
+            raise UnusableCheckpointError(
+                f"{source} holds a config that is not a JSON object "
+                f"({type(raw).__name__} {str(raw)[:40]!r}): it cannot be compared with this run's"
+            )
+        return value
 
     def check_compatible(self, ckpt: CheckpointDir, shared: dict[str, Any]) -> None:
         """Compare what ``ckpt`` was trained with (its facts, its saved configuration
         in ``shared``) with this run; raise one :class:`ConfigError` naming every
-        difference a resume cannot take; log the allowed ones, which this run applies."""
+        difference a resume cannot take; log the allowed ones, which this run applies.
+        A saved configuration that cannot be read raises :class:`UnusableCheckpointError`."""
         problems = []
         named = set()  # options whose fact differs: not repeated from the config below
         for key, fact in self.facts.items():
@@ -356,10 +365,10 @@ class CheckpointManager:
             if why is not None:
                 problems.append(why)
                 named.add(fact.option)
-        saved_cfg = self._config_of(shared.get("config"))
+        saved_cfg = self._config_of(shared.get("config"), str(ckpt.path / "trainer.pt"))
         self.resumed_config = saved_cfg  # for the resume's batch-layout warning
         mine = self.replicated.get("config")
-        current = self._config_of(mine.value) if isinstance(mine, Recorded) else None
+        current = self._config_of(mine.value, "this run") if isinstance(mine, Recorded) else None
         changed: list[tuple[str, Any, Any]] = []
         if saved_cfg is not None and current is not None:
             changed, refused = compare_configs(

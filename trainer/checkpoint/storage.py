@@ -474,6 +474,7 @@ class CheckpointStorage:
                     meta.get("lineage"),
                 )
             self.discard(final)
+        fsync_path(tmp)  # the files' directory entries, before the rename publishes them
         os.rename(tmp, final)
         fsync_path(self.directory)
         self.remove_leftovers()

@@ -1,0 +1,80 @@
+"""tools.mutation: which statement removals it generates.
+
+Removing a ``return None`` after which the function would fall off its end anyway is an
+equivalent mutant by construction, so none is generated; removing an early one changes
+what the function does, so it is generated.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from tools.mutation import mutants_of
+
+SOURCE = """
+def tail(x):
+    if x:
+        return 1
+    return None
+
+
+def in_handler(path):
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+def in_both_branches(x):
+    if x:
+        y = 1
+        return None
+    else:
+        return
+
+
+def early(x):
+    if x is None:
+        return None
+    x.append(1)
+
+
+def early_bare(x):
+    for item in x:
+        if item:
+            return
+    x.append(1)
+
+
+def try_with_else(x):
+    try:
+        y = int(x)
+    except ValueError:
+        return None
+    else:
+        return
+"""
+
+
+def _removed_returns(tmp_path: Path) -> list[tuple[str, int]]:
+    (tmp_path / "m.py").write_text(textwrap.dedent(SOURCE))
+    lines = textwrap.dedent(SOURCE).splitlines()
+    return [
+        (m.scope, m.line)
+        for m in mutants_of("m.py", root=tmp_path)
+        if m.op == "remove statement" and lines[m.line - 1].strip().startswith("return")
+    ]
+
+
+def test_only_early_returns_of_none_are_removed(tmp_path: Path) -> None:
+    removed = _removed_returns(tmp_path)
+    scopes = [scope for scope, _ in removed]
+    # a return of a value is always a mutant; of None only where control would go on
+    assert scopes.count("tail") == 1  # `return 1`
+    assert scopes.count("in_handler") == 1  # `return path.stat()`
+    assert "in_both_branches" not in scopes
+    assert scopes.count("early") == 1
+    assert scopes.count("early_bare") == 1
+    # the try's body falls into its else, so only the handler's and the else's are tails
+    assert "try_with_else" not in scopes
