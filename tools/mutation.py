@@ -272,8 +272,10 @@ class _Collector(ast.NodeVisitor):
     def _statements(self, body: list[ast.stmt]) -> None:
         kinds = (ast.Expr, ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Return, ast.Raise)
         for stmt in body:
-            if not isinstance(stmt, kinds) or _is_docstring(stmt):
+            if not isinstance(stmt, kinds):
                 continue
+            if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+                continue  # a docstring or a Protocol's `...`: removing it changes nothing
             if isinstance(stmt, ast.Expr) and _is_log_call(stmt.value):
                 continue
             if isinstance(stmt, ast.AnnAssign) and stmt.value is None:
@@ -553,8 +555,10 @@ class ModuleRun:
 
 
 def allocate(runs: list[ModuleRun], budget_s: float, cap: int | None) -> dict[int, int]:
-    """How many more mutants each module runs: water-filling of ``budget_s`` over the
-    modules in proportion to their mutant counts, at each module's expected cost."""
+    """How many more mutants each module runs: water-filling of ``budget_s``, an equal
+    share for each package (its kill rate is the figure reported, so a package of slow
+    tests still gets a sample worth the name), shared among the package's modules in
+    proportion to their mutant counts, at each module's expected cost."""
 
     def left_of(r: ModuleRun) -> int:
         n = len(r.mutants) if cap is None else min(cap, len(r.mutants))
@@ -564,10 +568,13 @@ def allocate(runs: list[ModuleRun], budget_s: float, cap: int | None) -> dict[in
     pending = [r for r in runs if r.baseline_ok and left_of(r) > 0]
     left = budget_s
     while pending and left > 0:
-        total = sum(len(r.mutants) for r in pending)
+        in_package: dict[str, int] = {}
+        for r in pending:
+            in_package[r.module.package] = in_package.get(r.module.package, 0) + len(r.mutants)
         spent = 0.0
         for r in pending:
-            n = min(left_of(r), int(left * len(r.mutants) / total // r.cost))
+            share = len(r.mutants) / in_package[r.module.package] / len(in_package)
+            n = min(left_of(r), int(left * share // r.cost))
             extra[id(r)] += n
             spent += n * r.cost
         if spent == 0:  # no whole mutant fits any share: give the cheapest one its next

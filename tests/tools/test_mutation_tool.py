@@ -78,3 +78,30 @@ def test_only_early_returns_of_none_are_removed(tmp_path: Path) -> None:
     assert scopes.count("early_bare") == 1
     # the try's body falls into its else, so only the handler's and the else's are tails
     assert "try_with_else" not in scopes
+
+
+def test_the_budget_is_shared_equally_among_packages() -> None:
+    """A package of slow tests gets as much time as one of fast tests (its kill rate is
+    a figure of its own); within a package, time follows the modules' mutant counts."""
+    from tools.mutation import Module, ModuleRun, allocate
+
+    def run(path: str, package: str, mutants: int, seconds: float) -> ModuleRun:
+        return ModuleRun(Module(path, package, []), [None] * mutants, baseline_s=seconds)
+
+    fast_a = run("a.py", "fast", 3000, 1.0)
+    fast_b = run("b.py", "fast", 1000, 1.0)
+    slow = run("c.py", "slow", 600, 10.0)
+    extra = allocate([fast_a, fast_b, slow], 800.0, None)
+    assert (extra[id(fast_a)], extra[id(fast_b)], extra[id(slow)]) == (300, 100, 40)
+
+
+def test_constant_statements_are_not_removed(tmp_path: Path) -> None:
+    """A docstring or a Protocol method's ``...`` does nothing: no mutant removes it."""
+    (tmp_path / "p.py").write_text(
+        'class P:\n    def f(self) -> int: ...\n\n    def g(self):\n        """Doc."""\n'
+        "        return 1\n"
+    )
+    removed = [
+        m.source_line for m in mutants_of("p.py", root=tmp_path) if m.op == "remove statement"
+    ]
+    assert removed == ["return 1"]

@@ -478,3 +478,115 @@ def test_a_sharded_module_has_one_row_per_class_by_default_and_loads_without_opt
     reader.class_start, reader.num_local = 0, 6
     ShardedModule(reader, None).load_state_dict(state)
     assert torch.equal(reader.weight, module.weight)
+
+
+# ------------------------------------------------- the second sample's survivors (session 7)
+def test_a_checkpoint_without_its_saved_config_is_refused_naming_it(tmp_path: Path) -> None:
+    _, second = _saved_twice(tmp_path)
+    shared = _shared_state(second)
+    del shared["config"]
+    _rewrite(second, "trainer.pt", shared)
+    with pytest.raises(CheckpointError, match=r"trainer\.pt lacks config"):
+        _trainer(tmp_path / "other", f"checkpoint.resume={second}").maybe_resume()
+
+
+def test_loading_an_incomplete_checkpoint_directly_is_refused(tmp_path: Path) -> None:
+    """``load`` is public (tools read checkpoints with it): it refuses an incomplete
+    checkpoint itself instead of trusting the caller to have scanned it."""
+    _, second = _saved_twice(tmp_path)
+    (second / "rank-00000.pt").unlink()
+    t = _trainer(tmp_path / "other")
+    with pytest.raises(CheckpointError, match=r"rank-00000\.pt is missing"):
+        t.checkpointer.load(second)
+    assert t.step == 0
+
+
+def test_the_histories_centres_and_last_lrs_are_restored(tmp_path: Path) -> None:
+    """Every replicated and sharded part comes back: the verification history, the
+    learnable centres (their own shards), and each scheduler's last LR equals its
+    optimizer's."""
+    from tests.trainer.test_trainer_aux import make_aux_trainer
+
+    x, y = dataset()
+
+    def aux(*extra: str):
+        return make_aux_trainer(make_cfg(tmp_path, *extra), TensorLoader(x, y, 8, 0, 1))
+
+    saved = aux("aux.center_weight=0.1", "optimizer.lr=0.2")
+    for i in range(3):
+        saved.train_step([(x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8])])
+    saved.history.append({"step": 3, "results": {"lfw": 0.75}})
+    ckpt = saved.save_checkpoint()
+    resumed = aux("aux.center_weight=0.1", "optimizer.lr=0.1")  # a changed peak LR
+    assert not torch.equal(resumed.center.centers, saved.center.centers)
+    assert resumed.maybe_resume() == ckpt and resumed.step == 3
+    assert resumed.history == [{"step": 3, "results": {"lfw": 0.75}}]
+    assert torch.equal(resumed.center.centers.detach(), saved.center.centers.detach())
+    for scheduler in resumed.schedulers:
+        groups = scheduler.optimizer.param_groups
+        assert scheduler.get_last_lr() == [g["lr"] for g in groups]
+    assert resumed.schedulers[0].get_last_lr() != saved.schedulers[0].get_last_lr()
+
+
+def test_a_file_that_cannot_be_read_fails_verify_naming_it(tmp_path: Path, monkeypatch) -> None:
+    _, second = _saved_twice(tmp_path)
+    storage = CheckpointStorage(second.parent)
+
+    def unreadable(path: Path) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(storage, "digest", unreadable)
+    with pytest.raises(DamagedCheckpointError, match=r"trainer\.pt cannot be read: .*denied"):
+        storage.verify(storage.open(second), ["trainer.pt"])
+
+
+def test_leftovers_are_removed_only_where_this_class_made_them(tmp_path: Path) -> None:
+    """``.tmp-step-*`` and ``.trash-*`` directories are removed and listed; a file or a
+    symbolic link of such a name (not ours) stays, and so does what a link points to."""
+    directory = tmp_path / "checkpoints"
+    ours = [directory / ".tmp-step-00000003", directory / ".trash-step-00000001-77"]
+    for d in ours:
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "head-00000.pt").write_bytes(b"x")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("user data")
+    link = directory / ".tmp-step-00000004"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    plain = directory / ".trash-notes"
+    plain.write_text("a file of that name")
+    removed = CheckpointStorage(directory).remove_leftovers()
+    assert sorted(removed) == sorted(ours)
+    assert not any(d.exists() for d in ours)
+    assert link.is_symlink() and (elsewhere / "keep.txt").read_text() == "user data"
+    assert plain.read_text() == "a file of that name"
+
+
+def test_a_checkpoints_step_is_its_names_else_its_meta_jsons() -> None:
+    named = CheckpointDir(Path("run/checkpoints/step-00000012"), {"step": 99}, None)
+    assert named.step == 12
+    assert CheckpointDir(Path("best"), {"step": 7}, None).step == 7
+    assert CheckpointDir(Path("best"), {}, None).step == -1  # before any step
+
+
+def test_write_errors_name_the_os_error_in_the_chain(tmp_path: Path, monkeypatch) -> None:
+    """The cause named is the ``OSError``'s: its errno's text, its own text when it has
+    no errno (found also as the cause of torch's ``RuntimeError``); with free space, a
+    writer error without one is named as raised."""
+    from trainer.checkpoint import files
+
+    monkeypatch.setattr(files, "_free_bytes", lambda path: 1 << 40)
+    target = tmp_path / "rank-00001.pt"
+    error = files.write_error(target, OSError(errno.EIO, "Input/output error"))
+    assert error.errno == errno.EIO
+    assert str(error) == f"cannot write {target}: Input/output error"
+    without_errno = OSError("the file system went away")
+    assert str(files.write_error(target, without_errno)).endswith(": the file system went away")
+    wrapped = RuntimeError("[enforce fail at inline_container.cc:595] unexpected pos")
+    wrapped.__context__ = OSError(errno.EROFS, "Read-only file system")
+    assert files.write_error(target, wrapped).errno == errno.EROFS
+
+    def writer_fails() -> None:
+        raise RuntimeError("unexpected pos 64")
+
+    assert files.attempt(writer_fails) == "unexpected pos 64"
