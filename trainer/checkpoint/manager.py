@@ -234,8 +234,7 @@ class CheckpointManager:
         complete checkpoint; if none can be resumed the run stops. A named checkpoint
         that cannot be resumed is refused, naming the previous complete one. A
         configuration difference is never skipped past."""
-        if spec == "none":
-            self._start_lineage(None)
+        if spec == "none":  # the new lineage without a parent that __init__ started
             return None
         found = self.ctx.broadcast_object(self._look(spec) if self.ctx.is_main else None)
         listing, named = found
@@ -302,8 +301,7 @@ class CheckpointManager:
                 f"{'; '.join(failures)}. Start afresh with checkpoint.resume=none (or "
                 f"another train.output)"
             )
-        self._start_lineage(None)
-        return None
+        return None  # a fresh start: the new lineage __init__ started
 
     def _start_lineage(self, parent: Path | None) -> None:
         self.lineage = new_lineage_id()

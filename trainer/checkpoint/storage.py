@@ -493,8 +493,6 @@ class CheckpointStorage:
         flight (rank 0: at start-up holding the run lock, or after a save); returns
         what was removed."""
         removed: list[Path] = []
-        if not self.directory.is_dir():
-            return removed
         for pattern in (".tmp-step-*", ".trash-*"):
             for stale in sorted(self.directory.glob(pattern)):
                 if stale.is_symlink() or not stale.is_dir():
