@@ -792,6 +792,11 @@ class DistillConfig(Section):
         """Whether the run distils (from an online teacher or a cache)."""
         return bool(self.teacher or self.cache)
 
+    @property
+    def teacher_is_onnx(self) -> bool:
+        """Whether ``teacher`` is an ONNX model (by its ``.onnx`` suffix)."""
+        return self.teacher.lower().endswith(".onnx")
+
     def check_rules(self) -> None:
         _check(
             isinstance(self.teacher, str),
@@ -816,6 +821,13 @@ class DistillConfig(Section):
             not self.teacher_network or bool(self.teacher),
             "distill.teacher_network",
             "is set but distill.teacher is empty",
+            self.teacher_network,
+        )
+        _check(
+            not (self.teacher_network and self.teacher_is_onnx),
+            "distill.teacher_network",
+            f"is set but distill.teacher {self.teacher!r} is an ONNX model, which carries "
+            "its own network: leave it empty",
             self.teacher_network,
         )
 

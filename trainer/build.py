@@ -119,6 +119,7 @@ def build_distillation(
     Raises:
         ConfigError: ``distill.teacher`` is not a file, or ``distill.teacher_network``
             is not a known network (both name the option).
+        ModelError: an ONNX teacher that cannot be read (naming the file).
         BackboneWeightsError, TeacherError: the file is not that network's weights, or
             the network does not take its input (the message names the file).
     """
@@ -132,13 +133,15 @@ def build_distillation(
         teacher_size = teacher_cache.embedding_size
     else:
         _check_teacher_file(dc.teacher)
-        network = dc.teacher_network or cfg.model.network
-        key = "distill.teacher_network" if dc.teacher_network else "model.network"
-        try:
-            input_spec(network)
-        except ValueError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
-        teacher = Teacher.from_file(dc.teacher, network, input_spec(cfg.model.network), device)
+        network = None  # an ONNX teacher carries its own (configs refuse naming one)
+        if not dc.teacher_is_onnx:
+            network = dc.teacher_network or cfg.model.network
+            key = "distill.teacher_network" if dc.teacher_network else "model.network"
+            try:
+                input_spec(network)
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+        teacher = Teacher.load(dc.teacher, network, input_spec(cfg.model.network), device)
         teacher_size = teacher.embedding_size
     if dc.logit_weight > 0 and teacher_size != cfg.model.embedding_size:
         raise ConfigError(

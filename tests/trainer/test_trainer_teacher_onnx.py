@@ -15,11 +15,14 @@ from torch import nn
 
 from backbones.registry import get_model, input_spec
 from common.face_input import ARCFACE_INPUT, InputSpec
+from configs import ConfigError
 from datasets.teacher_cache import TeacherCache
 from eval.errors import ModelError
 from eval.onnx_export import export_onnx
+from tests.trainer.test_trainer import make_cfg
 from tests.trainer.test_trainer_distill_cache import IDS, PER_ID, _images
 from tools.teacher_embed import main as teacher_embed
+from trainer.build import build_distillation
 from trainer.teacher import Teacher, TeacherError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,3 +110,20 @@ def test_cache_from_an_onnx_teacher(onnx_models, synthetic_data, tmp_path: Path)
     expected = teacher(_images(data, list(range(IDS * PER_ID)))).numpy()
     got = TeacherCache.open(out).lookup(np.arange(IDS * PER_ID))
     assert np.array_equal(got, expected)  # the same session on the same batch
+
+
+def test_the_trainer_builds_an_onnx_teacher_from_distill_teacher(
+    backbone, onnx_models, tmp_path: Path
+) -> None:
+    """``distill.teacher=M.onnx`` runs the model by onnxruntime (not as backbone weights
+    of ``model.network``); naming a network for it is refused at start-up."""
+    teacher = onnx_models["bgr"]
+    cfg = make_cfg(tmp_path, f"distill.teacher={teacher}", "distill.relation_weight=1")
+    distillation = build_distillation(cfg, CPU)
+    assert distillation is not None and distillation.teacher is not None
+    x = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        expected = backbone(x)
+    assert _rel(distillation.teacher(x), expected) <= REL_TOL
+    with pytest.raises(ConfigError, match=r"distill\.teacher_network: .* ONNX model"):
+        make_cfg(tmp_path, f"distill.teacher={teacher}", "distill.teacher_network=mbf_tiny")
