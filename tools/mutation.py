@@ -797,9 +797,10 @@ def run_planted(args: argparse.Namespace) -> int:
 
 def _survivors_of(report_json: Path, runs: list[ModuleRun]) -> list[ModuleRun]:
     """Only the mutants that survived in an earlier report (found again by module,
-    operator, source line and replacement, so they survive line moves): to check that
+    operator, source line, replacement, enclosing function and column, so they survive
+    line moves and a line text that repeats elsewhere is not run again): to check that
     new tests kill them."""
-    key = lambda d: (d["path"], d["op"], d["source_line"], d["replacement"])  # noqa: E731
+    key = lambda d: (d["path"], d["op"], d["source_line"], d["replacement"], d["scope"], d["col"])  # noqa: E731
     wanted = {
         key(r["mutant"]) for r in json.loads(report_json.read_text())["results"]
         if r["status"] == "survived"

@@ -105,3 +105,25 @@ def test_constant_statements_are_not_removed(tmp_path: Path) -> None:
         m.source_line for m in mutants_of("p.py", root=tmp_path) if m.op == "remove statement"
     ]
     assert removed == ["return 1"]
+
+
+def test_a_rerun_finds_each_survivor_once_after_its_line_moved(tmp_path: Path) -> None:
+    """The same line text in two functions: only the survivor's own mutant runs again,
+    also after lines were added above it."""
+    import json
+    from dataclasses import asdict
+
+    from tools.mutation import Module, ModuleRun, _survivors_of
+
+    body = "def f(x):\n    return x + 1\n\n\ndef g(x):\n    return x + 1\n"
+    (tmp_path / "m.py").write_text(body)
+    survivor = next(
+        m for m in mutants_of("m.py", root=tmp_path) if m.scope == "g" and m.op == "+ -> -"
+    )
+    report = tmp_path / "report.json"
+    result = {"mutant": asdict(survivor), "status": "survived"}
+    report.write_text(json.dumps({"results": [result]}))
+    (tmp_path / "m.py").write_text("import os\n\n\n" + body)  # the lines moved
+    run = ModuleRun(Module("m.py", "p", []), mutants_of("m.py", root=tmp_path))
+    [found] = _survivors_of(report, [run])
+    assert [(m.scope, m.op, m.line) for m in found.mutants] == [("g", "+ -> -", survivor.line + 3)]
