@@ -191,3 +191,32 @@ def test_arrow_open_source_reads_a_folder_holding_train_rec(tmp_path: Path) -> N
     ds = open_source(str(tmp_path))
     assert isinstance(ds, RecordIODataset)
     assert ds.num_classes == N_CLASSES and _rows(ds) == RECORDS
+
+
+class _Keyless(_Records):
+    """A source without ``image_keys`` (an image folder, say)."""
+
+    def __init__(self, records: list[tuple[bytes, int]]) -> None:
+        super().__init__(records)
+        del self.image_keys
+
+
+def test_arrow_rows_of_a_source_without_keys_have_key_minus_one(tmp_path: Path) -> None:
+    """The documented ``key`` column: the source RecordIO key, or -1 where there is none."""
+    convert_to_shards(_Keyless(RECORDS[:4]), tmp_path, progress=False)
+    f = tmp_path / shard_name(0)
+    with pa.memory_map(str(f), "r") as src:
+        keys = pa.ipc.open_file(src).read_all().column("key").to_pylist()
+    assert keys == [-1, -1, -1, -1]
+    assert ArrowDataset(tmp_path)._where(2) == f"{f} batch 0 row 2 (source key -1)"
+
+
+def test_arrow_conversion_refuses_a_label_equal_to_num_classes(tmp_path: Path) -> None:
+    """Labels lie in ``[0, num_classes)``: ``num_classes`` itself is outside."""
+    records = list(RECORDS)
+    records[5] = (records[5][0], N_CLASSES)
+    with pytest.raises(
+        DataError, match=r"_Records sample 5: label 4 is outside \[0, num_classes=4\)"
+    ):
+        convert_to_shards(_Records(records), tmp_path, progress=False)
+    assert not (tmp_path / "manifest.json").exists()

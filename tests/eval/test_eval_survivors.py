@@ -22,6 +22,10 @@ from eval.metrics import (
     calculate_roc,
     calculate_val,
     contiguous_folds,
+    evaluate,
+    pair_distances,
+    tar_at_far,
+    threshold_at_far,
 )
 from eval.onnx_infer import normalises_in_graph
 
@@ -211,3 +215,76 @@ def test_in_graph_normalisation_is_read_from_the_ops_not_their_names(
     mean or map 0..255 into a small range, on every channel; the nodes' names (which
     insightface's own test reads) decide nothing."""
     assert normalises_in_graph(_graph(tmp_path / "m.onnx", ops)) is expected
+
+
+# ------------------------------------------------ defaults and inputs (mutation survivors)
+#: The FAR columns of the IJB-B/C 1:1 report (insightface's ``IJB_11.py``): 1e-6 .. 1e-1.
+IJB_PROTOCOL_FARS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+
+
+def test_tar_at_far_reports_the_ijb_protocols_far_columns_by_default() -> None:
+    """Default targets: the documented IJB table. Each TAR is read, by brute force, at
+    the ROC point whose FPR is closest to the target (highest TPR among ties)."""
+    fpr = np.array([0.0, 0.0, 2e-6, 2e-5, 3e-4, 2e-3, 0.02, 0.3, 1.0])
+    tpr = np.array([0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0])
+    table = tar_at_far(fpr, tpr)
+    assert list(table) == IJB_PROTOCOL_FARS
+    for target in IJB_PROTOCOL_FARS:
+        gaps = [abs(f - target) for f in fpr]
+        want = max(t for f, t in zip(fpr, tpr, strict=True) if abs(f - target) == min(gaps))
+        assert table[target] == want, target
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (5, 4), (4,)])
+def test_pair_distances_refuses_rows_that_do_not_form_pairs(shape) -> None:
+    with pytest.raises(ValueError, match=rf"even number of rows, got \({shape[0]},"):
+        pair_distances(np.zeros(shape))
+
+
+def test_calculate_roc_runs_ten_folds_by_default() -> None:
+    """The protocol's 10 contiguous folds, against the brute-force count."""
+    rng = np.random.default_rng(5)
+    dist = rng.choice(THRESHOLDS[:40], size=23)
+    same = rng.random(23) < 0.5
+    thresholds = THRESHOLDS[:40]
+    tpr, fpr, accuracy = calculate_roc(thresholds, dist, same)
+    want_tpr, want_fpr, want_acc = _brute_roc(thresholds, dist, same, 10)
+    assert accuracy.tolist() == want_acc.tolist() and len(accuracy) == 10
+    np.testing.assert_allclose(tpr, want_tpr, rtol=11 * U64, atol=0)
+    np.testing.assert_allclose(fpr, want_fpr, rtol=11 * U64, atol=0)
+
+
+def test_threshold_at_far_takes_any_array_like_far_curve_in_float64() -> None:
+    """A list, and a float32 curve: both interpolated in float64 (the brute-force
+    interpolation of the float64 values; float32 arithmetic would be ~1e-8 off)."""
+    thresholds = [0.0, 1.0, 2.0, 3.0]
+    far = [0.0, 0.1, 0.3, 0.7]
+    assert threshold_at_far(thresholds, far, 0.2) == _threshold_at(thresholds, far, 0.2)
+    far32 = np.array(far, np.float32)
+    want = _threshold_at(thresholds, [float(f) for f in far32], 0.2)
+    assert threshold_at_far(np.array(thresholds), far32, 0.2) == want
+    assert abs(want - 1.5) < 1e-6  # the float32 values themselves are close to far
+
+
+def test_evaluate_reads_val_on_the_protocols_fine_threshold_grid() -> None:
+    """VAL@FAR=1e-3 on thresholds ``np.arange(0, 4, 0.001)`` (the documented protocol),
+    not the accuracy grid's 0.01: two folds, each with 5 impostors at distance 1.0055
+    and 5 genuine pairs at 1.003. On the fine grid the training FAR first exceeds 1e-3
+    at 1.006, so the threshold is ~1.005 and the genuine pairs are accepted; on the
+    0.01 grid it would be ~1.00 and they would not."""
+    dists = np.tile(np.r_[np.full(5, 1.0055), np.full(5, 1.003)], 2)
+    same = np.tile(np.r_[np.zeros(5, bool), np.ones(5, bool)], 2)
+    emb = np.zeros((2 * dists.size, 2))
+    emb[1::2, 0] = np.sqrt(dists)
+    got_dist = np.sum(np.square(emb[0::2] - emb[1::2]), 1)  # what the protocol compares
+    fine = np.arange(0, 4, 0.001)
+    vals, fars = [], []
+    for train, test in _folds(dists.size, 2):
+        diff_train = np.array([got_dist[i] for i in train if not same[i]])
+        curve = [float(np.mean(diff_train < t)) for t in fine]
+        t = _threshold_at(fine, curve, 1e-3)
+        vals.append(np.mean([got_dist[i] < t for i in test if same[i]]))
+        fars.append(np.mean([got_dist[i] < t for i in test if not same[i]]))
+    _, _, _, val, val_std, far = evaluate(emb, same, nrof_folds=2)
+    assert (val, val_std, far) == (np.mean(vals), np.std(vals), np.mean(fars))
+    assert val == 1.0  # the genuine pairs fall between the two grids' thresholds

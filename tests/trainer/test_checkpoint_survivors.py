@@ -590,3 +590,13 @@ def test_write_errors_name_the_os_error_in_the_chain(tmp_path: Path, monkeypatch
         raise RuntimeError("unexpected pos 64")
 
     assert files.attempt(writer_fails) == "unexpected pos 64"
+
+
+def test_a_nan_option_equals_itself_in_the_config_comparison() -> None:
+    """A float option saved as NaN and still NaN is no change (NaN != NaN in Python)."""
+    from trainer.checkpoint.policy import compare_configs
+
+    nan = float("nan")
+    assert compare_configs({"train": {"seed": nan}}, {"train": {"seed": nan}}) == ([], [])
+    _, refused = compare_configs({"train": {"seed": nan}}, {"train": {"seed": 0.5}})
+    assert [key for key, *_ in refused] == ["train.seed"]
