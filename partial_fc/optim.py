@@ -66,7 +66,6 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                 f"got {state_dtype}"
             )
         super().__init__([head.weight], defaults)
-        self._head = head
         self.state_dtype = state_dtype
 
     @torch.no_grad()

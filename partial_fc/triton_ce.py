@@ -404,6 +404,12 @@ def _compute(dtype: torch.dtype, matmul_dtype: torch.dtype | None):
     return _TL_DTYPES[compute], INTERPRETED and compute != torch.float32, precision
 
 
+#: Triton's ``(num_warps, num_stages)`` for a launch without options (the CUDA
+#: backend's defaults): what :func:`inverse_norms` runs, and so what
+#: :func:`compile_report` builds for it.
+_LAUNCH_DEFAULTS = (4, 3)
+
+
 def inverse_norms(weight: torch.Tensor, sampled: torch.Tensor | None) -> torch.Tensor:
     """``1 / max(|w|, eps)`` ``(S,)`` fp32 of the rows in use (``sampled`` ``(S,)``, or all)."""
     _launch_settings(weight.device)
@@ -684,7 +690,8 @@ def compile_report(
             _inverse_norms_kernel,
             dict(w_ptr=wp, idx_ptr=wp, out_ptr="*fp32", num_used="i32", dim="i32",
                  stride_w="i32", eps="fp32"),
-            dict(BLOCK_R=16, BLOCK_D=min(_block_d(dim), 256), HAS_IDX=False), 4, 2,
+            dict(BLOCK_R=16, BLOCK_D=min(_block_d(dim), 256), HAS_IDX=False),
+            *_LAUNCH_DEFAULTS,  # inverse_norms launches it without options
         ),
     }  # fmt: skip
     for sampled in (False, True):

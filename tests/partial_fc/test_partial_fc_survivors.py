@@ -17,6 +17,7 @@ Every tolerance here is a unit roundoff times a bound derived in a comment next 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from unittest import mock
 
@@ -462,3 +463,254 @@ def test_triton_bf16_products_equal_a_reference_with_the_same_rounding() -> None
         # the bounds are tight enough to mean something: far below the 3% of the norm
         # that the head test allows (and below one bf16 rounding of the logits)
         assert lse_bound < UBF16 * scale / 16
+
+
+# ------------------------------------------- survivors of the second mutation run
+def test_center_loss_of_a_single_known_sample_is_its_own_hinge() -> None:
+    """The loss is the mean over the known samples (labels >= 0): with one known sample
+    in the batch it is that sample's own squared distance to its centre (float64)."""
+    from partial_fc.center_loss import ShardedCenterLoss
+
+    module = ShardedCenterLoss(5, 3, seed=2)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([-1, 3, -1, -1])
+    want = (x[1].double() - module.centers.detach()[3].double()).pow(2).sum()
+    got = module(x, labels)
+    assert int(module.num_known) == 1
+    assert abs(float(got.detach()) - float(want)) <= 8 * U32 * float(want)
+
+
+def test_unknown_embedding_distillation_kind_is_refused() -> None:
+    from partial_fc.distill import embedding_distill_loss
+
+    s, t = torch.ones(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="unknown embedding distillation kind 'dot'"):
+        embedding_distill_loss(s, t, torch.ones(2, dtype=torch.bool), "dot")
+
+
+def test_head_refuses_a_margin_that_is_not_a_combined_margin() -> None:
+    with pytest.raises(TypeError, match=r"margin must be a CombinedMargin .* got 'arcface'"):
+        PartialFC(10, 4, "arcface")
+
+
+def test_active_backend_on_cpu() -> None:
+    """On a CPU weight "auto" and "torch" run the torch path; an explicit "triton" (with
+    triton importable and its interpreter asked for) runs triton; a head triton cannot
+    run stays on torch under "auto"."""
+    from partial_fc import head as head_module
+
+    assert PartialFC(10, 4, ArcFace()).active_backend == "torch"
+    assert PartialFC(10, 4, ArcFace(), backend="torch").active_backend == "torch"
+    assert PartialFC(10, 4, CurricularFace(), backend="auto").active_backend == "torch"
+    with (
+        mock.patch.object(head_module, "triton_missing", lambda: None),
+        mock.patch.object(head_module, "interpreter_requested", lambda: True),
+    ):
+        assert PartialFC(10, 4, ArcFace(), backend="triton").active_backend == "triton"
+        assert PartialFC(10, 4, ArcFace(), backend="auto").active_backend == "torch"
+
+
+def test_sampled_training_on_a_rank_without_classes() -> None:
+    """A rank that owns no classes (``num_local == 0``, a single process made to look
+    like one) samples nothing with ``sample_rate < 1``: no sampled set, a dense
+    ``(0, D)`` weight gradient, and a zero gradient for the embeddings."""
+    head = PartialFC(4, 3, ArcFace(), sample_rate=0.5, seed=0)
+    head.class_start, head.num_local = 4, 0
+    head.weight = torch.nn.Parameter(head.weight.detach()[:0].clone())
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    head(x, torch.arange(5) % 4).backward()
+    assert head.last_sampled is None
+    assert head.weight.grad.layout == torch.strided and head.weight.grad.shape == (0, 3)
+    assert torch.equal(x.grad, torch.zeros(5, 3))
+
+
+def test_automatic_chunk_keeps_the_block_within_40_percent_of_the_gradient() -> None:
+    """The documented rule: the largest chunk with ``B * chunk <= 0.4 * num_local * D``,
+    at least 4096 classes, at most the classes in use; batches of one row included."""
+    head = PartialFC(20000, 2, ArcFace())
+    for batch in (1, 2, 3, 7):
+        want = max(4096, int(0.4 * 20000 * 2 / batch + 1e-9))
+        assert head._auto_chunk(batch, 20000) == min(20000, want), batch
+        chunk = head._auto_chunk(batch, 20000)
+        assert chunk <= 4096 or batch * chunk <= 0.4 * 20000 * 2
+    assert head._auto_chunk(1, 100) == 100
+
+
+def test_every_sampled_step_gradient_is_marked_coalesced() -> None:
+    """Each sampled step's gradient (``.grad`` set to None in between) is one backward's:
+    sorted unique rows, flagged coalesced, whether the previous gradient is kept alive
+    or freed."""
+    head = PartialFC(20, 4, ArcFace(), sample_rate=0.5, seed=0)
+    g = torch.Generator().manual_seed(4)
+    kept = []
+    for step in range(3):
+        head.weight.grad = None
+        head(torch.randn(6, 4, generator=g), torch.randint(0, 20, (6,), generator=g)).backward()
+        grad = head.weight.grad
+        assert grad.layout == torch.sparse_coo and grad.is_coalesced(), step
+        rows = grad._indices()[0]
+        assert torch.equal(rows, torch.unique(rows)), step
+        if step == 1:
+            kept.append(grad)
+
+
+def test_margin_errors_name_the_class_and_defaults() -> None:
+    """A per-class margin out of range names its class, a single one does not; the
+    combined margin's default is ArcFace's (m1 = 1, m2 = 0.5, m3 = 0: target logit
+    ``s cos(theta + 0.5)``), with the exact derivative."""
+    from partial_fc import CosFace
+    from partial_fc.margins import CombinedMargin, check_margin
+
+    with pytest.raises(ValueError, match=r"m3: .* got 2\.5 for class 1 "):
+        check_margin("m3", [0.1, 2.5, 3.0])
+    with pytest.raises(ValueError, match=r"m3: .* got 2\.5 \(m3"):
+        check_margin("m3", 2.5)
+    cos = torch.tensor([0.9, 0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    classes = torch.zeros(3, dtype=torch.long)
+    want = 8.0 * torch.cos(torch.acos(cos) + 0.5)
+    (want_grad,) = torch.autograd.grad(want.sum(), cos)
+    logit, slope = CombinedMargin(8.0).target_logit(cos.detach(), classes)
+    assert torch.allclose(logit, want.detach(), rtol=0, atol=1e-12)
+    assert torch.allclose(slope, want_grad, rtol=0, atol=1e-12)
+    # CosFace's default derivative is exact too: with an angular margin added at run
+    # time it is d/dc s (cos(theta + m2) - m3), not the straight-through s
+    cosface = CosFace(8.0, 0.2)
+    cosface.set_margins(0.3, which="m2")
+    want = 8.0 * (torch.cos(torch.acos(cos) + 0.3) - 0.2)
+    (want_grad,) = torch.autograd.grad(want.sum(), cos)
+    logit, slope = cosface.target_logit(cos.detach(), classes)
+    assert torch.allclose(logit, want.detach(), rtol=0, atol=1e-12)
+    assert torch.allclose(slope, want_grad, rtol=0, atol=1e-12)
+
+
+def test_curricular_face_leaves_a_negative_tied_with_the_threshold_easy() -> None:
+    """CurricularFace (Huang et al. 2020, eq. 7): a negative is hard only where
+    ``cos_j > cos(theta_y + m)``; at equality it keeps ``s cos_j``. Margin 0 and a
+    negative class parallel to the target make the tie exact (cos = 1 on both); the
+    paper's loss is then ``log(2 + exp(-s))`` whatever t is."""
+    margin = CurricularFace(scale=4.0, margin=0.0)
+    head = PartialFC(3, 4, margin, seed=0)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[0, 0] = head.weight[1, 0] = head.weight[2, 1] = 1.0
+        margin.t.fill_(0.3)  # a hard negative would become s * 1 * (t + 1)
+    loss = head(torch.tensor([[1.0, 0.0, 0.0, 0.0]]), torch.tensor([0]))
+    want = math.log(2 + math.exp(-4.0))
+    assert abs(float(loss.detach()) - want) <= 16 * U32 * want
+
+
+class _EmbeddingsAsImages(torch.utils.data.Dataset):
+    """A dataset whose 'images' are the embeddings themselves (identity backbone)."""
+
+    def __init__(self, embeddings: torch.Tensor, labels: list[int], num_classes: int) -> None:
+        self.embeddings, self.label_list, self.num_classes = embeddings, labels, num_classes
+
+    def __len__(self) -> int:
+        return len(self.label_list)
+
+    def __getitem__(self, i: int):
+        return self.embeddings[i], self.label_list[i]
+
+
+def test_cleaning_report_dominant_share_is_votes_over_samples() -> None:
+    """``dominant_share`` of a class: the samples nearest its dominant sub-centre over
+    its samples (None for a class without samples)."""
+    from partial_fc.subcenter_cleaning import find_outliers
+
+    # class 0: centres e1, e2; three samples near e1, one near e2 -> 3 / 4. class 1: none
+    sub = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]])
+    emb = torch.tensor([[1.0, 0.1], [1.0, -0.2], [0.9, 0.3], [0.1, 1.0]])
+    labels = [0, 0, 0, 0]
+    result = find_outliers(
+        _EmbeddingsAsImages(emb, labels, 2), labels, sub, 2, lambda images: images
+    )
+    per_class = result.report["per_class"]
+    assert per_class["samples"] == [4, 0] and per_class["dominant"] == [0, -1]
+    assert per_class["dominant_share"] == [0.75, None]
+
+
+def _self_test_with_off_gradients(rank: int, world: int) -> list:
+    """The kernels' self-test as it is, and with the weight gradient made 0.04% too
+    large (in a fresh process: TRITON_INTERPRET must be set before triton's import)."""
+    from partial_fc import triton_ce
+
+    device = device_under_test()
+    real = triton_ce.fused_backward
+
+    def off(*args):
+        real(*args)
+        args[-1].mul_(1 + 4e-4)  # grad_rows
+
+    found = [triton_ce.self_test(device, torch.float32, 8, None)]
+    with mock.patch.object(triton_ce, "fused_backward", off):
+        found.append(triton_ce.self_test(device, torch.float32, 8, None))
+    return found
+
+
+@pytest.mark.on_device
+@pytest.mark.skipif(not _HAS_TRITON, reason="the triton backend needs the triton package")
+def test_self_test_error_is_relative_to_the_reference() -> None:
+    """fp32 products: the self-test allows a relative error of 1e-4 (the largest error
+    over the largest reference value). A weight gradient 4e-4 too large in relative
+    terms is caught, although its absolute error is far below 1e-4 (the gradient's
+    entries are below 1 here)."""
+    if os.environ.get(TEST_DEVICE_ENV, "cpu") == "cpu":
+        env = {"TRITON_INTERPRET": "1"}
+    else:  # on CUDA fp32 products may use tf32 (a looser tolerance): keep them ieee
+        pytest.skip("the 1e-4 tolerance holds for ieee fp32 products; checked on CPU")
+    with mock.patch.dict(os.environ, env):
+        clean, off = run_ranks(_self_test_with_off_gradients, 1)[0]
+    assert clean is None
+    assert off is not None and off.startswith("weight gradient off by "), off
+    # the injected 4e-4, give or take the kernels' own fp32 error (far below 1e-5)
+    assert abs(float(off.split()[4]) - 4e-4) <= 1e-5, off
+
+
+@pytest.mark.skipif(not _HAS_TRITON, reason="the triton backend needs the triton package")
+def test_compile_report_compiles_the_kernels_as_they_are_launched() -> None:
+    """``compile_report`` builds each kernel with the warps and stages it is launched
+    with: the tiles' for the forward and weight-gradient kernels, triton's defaults for
+    the inverse norms (launched without options). triton.compile and cuobjdump are
+    stand-ins here (a fresh process without the interpreter; no ptxas run)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import json, subprocess, types
+from unittest import mock
+import torch, triton
+from triton.backends.nvidia.compiler import CUDAOptions
+from partial_fc import triton_ce
+built = []
+def fake_compile(source, target=None, options=None):
+    built.append([source.fn.__name__, options["num_warps"], options["num_stages"]])
+    return types.SimpleNamespace(asm={"cubin": b""}, metadata=types.SimpleNamespace(shared=0))
+done = subprocess.CompletedProcess([], 0, stdout="REG:32 STACK:0", stderr="")
+with mock.patch.object(triton, "compile", fake_compile), \\
+        mock.patch.object(subprocess, "run", lambda *a, **k: done):
+    triton_ce.compile_report(64, torch.bfloat16)
+tiles = triton_ce.default_tiles(64, torch.bfloat16)
+fields = CUDAOptions.__dataclass_fields__
+default = [fields["num_warps"].default, fields["num_stages"].default]
+print(json.dumps(dict(built=built, default=default,
+                      tiles=[tiles.num_warps, tiles.num_stages],
+                      grad=[tiles.grad_num_warps, tiles.grad_num_stages])))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    want = {
+        "_inverse_norms_kernel": got["default"],
+        "_forward_kernel": got["tiles"],
+        "_weight_grad_kernel": got["grad"],
+    }
+    assert len(got["built"]) == 5
+    for name, warps, stages in got["built"]:
+        assert [warps, stages] == want[name], (name, warps, stages)
