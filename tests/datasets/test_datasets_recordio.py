@@ -337,3 +337,26 @@ def test_writer_refuses_huge_payload_and_is_atomic(tmp_path: Path) -> None:
             w.write_idx(1, b"abc")
             raise RuntimeError("crash mid-write")
     assert not list(tmp_path.iterdir())  # neither x.rec nor x.idx nor a temporary file
+
+
+def test_idx_offsets_are_named_negative_or_past_the_end(tmp_path: Path) -> None:
+    """Offset 0 of an empty ``.rec`` is past its end, not negative."""
+    idx = tmp_path / "empty.idx"
+    idx.write_text("0\t0\n")
+    with pytest.raises(
+        recordio.RecordIOError, match=r"at or past the end of the \.rec \(0 bytes\)"
+    ):
+        recordio.read_idx_file(idx, rec_size=0)
+    idx.write_text("0\t-8\n")
+    with pytest.raises(recordio.RecordIOError, match="negative"):
+        recordio.read_idx_file(idx, rec_size=0)
+
+
+def test_an_aborted_writer_takes_no_more_records(tmp_path: Path) -> None:
+    target = tmp_path / "out.rec"
+    writer = recordio.MXRecordIO(target, "w")
+    writer.write(b"kept out")
+    writer.abort()
+    with pytest.raises(ValueError, match="not open for writing"):
+        writer.write(b"late")
+    assert not target.exists()
