@@ -277,13 +277,17 @@ def test_a_saved_config_that_cannot_be_read_is_refused(tmp_path: Path, config: o
 
 
 def test_a_refused_fact_is_named_once(tmp_path: Path) -> None:
-    """data.num_classes is a recorded fact and a config field: its refusal is one line."""
-    _saved_twice(tmp_path)
-    t = _trainer(tmp_path, f"data.num_classes={CLASSES + 1}")
+    """data.num_classes is a recorded fact (the head's rows) and a config field: when
+    both differ, its refusal is one line, the fact's."""
+    _, second = _saved_twice(tmp_path)
+    meta = json.loads((second / "meta.json").read_text())
+    meta["num_classes"] = CLASSES + 1  # the fact differs from this run's head ...
+    (second / "meta.json").write_text(json.dumps(meta))
+    t = _trainer(tmp_path, f"data.num_classes={CLASSES + 1}")  # ... and so does the config
     with pytest.raises(ConfigError) as info:
         t.maybe_resume()
     lines = [x for x in str(info.value).splitlines() if "data.num_classes" in x]
-    assert len(lines) == 1, str(info.value)
+    assert len(lines) == 1 and "but the checkpoint has" in lines[0], str(info.value)
 
 
 def test_a_checkpoint_from_before_the_trackers_were_saved_resumes(tmp_path: Path) -> None:
